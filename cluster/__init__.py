@@ -1,0 +1,1 @@
+"""The engine, placement, dispatcher and (later) the controller, state store and gateway."""

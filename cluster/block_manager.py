@@ -1,0 +1,108 @@
+"""Paged KV-cache blocks with reference counts and prefix caching.
+
+A full block is identified by a hash chained over all tokens up to its end, so two sequences
+with the same prefix share the same physical blocks. Freed blocks keep their hash and stay
+reusable until they are handed out again (least recently freed first)."""
+
+from collections import OrderedDict
+
+from moefleet.cluster.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # chained hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @staticmethod
+    def _chain(previous: int | None, tokens: list[int]) -> int:
+        return hash((previous, tuple(tokens)))
+
+    def _take(self, block: int | None = None) -> int:
+        if block is None:
+            block, _ = self.free.popitem(last=False)
+        else:
+            del self.free[block]
+        old = self.block_hash[block]
+        if old is not None and self.cached.get(old) == block and self.ref_count[block] == 0:
+            del self.cached[old]
+            self.block_hash[block] = None
+        return block
+
+    def _lookup_prefix(self, tokens: list[int]) -> list[int]:
+        """Blocks of the longest cached prefix of `tokens`, in full blocks."""
+        if not self.prefix_caching:
+            return []
+        hits, previous = [], None
+        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
+            previous = self._chain(previous, tokens[start : start + self.block_size])
+            block = self.cached.get(previous)
+            if block is None:
+                break
+            hits.append(block)
+        # Keep at least one token to compute, so the last prompt token's logits exist and the
+        # token is written into a private block, never into a shared one.
+        if hits and len(hits) * self.block_size >= len(tokens):
+            hits.pop()
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._lookup_prefix(seq.token_ids)
+        reusable_free = sum(1 for b in hits if self.ref_count[b] == 0)
+        return self.blocks_needed(seq.num_tokens) - len(hits) + reusable_free <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Blocks for all of seq's current tokens; prefix-cache hits are shared."""
+        hits = self._lookup_prefix(seq.token_ids)
+        for block in hits:
+            if self.ref_count[block] == 0:
+                del self.free[block]
+            self.ref_count[block] += 1
+        seq.block_table = hits + [self._take_new() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
+        seq.num_computed_tokens = len(hits) * self.block_size
+
+    def _take_new(self) -> int:
+        block = self._take()
+        self.ref_count[block] = 1
+        return block
+
+    def can_append(self, seq: Sequence) -> bool:
+        return self.blocks_needed(seq.num_tokens) <= len(seq.block_table) or self.num_free_blocks > 0
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Make room for seq's newest token."""
+        if self.blocks_needed(seq.num_tokens) > len(seq.block_table):
+            seq.block_table.append(self._take_new())
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Publish the hashes of blocks whose tokens are all computed, for later prefix hits."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        previous = None
+        for i in range(full):
+            block = seq.block_table[i]
+            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            previous = self._chain(previous, tokens)
+            if self.block_hash[block] is None and previous not in self.cached:
+                self.block_hash[block] = previous
+                self.cached[previous] = block
+
+    def free_sequence(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0

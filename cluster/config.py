@@ -1,0 +1,25 @@
+"""Engine configuration (pydantic, frozen; every field described)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(description="Path of a local Hugging Face checkpoint directory.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight and activation dtype.")
+    max_model_len: int | None = Field(None, gt=0, description="Longest prompt + output; default: the model's limit, at most 4096.")
+    block_size: int = Field(16, gt=0, description="Tokens per KV-cache block.")
+    kv_cache_blocks: int | None = Field(None, gt=0, description="KV-cache blocks; default: as many as kv_cache_gib holds.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache memory when kv_cache_blocks is not given.")
+    max_num_seqs: int = Field(256, gt=0, description="Most sequences running at once.")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one step (decodes + prefill chunks).")
+    enable_prefix_caching: bool = Field(True, description="Share KV blocks of identical prompt prefixes.")
+    local_expert_shards: int = Field(1, gt=0, description="In-process expert shards the experts are spread over.")
+    replicate_experts: dict[int, list[int]] | None = Field(
+        None, description="Per MoE layer, experts to hold a second copy of (on the next shard).")
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: the CPUs this process may use.")
+    seed: int = Field(0, description="Seed of the generator used by sampled requests without their own seed.")
+    load_window_steps: int = Field(256, gt=0, description="Steps in the per-expert load window.")

@@ -1,0 +1,71 @@
+"""The dispatcher: groups a layer's (token, expert) pairs by the shard that holds each chosen
+expert under the current placement, makes one round trip per shard through the transport,
+and sums the returned partial outputs."""
+
+import torch
+
+from moefleet.cluster.load_counters import ExpertLoadCounters
+from moefleet.cluster.placement import Placement
+from moefleet.cluster.transport import Transport
+
+
+class Dispatcher:
+    def __init__(self, placement: Placement, transport: Transport, counters: ExpertLoadCounters | None = None):
+        self.transport, self.counters = transport, counters
+        self.set_placement(placement)
+
+    def set_placement(self, placement: Placement) -> None:
+        placement.validate()
+        self.placement = placement
+        self.num_shards = placement.num_shards
+        # owner[layer][e]: the shard of an expert held once, -1 for replicated experts.
+        self.owner: dict[int, torch.Tensor] = {}
+        self.replicas: dict[int, dict[int, list[int]]] = {}
+        for layer in placement.shard_experts:
+            owner = torch.empty(placement.num_experts, dtype=torch.long)
+            replicas = {}
+            for e in range(placement.num_experts):
+                holders = placement.holders(layer, e)
+                owner[e] = holders[0] if len(holders) == 1 else -1
+                if len(holders) > 1:
+                    replicas[e] = holders
+            self.owner[layer], self.replicas[layer] = owner, replicas
+
+    def _choose_replicas(self, layer: int, ids: torch.Tensor, pair_shard: torch.Tensor) -> None:
+        """Fill in the shard of pairs whose expert has several copies: per token the copy on a
+        shard the token already visits (fewest distinct shards), else the least loaded one."""
+        top_k = ids.shape[1]
+        load = torch.bincount(pair_shard[pair_shard >= 0], minlength=self.num_shards).tolist()
+        flat_ids = ids.flatten().tolist()
+        shards = pair_shard.tolist()
+        for pair in (pair_shard < 0).nonzero().flatten().tolist():
+            token_pairs = range(pair - pair % top_k, pair - pair % top_k + top_k)
+            visited = {shards[p] for p in token_pairs if shards[p] >= 0}
+            holders = self.replicas[layer][flat_ids[pair]]
+            best = min(holders, key=lambda s: (s not in visited, load[s]))
+            shards[pair] = best
+            load[best] += 1
+        pair_shard.copy_(torch.tensor(shards))
+
+    def combine(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """hidden [T, D], weights/ids [T, K] -> [T, D] routed-expert output."""
+        if self.counters is not None:
+            self.counters.record(layer, ids)
+        num_tokens, top_k = ids.shape
+        token_index = torch.arange(num_tokens).repeat_interleave(top_k)
+        flat_ids, flat_weights = ids.flatten(), weights.flatten()
+        if self.num_shards == 1:
+            return self.transport.compute(0, layer, hidden, token_index, flat_ids, flat_weights)
+        pair_shard = self.owner[layer][flat_ids]
+        if self.replicas[layer]:
+            self._choose_replicas(layer, ids, pair_shard)
+        out = torch.zeros_like(hidden)
+        for shard in range(self.num_shards):
+            mask = pair_shard == shard
+            if not bool(mask.any()):
+                continue
+            tokens = token_index[mask]
+            unique_tokens, row_index = torch.unique(tokens, return_inverse=True)
+            partial = self.transport.compute(shard, layer, hidden[unique_tokens], row_index, flat_ids[mask], flat_weights[mask])
+            out.index_add_(0, unique_tokens, partial)
+        return out

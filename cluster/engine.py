@@ -1,0 +1,164 @@
+"""LLMEngine: the engine loop of one replica. A step reads as three calls across three seams:
+schedule (which tokens run), run the model (one forward for the whole batch), sample and
+finish (which tokens come out)."""
+
+import os
+import uuid
+
+import torch
+
+from moefleet.actors.expert_shard import ExpertShard
+from moefleet.cluster.block_manager import BlockManager
+from moefleet.cluster.config import EngineConfig
+from moefleet.cluster.dispatcher import Dispatcher
+from moefleet.cluster.errors import InvalidRequestError
+from moefleet.cluster.load_counters import ExpertLoadCounters
+from moefleet.cluster.model_runner import ModelRunner
+from moefleet.cluster.outputs import CompletionOutput, RequestOutput
+from moefleet.cluster.placement import round_robin_placement
+from moefleet.cluster.sampler import sample
+from moefleet.cluster.sampling_params import SamplingParams
+from moefleet.cluster.scheduler import Scheduler
+from moefleet.cluster.sequence import Sequence
+from moefleet.cluster.tokenizer import Tokenizer
+from moefleet.cluster.transport import InProcessTransport
+from moefleet.models.checkpoint import CheckpointReader
+from moefleet.models.decoder import MoEDecoder
+from moefleet.models.spec import load_spec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
+        self.spec = spec = load_spec(config.model)
+        reader = CheckpointReader(config.model, spec, _DTYPES[config.dtype])
+        self.placement = round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts,
+                                               config.local_expert_shards, config.replicate_experts)
+        self.shards = [ExpertShard.from_checkpoint(i, reader, self.placement.experts_of_shard(i))
+                       for i in range(config.local_expert_shards)]
+        self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
+        self.dispatcher = Dispatcher(self.placement, InProcessTransport(self.shards), self.load)
+        self.model = MoEDecoder(reader, spec, self.dispatcher)
+        self.tokenizer = Tokenizer(config.model)
+        self.eos_token_ids = set(spec.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.max_model_len = config.max_model_len or min(spec.max_position_embeddings, 4096)
+        num_blocks = config.kv_cache_blocks or max(
+            1, int(config.kv_cache_gib * 2**30) // ModelRunner.kv_bytes_per_block(spec, config.block_size, reader.dtype))
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.requests: dict[str, Sequence] = {}
+
+    # ----- requests -----
+    def make_sequence(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Validate and tokenize a prompt (a string or {"prompt_token_ids": [...]})."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
+        text = None
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            token_ids = prompt["prompt_token_ids"]
+            if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) for t in token_ids):
+                raise InvalidRequestError("prompt_token_ids", "must be a list of integers")
+            bad = [t for t in token_ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise InvalidRequestError("prompt_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+        else:
+            raise InvalidRequestError("prompt", "must be a string or a dict with 'prompt_token_ids'")
+        if not token_ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError("prompt", f"is {len(token_ids)} tokens; the context holds {self.max_model_len} "
+                                                f"(prompt and at least one generated token)")
+        needed = self.blocks.blocks_needed(len(token_ids) + 1)
+        if needed > self.blocks.num_blocks:
+            raise InvalidRequestError("prompt", f"needs {needed} KV blocks; the cache has {self.blocks.num_blocks}")
+        return Sequence(request_id or uuid.uuid4().hex, text, token_ids, params)
+
+    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        seq = self.make_sequence(prompt, params, request_id)
+        if seq.request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{seq.request_id!r} is already running")
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its KV blocks are freed at once. Returns False if unknown/finished."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ----- the step -----
+    def step(self) -> list[Sequence]:
+        """Run one engine step. Returns the sequences that produced a token."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        self.load.begin_step()
+        # Leading single-token chunks are attended as one padded decode batch.
+        num_decodes = next((i for i, c in enumerate(chunks) if c.num_tokens != 1), len(chunks))
+        logits = self.runner.run(chunks, num_decodes)
+        sampling = [c.seq for c in chunks if c.samples]
+        for c in chunks:
+            c.seq.num_computed_tokens += c.num_tokens
+            self.blocks.register_full_blocks(c.seq)
+        tokens = sample(logits, sampling, self.generator)
+        for seq, token in zip(sampling, tokens):
+            seq.append(token)
+            self._check_finished(seq, token)
+        return sampling
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if p.stop_token_ids and token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, "stop", None)
+        elif p.stop_strings and self._hit_stop_string(seq):
+            self._finish(seq, "stop", seq.stop_reason)
+        elif (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        text = self.decode(seq)
+        for stop in seq.params.stop_strings:
+            at = text.find(stop)
+            if at >= 0:
+                seq.stop_reason = stop
+                seq.output_text = text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
+                return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if not (reason == "stop" and isinstance(stop_reason, str)):
+            seq.output_text = self.decode(seq)
+        self.scheduler.finish(seq)
+        self.requests.pop(seq.request_id, None)
+
+    def decode(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        text = seq.output_text if seq.finish_reason else self.decode(seq)
+        completion = CompletionOutput(
+            index=0, text=text, token_ids=list(seq.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [completion],
+                             finished=seq.finish_reason is not None, num_cached_tokens=seq.num_cached_prompt_tokens)

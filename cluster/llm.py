@@ -1,0 +1,59 @@
+"""The offline Python API, mirroring vLLM's `LLM` so users can switch."""
+
+from collections.abc import Iterator
+
+from moefleet.cluster.config import EngineConfig
+from moefleet.cluster.engine import LLMEngine
+from moefleet.cluster.outputs import RequestOutput
+from moefleet.cluster.sampling_params import SamplingParams
+
+
+class LLM:
+    """LLM(model=PATH, dtype="float32", **engine options) — see EngineConfig for the options."""
+
+    def __init__(self, model: str, dtype: str = "float32", **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer.hf
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """prompts: a string, {"prompt_token_ids": [...]}, or a list of them. Every prompt is
+        validated before any is started, so a bad one raises without side effects."""
+        single = isinstance(prompts, (str, dict))
+        prompts = [prompts] if single else list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, params)]
+        for seq in seqs:
+            self.engine.requests[seq.request_id] = seq
+            self.engine.scheduler.add(seq)
+        try:
+            while any(s.finish_reason is None for s in seqs):
+                self.engine.step()
+        finally:
+            for seq in seqs:
+                if seq.finish_reason is None:
+                    self.engine.abort(seq.request_id)
+        return [self.engine.output(s) for s in seqs]
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output (cumulative) each time it gains tokens; closing the
+        iterator early cancels the request and frees its KV blocks at once. Other requests in
+        the engine advance with every step this iterator drives."""
+        seq = self.engine.add_request(prompt, sampling_params or SamplingParams(), request_id)
+        try:
+            while seq.finish_reason is None:
+                if seq in self.engine.step():
+                    yield self.engine.output(seq)
+        finally:
+            if seq.finish_reason is None:
+                self.engine.abort(seq.request_id)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """One conversation through the checkpoint's chat template."""
+        ids = self.engine.tokenizer.apply_chat_template(messages)
+        return self.generate({"prompt_token_ids": list(ids)}, sampling_params)[0]

@@ -1,0 +1,85 @@
+"""ModelRunner: turns a scheduled step into flat tensors (tokens, positions, cache slots,
+attention metadata), runs the model once, and returns the logits of the rows that sample."""
+
+import torch
+
+from moefleet.kernels.attention import AttentionBatch, PrefillChunk
+from moefleet.models.attention_layers import kv_cache_layout
+from moefleet.models.decoder import MoEDecoder
+from moefleet.cluster.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    def __init__(self, model: MoEDecoder, num_blocks: int, block_size: int):
+        self.model, self.block_size = model, block_size
+        layout = kv_cache_layout(model.spec)
+        self.kv_caches = [layout.allocate(num_blocks * block_size, model.dtype) for _ in model.layers]
+        self.windows = sorted({layer.window for layer in model.layers}, key=lambda w: (w is not None, w or 0))
+
+    @staticmethod
+    def kv_bytes_per_block(spec, block_size: int, dtype: torch.dtype) -> int:
+        layout = kv_cache_layout(spec)
+        per_token = layout.num_heads * (layout.k_dim + (0 if layout.values_in_keys else layout.v_dim))
+        return per_token * block_size * spec.num_layers * torch.tensor([], dtype=dtype).element_size()
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size
+
+    def _batches(self, chunks: list[ScheduledChunk], num_decodes: int, slot_mapping: torch.Tensor) -> dict:
+        """Attention metadata, one per distinct sliding window among the layers."""
+        decode_seqs = [c.seq for c in chunks[:num_decodes]]
+        context_lens = torch.tensor([s.num_computed_tokens + 1 for s in decode_seqs], dtype=torch.long)
+        if num_decodes:
+            longest = int(context_lens.max())
+            width = -(-longest // self.block_size)
+            tables = torch.zeros(num_decodes, width, dtype=torch.long)
+            for i, seq in enumerate(decode_seqs):
+                tables[i, : len(seq.block_table[:width])] = torch.tensor(seq.block_table[:width])
+            decode_slots = (tables.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).view(num_decodes, -1)
+            decode_slots = decode_slots[:, :longest]
+            key_pos = torch.arange(longest).unsqueeze(0)
+        prefill_parts = []
+        q_start = num_decodes
+        for c in chunks[num_decodes:]:
+            start, end = c.seq.num_computed_tokens, c.seq.num_computed_tokens + c.num_tokens
+            prefill_parts.append((q_start, c.num_tokens, end, self._slots(c.seq.block_table, 0, end)))
+            q_start += c.num_tokens
+        batches = {}
+        for window in self.windows:
+            if num_decodes:
+                mask = key_pos < context_lens.unsqueeze(1)
+                if window is not None:
+                    mask &= key_pos > (context_lens.unsqueeze(1) - 1 - window)
+                decode_mask = mask.view(num_decodes, 1, 1, -1)
+            else:
+                decode_slots, decode_mask = torch.empty(0, 0, dtype=torch.long), torch.empty(0, 1, 1, 0, dtype=torch.bool)
+            prefills = []
+            for q0, q_len, ctx, slots in prefill_parts:
+                q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
+                k_pos = torch.arange(ctx).unsqueeze(0)
+                causal = k_pos <= q_pos
+                if window is not None:
+                    causal &= k_pos > q_pos - window
+                prefills.append(PrefillChunk(q0, q_len, ctx, slots, causal))
+            batches[window] = AttentionBatch(slot_mapping, num_decodes, decode_slots, decode_mask, tuple(prefills))
+        return batches
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk], num_decodes: int) -> torch.Tensor:
+        """Returns float32 logits [N, V], one row per chunk that samples, in chunk order."""
+        tokens, positions, slots, logits_rows = [], [], [], []
+        row = 0
+        for c in chunks:
+            start, end = c.seq.num_computed_tokens, c.seq.num_computed_tokens + c.num_tokens
+            tokens.extend(c.seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.append(self._slots(c.seq.block_table, start, end))
+            row += c.num_tokens
+            if c.samples:
+                logits_rows.append(row - 1)
+        slot_mapping = torch.cat(slots)
+        batches = self._batches(chunks, num_decodes, slot_mapping)
+        return self.model.forward(torch.tensor(tokens), torch.tensor(positions), self.kv_caches, batches,
+                                  torch.tensor(logits_rows, dtype=torch.long))

@@ -1,0 +1,53 @@
+"""A sequence: one request's tokens, its KV blocks, and its progress through the engine."""
+
+import enum
+import itertools
+
+import torch
+
+from moefleet.cluster.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_arrival = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
+        self.request_id, self.prompt, self.params = request_id, prompt, params
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.token_ids = list(prompt_token_ids)  # prompt + output
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose keys/values are in the cache
+        self.num_cached_prompt_tokens = 0  # served from the prefix cache at first admission
+        self.arrival = next(_arrival)
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.output_text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def append(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.token_ids.append(token)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED

@@ -1,0 +1,68 @@
+"""Attention over a paged KV cache.
+
+The cache of one layer is a flat slot array: k_cache [S, G, dk], v_cache [S, G, dv], where a
+sequence's token at position p lives in slot block_table[p // block_size] * block_size +
+p % block_size. The batch of one engine step is flattened: decode tokens first (one per
+sequence, attended as one padded batch), then prefill chunks (each attended on its own with a
+causal mask offset by the tokens already cached).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One sequence's prefill chunk: query rows [q_start, q_start + q_len) of the flat batch,
+    whose tokens sit at positions [context_len - q_len, context_len)."""
+
+    q_start: int
+    q_len: int
+    context_len: int
+    context_slots: torch.Tensor  # [context_len] cache slots of positions 0..context_len-1
+    causal_mask: torch.Tensor  # [q_len, context_len] True where attention is allowed
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Where one step's tokens go in the cache and what each query may attend to."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot written by each new token
+    num_decodes: int  # the first num_decodes rows are single-token decodes
+    decode_slots: torch.Tensor  # [num_decodes, Lmax] context slots, padded with slot 0
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, Lmax] True for real (and in-window) positions
+    prefills: tuple[PrefillChunk, ...]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k: [T, G, dk], v: [T, G, dv] written into their slots."""
+    k_cache.index_copy_(0, slot_mapping, k)
+    if v_cache.data_ptr() != k_cache.data_ptr():
+        v_cache.index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
+    """q: [T, H, dk] -> [T, H, dv], attending to each sequence's cached context (the new tokens
+    must already be written). Heads share key/value heads in groups (GQA/MQA)."""
+    num_tokens, num_heads, _ = q.shape
+    out = q.new_empty(num_tokens, num_heads, v_cache.shape[-1])
+    gqa = num_heads != k_cache.shape[1]
+    nd = batch.num_decodes
+    if nd:
+        keys = k_cache[batch.decode_slots].transpose(1, 2)  # [B, G, L, dk]
+        values = v_cache[batch.decode_slots].transpose(1, 2)
+        out[:nd] = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
+        ).squeeze(2)
+    for chunk in batch.prefills:
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        keys = k_cache[chunk.context_slots].transpose(0, 1)  # [G, L, dk]
+        values = v_cache[chunk.context_slots].transpose(0, 1)
+        out[rows] = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), keys, values, attn_mask=chunk.causal_mask, scale=scale, enable_gqa=gqa
+        ).transpose(0, 1)
+    return out

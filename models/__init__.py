@@ -1,0 +1,1 @@
+"""Architectures (the dense part and the MoE layer contract) and checkpoint loading."""

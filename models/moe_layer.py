@@ -1,0 +1,53 @@
+"""The MoE layer contract: router on the replica, routed experts through the dispatcher,
+shared experts (Qwen2-MoE's sigmoid-gated one, DeepSeek's) computed locally; and the dense
+SwiGLU MLP used by non-MoE layers."""
+
+import torch
+import torch.nn.functional as F
+
+from moefleet.kernels.expert_ffn import swiglu
+from moefleet.kernels.routing import sigmoid_grouped_topk, softmax_topk
+from moefleet.models.checkpoint import CheckpointReader
+from moefleet.models.spec import ModelSpec
+
+
+class DenseMLP:
+    def __init__(self, reader: CheckpointReader, spec: ModelSpec, layer: int):
+        self.w13, self.w2 = reader.mlp_pair(f"model.layers.{layer}.mlp", spec.dense_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w13, self.w2)
+
+
+class MoELayer:
+    def __init__(self, reader: CheckpointReader, spec: ModelSpec, layer: int, dispatcher):
+        moe, d = spec.moe, spec.hidden_size
+        p = f"model.layers.{layer}.{reader.moe_prefix}"
+        self.layer, self.moe, self.dispatcher = layer, moe, dispatcher
+        self.router = reader.tensor(f"{p}.gate.weight", (moe.num_experts, d))
+        self.bias = reader.tensor(f"{p}.gate.e_score_correction_bias", (moe.num_experts,)) if moe.has_correction_bias else None
+        self.shared = None
+        if moe.shared_intermediate_size:
+            name = "shared_expert" if moe.shared_expert_gate else "shared_experts"
+            self.shared = reader.mlp_pair(f"{p}.{name}", moe.shared_intermediate_size)
+        self.shared_gate = reader.tensor(f"{p}.shared_expert_gate.weight", (1, d)) if moe.shared_expert_gate else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, K], expert ids [T, K]). The real router always decides."""
+        moe = self.moe
+        logits = F.linear(x.float(), self.router.float())
+        if moe.scoring == "sigmoid":
+            return sigmoid_grouped_topk(logits, self.bias, moe.top_k, moe.num_groups, moe.topk_groups,
+                                        moe.renormalize, moe.routed_scaling_factor)
+        weights, ids = softmax_topk(logits, moe.top_k, moe.renormalize)
+        return weights * moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        out = self.dispatcher.combine(self.layer, x, weights.to(x.dtype), ids)
+        if self.shared is not None:
+            shared = swiglu(x, *self.shared)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+            out = out + shared
+        return out
