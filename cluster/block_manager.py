@@ -62,9 +62,9 @@ class BlockManager:
         reusable_free = sum(1 for b in hits if self.ref_count[b] == 0)
         return self.blocks_needed(seq.num_tokens) - len(hits) + reusable_free <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> None:
         """Blocks for all of seq's current tokens; prefix-cache hits are shared."""
-        hits = self._lookup_prefix(seq.token_ids)
+        hits = self._lookup_prefix(seq.token_ids) if use_prefix_cache else []
         for block in hits:
             if self.ref_count[block] == 0:
                 del self.free[block]

@@ -102,6 +102,24 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Next-token logits at every position of each prompt ([len, V] float32), computed in
+        one batched forward through the paged cache (for scoring and for checking the model)."""
+        from moefleet.cluster.scheduler import ScheduledChunk
+
+        seqs = [self.make_sequence({"prompt_token_ids": p}, SamplingParams()) for p in prompts]
+        if self.scheduler.running or self.scheduler.waiting:
+            raise RuntimeError("prompt_logits needs an idle engine")
+        try:
+            for seq in seqs:
+                self.blocks.allocate(seq, use_prefix_cache=False)  # every position is computed
+            chunks = [ScheduledChunk(seq, seq.num_tokens) for seq in seqs]
+            logits = self.runner.run(chunks, num_decodes=0, all_rows=True)
+        finally:
+            for seq in seqs:
+                self.blocks.free_sequence(seq)
+        return list(logits.split([s.num_tokens for s in seqs]))
+
     # ----- the step -----
     def step(self) -> list[Sequence]:
         """Run one engine step. Returns the sequences that produced a token."""

@@ -67,8 +67,9 @@ class ModelRunner:
         return batches
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], num_decodes: int) -> torch.Tensor:
-        """Returns float32 logits [N, V], one row per chunk that samples, in chunk order."""
+    def run(self, chunks: list[ScheduledChunk], num_decodes: int, all_rows: bool = False) -> torch.Tensor:
+        """Returns float32 logits [N, V], one row per chunk that samples, in chunk order (with
+        all_rows: one row per token run)."""
         tokens, positions, slots, logits_rows = [], [], [], []
         row = 0
         for c in chunks:
@@ -77,7 +78,9 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.append(self._slots(c.seq.block_table, start, end))
             row += c.num_tokens
-            if c.samples:
+            if all_rows:
+                logits_rows.extend(range(row - c.num_tokens, row))
+            elif c.samples:
                 logits_rows.append(row - 1)
         slot_mapping = torch.cat(slots)
         batches = self._batches(chunks, num_decodes, slot_mapping)

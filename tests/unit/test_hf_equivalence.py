@@ -1,0 +1,94 @@
+"""Our engine against transformers on the same checkpoints, for every architecture we serve."""
+
+import pytest
+import torch
+
+from moefleet import SamplingParams
+from tests.conftest import ARCHS, random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
+LENGTHS = (3, 11, 29, 64)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_equal_transformers(arch, engines, hf_model):
+    llm, hf = engines(arch), hf_model(arch)
+    prompts = random_prompts(llm.engine.spec.vocab_size, LENGTHS, seed=1)
+    ours = llm.engine.prompt_logits(prompts)  # one batched forward over prompts of different lengths
+    for prompt, logits in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].float()
+        scale = ref.abs().max().item()
+        assert logits.shape == ref.shape
+        assert (logits - ref).abs().max().item() <= 1e-4 * scale, f"{arch} len {len(prompt)}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_equals_transformers_generate(arch, engines, hf_model):
+    llm, hf = engines(arch), hf_model(arch)
+    prompts = random_prompts(llm.engine.spec.vocab_size, LENGTHS, seed=2)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist(), f"{arch} len {len(prompt)}"
+        assert out.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_alone_equals_inside_mixed_batch_of_8(arch, engines):
+    llm = engines(arch)
+    prompts = random_prompts(llm.engine.spec.vocab_size, (7, 50, 2, 33, 19, 90, 12, 41), seed=3)
+    batch = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    for i in (0, 5):
+        alone = llm.generate({"prompt_token_ids": prompts[i]}, GREEDY)[0]
+        assert alone.outputs[0].token_ids == batch[i].outputs[0].token_ids
+        for a, b in zip(alone.outputs[0].logprobs, batch[i].outputs[0].logprobs):
+            assert a.keys() == b.keys()
+            assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_cache_hits_give_same_tokens_as_misses(arch, engines):
+    llm = engines(arch)
+    no_cache = engines(arch, enable_prefix_caching=False)
+    shared = random_prompts(llm.engine.spec.vocab_size, (48,), seed=4)[0]
+    first = shared + [5, 6, 7]
+    second = shared + [9, 10]
+    llm.generate({"prompt_token_ids": first}, GREEDY)
+    hit = llm.generate({"prompt_token_ids": second}, GREEDY)[0]
+    miss = no_cache.generate({"prompt_token_ids": second}, GREEDY)[0]
+    assert hit.num_cached_tokens == 48  # three full 16-token blocks came from the cache
+    assert miss.num_cached_tokens == 0
+    assert hit.outputs[0].token_ids == miss.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_two_four_local_shards_and_replicas_agree(arch, engines):
+    base = engines(arch)
+    spec = base.engine.spec
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(spec.vocab_size, (9, 40, 23), seed=5)]
+    reference = base.generate(prompts, GREEDY)
+    replicate = {layer: [0, 3, 5] for layer in spec.moe_layer_indices}
+    for options in ({"local_expert_shards": 2}, {"local_expert_shards": 4},
+                    {"local_expert_shards": 4, "replicate_experts": replicate}):
+        llm = engines(arch, **options)
+        assert llm.engine.placement.num_shards == options["local_expert_shards"]
+        for ref, out in zip(reference, llm.generate(prompts, GREEDY)):
+            assert out.outputs[0].token_ids == ref.outputs[0].token_ids, options
+            for a, b in zip(ref.outputs[0].logprobs, out.outputs[0].logprobs):
+                assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_seed_same_sampled_text(arch, engines):
+    llm = engines(arch)
+    prompt = "Once upon a time"
+    params = lambda seed: SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=24, seed=seed, ignore_eos=True)  # noqa: E731
+    a = llm.generate(prompt, params(7))[0].outputs[0]
+    # the same seed inside a batch with other sampled requests still reproduces the text
+    batch = llm.generate([prompt, "Hello", prompt], [params(1), params(2), params(7)])
+    assert batch[2].outputs[0].token_ids == a.token_ids
+    assert batch[2].outputs[0].text == a.text
+    others = {tuple(llm.generate(prompt, params(s))[0].outputs[0].token_ids) for s in (8, 9, 10)}
+    assert len(others | {tuple(a.token_ids)}) > 1  # the seed matters
