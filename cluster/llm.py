@@ -20,8 +20,7 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """prompts: a string, {"prompt_token_ids": [...]}, or a list of them. Every prompt is
         validated before any is started, so a bad one raises without side effects."""
-        single = isinstance(prompts, (str, dict))
-        prompts = [prompts] if single else list(prompts)
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
