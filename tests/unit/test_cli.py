@@ -1,0 +1,32 @@
+"""The command line, run as a user would."""
+
+import os
+import subprocess
+import sys
+
+
+def _moefleet(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "moefleet.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_lists_commands():
+    out = _moefleet("--help")
+    assert out.returncode == 0 and "init-model" in out.stdout and "generate" in out.stdout
+
+
+def test_init_model_then_generate(tmp_path):
+    out_dir = tmp_path / "olmoe-tiny"
+    made = _moefleet("init-model", "--arch", "olmoe", "--size", "tiny", str(out_dir))
+    assert made.returncode == 0, made.stderr
+    assert (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists()
+    gen = _moefleet("generate", "--model", str(out_dir), "--max-tokens", "8", "Hello")
+    assert gen.returncode == 0, gen.stderr
+    assert "--- prompt: 'Hello'" in gen.stdout and "[8 tokens, finish_reason=length]" in gen.stdout
+
+
+def test_generate_reports_bad_input_without_a_traceback(tmp_path):
+    gen = _moefleet("generate", "--model", str(tmp_path), "x")
+    assert gen.returncode == 2 and "config.json: file not found" in gen.stderr and "Traceback" not in gen.stderr
+    bad = _moefleet("generate", "--temperature", "-1", "x")
+    assert bad.returncode == 2 and "temperature: must be a number >= 0" in bad.stderr

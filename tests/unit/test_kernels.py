@@ -1,0 +1,68 @@
+"""Golden and property tests of the kernels and the pure pieces of the engine."""
+
+import math
+
+import pytest
+import torch
+
+from moefleet.kernels.expert_ffn import grouped_swiglu, swiglu
+from moefleet.kernels.routing import sigmoid_grouped_topk, softmax_topk
+from moefleet.kernels.rotary import RotaryCache, apply_rotary, rope_tables
+
+
+def test_softmax_topk_golden():
+    logits = torch.tensor([[0.0, math.log(3.0), math.log(2.0), -10.0]])
+    weights, ids = softmax_topk(logits, 2, renormalize=True)
+    assert ids.tolist() == [[1, 2]]
+    assert torch.allclose(weights, torch.tensor([[0.6, 0.4]]))
+    raw, _ = softmax_topk(logits, 2, renormalize=False)
+    assert torch.allclose(raw.sum(), torch.tensor(5 / (6 + math.exp(-10))))
+
+
+def test_sigmoid_grouped_topk_respects_groups_and_bias():
+    # 4 experts in 2 groups; the bias steers the choice to group 1, weights stay unbiased.
+    logits = torch.tensor([[2.0, 1.9, 0.0, -0.1]])
+    bias = torch.tensor([0.0, 0.0, 3.0, 3.0])
+    weights, ids = sigmoid_grouped_topk(logits, bias, top_k=2, num_groups=2, topk_groups=1, renormalize=False,
+                                        scaling_factor=2.0)
+    assert sorted(ids.tolist()[0]) == [2, 3]
+    expected = 2.0 * torch.sigmoid(logits[0, ids[0]])
+    assert torch.allclose(weights[0], expected)
+    normed, _ = sigmoid_grouped_topk(logits, None, 2, 2, 1, renormalize=True, scaling_factor=1.0)
+    assert torch.allclose(normed.sum(), torch.tensor(1.0))
+
+
+def test_grouped_swiglu_equals_per_pair_loop():
+    torch.manual_seed(0)
+    experts, d, inter, tokens, k = 5, 16, 8, 7, 2
+    w13, w2 = torch.randn(experts, 2 * inter, d), torch.randn(experts, d, inter)
+    hidden = torch.randn(tokens, d)
+    ids = torch.randint(0, experts, (tokens, k))
+    weights = torch.rand(tokens, k)
+    out = grouped_swiglu(hidden, torch.arange(tokens).repeat_interleave(k), ids.flatten(), weights.flatten(), w13, w2, tokens)
+    ref = torch.stack([sum(weights[t, j] * swiglu(hidden[t : t + 1], w13[ids[t, j]], w2[ids[t, j]])[0] for j in range(k))
+                       for t in range(tokens)])
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_yarn_rotary_matches_transformers():
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 256,
+              "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}
+    config = DeepseekV3Config(qk_rope_head_dim=32, max_position_embeddings=2048, rope_parameters=dict(params))
+    ref_inv_freq, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    ours = {k: v for k, v in params.items() if k not in ("rope_type", "rope_theta")}
+    inv_freq, factor = rope_tables(32, 10000.0, "yarn", ours, 2048)
+    assert torch.allclose(inv_freq, ref_inv_freq) and factor == pytest.approx(ref_factor)
+
+
+def test_interleaved_rotary_is_a_rotation_of_pairs():
+    cache = RotaryCache(rope_tables(8, 10000.0, "default", {}, 64)[0], 1.0, 64)
+    x = torch.randn(3, 2, 8)
+    cos, sin = cache.lookup(torch.tensor([0, 5, 9]))
+    for interleaved in (False, True):
+        y = apply_rotary(x, cos, sin, interleaved)
+        assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # rotations keep norms
+    assert torch.allclose(apply_rotary(x[:1], cos[:1], sin[:1], False), x[:1])  # position 0 is the identity
