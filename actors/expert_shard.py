@@ -4,15 +4,15 @@ applied where shards run remotely."""
 
 import torch
 
-from moefleet.kernels.expert_ffn import grouped_swiglu
+from moefleet.kernels.expert_ffn import grouped_swiglu, stack_for_experts
 
 
 class ExpertShard:
     def __init__(self, shard_id: int, num_experts: int):
         self.shard_id = shard_id
         self.num_experts = num_experts
-        self.w13: dict[int, torch.Tensor] = {}  # layer -> [S, 2I, D] (S local slots)
-        self.w2: dict[int, torch.Tensor] = {}  # layer -> [S, D, I]
+        self.w13t: dict[int, torch.Tensor] = {}  # layer -> [S, D, 2I] (S local slots)
+        self.w2t: dict[int, torch.Tensor] = {}  # layer -> [S, I, D]
         self.local_slot: dict[int, torch.Tensor] = {}  # layer -> [E] local slot of each logical expert, -1 if absent
 
     @classmethod
@@ -25,9 +25,11 @@ class ExpertShard:
         return shard
 
     def set_layer(self, layer: int, experts: tuple[int, ...], w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """experts: logical ids of the slots; w13 [S, 2I, D], w2 [S, D, I] in checkpoint layout."""
         slots = torch.full((self.num_experts,), -1, dtype=torch.long)
         slots[list(experts)] = torch.arange(len(experts))
-        self.local_slot[layer], self.w13[layer], self.w2[layer] = slots, w13, w2
+        self.local_slot[layer] = slots
+        self.w13t[layer], self.w2t[layer] = stack_for_experts(w13, w2)
 
     def compute(self, layer: int, rows: torch.Tensor, row_index: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """rows [R, D]; row_index, experts (logical ids), weights: [N] one per (token, expert)
@@ -36,7 +38,7 @@ class ExpertShard:
         if bool((slots < 0).any()):
             missing = sorted(set(experts[slots < 0].tolist()))
             raise KeyError(f"shard {self.shard_id} holds no copy of layer {layer} experts {missing}")
-        return grouped_swiglu(rows, row_index, slots, weights, self.w13[layer], self.w2[layer], rows.shape[0])
+        return grouped_swiglu(rows, row_index, slots, weights, self.w13t[layer], self.w2t[layer], rows.shape[0])
 
     def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in [*self.w13.values(), *self.w2.values()])
+        return sum(w.numel() * w.element_size() for w in [*self.w13t.values(), *self.w2t.values()])

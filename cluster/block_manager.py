@@ -70,6 +70,7 @@ class BlockManager:
                 del self.free[block]
             self.ref_count[block] += 1
         seq.block_table = hits + [self._take_new() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
+        seq.block_hashes = []
         seq.num_computed_tokens = len(hits) * self.block_size
 
     def _take_new(self) -> int:
@@ -86,18 +87,19 @@ class BlockManager:
             seq.block_table.append(self._take_new())
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Publish the hashes of blocks whose tokens are all computed, for later prefix hits."""
+        """Publish the hashes of blocks whose tokens are all computed, for later prefix hits.
+        Incremental: each block is hashed once, chained on its predecessor's hash."""
         if not self.prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
-        previous = None
-        for i in range(full):
+        for i in range(len(seq.block_hashes), full):
             block = seq.block_table[i]
-            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
-            previous = self._chain(previous, tokens)
-            if self.block_hash[block] is None and previous not in self.cached:
-                self.block_hash[block] = previous
-                self.cached[previous] = block
+            previous = seq.block_hashes[-1] if seq.block_hashes else None
+            chained = self._chain(previous, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            seq.block_hashes.append(chained)
+            if self.block_hash[block] is None and chained not in self.cached:
+                self.block_hash[block] = chained
+                self.cached[chained] = block
 
     def free_sequence(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):
@@ -105,4 +107,5 @@ class BlockManager:
             if self.ref_count[block] == 0:
                 self.free[block] = None
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_computed_tokens = 0

@@ -22,10 +22,11 @@ class ModelRunner:
         per_token = layout.num_heads * (layout.k_dim + (0 if layout.values_in_keys else layout.v_dim))
         return per_token * block_size * spec.num_layers * torch.tensor([], dtype=dtype).element_size()
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        positions = torch.arange(start, end)
-        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions [start, end) of a sequence (python ints: cheaper than
+        tensor ops for the one-token decodes that dominate)."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _batches(self, chunks: list[ScheduledChunk], num_decodes: int, slot_mapping: torch.Tensor) -> dict:
         """Attention metadata, one per distinct sliding window among the layers."""
@@ -34,9 +35,7 @@ class ModelRunner:
         if num_decodes:
             longest = int(context_lens.max())
             width = -(-longest // self.block_size)
-            tables = torch.zeros(num_decodes, width, dtype=torch.long)
-            for i, seq in enumerate(decode_seqs):
-                tables[i, : len(seq.block_table[:width])] = torch.tensor(seq.block_table[:width])
+            tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decode_seqs])
             decode_slots = (tables.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).view(num_decodes, -1)
             decode_slots = decode_slots[:, :longest]
             key_pos = torch.arange(longest).unsqueeze(0)
@@ -44,7 +43,7 @@ class ModelRunner:
         q_start = num_decodes
         for c in chunks[num_decodes:]:
             start, end = c.seq.num_computed_tokens, c.seq.num_computed_tokens + c.num_tokens
-            prefill_parts.append((q_start, c.num_tokens, end, self._slots(c.seq.block_table, 0, end)))
+            prefill_parts.append((q_start, c.num_tokens, end, torch.tensor(self._slots(c.seq.block_table, 0, end))))
             q_start += c.num_tokens
         batches = {}
         for window in self.windows:
@@ -70,19 +69,19 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk], num_decodes: int, all_rows: bool = False) -> torch.Tensor:
         """Returns float32 logits [N, V], one row per chunk that samples, in chunk order (with
         all_rows: one row per token run)."""
-        tokens, positions, slots, logits_rows = [], [], [], []
+        tokens, positions, slots, logits_rows = [], [], [], []  # python lists: one tensor each at the end
         row = 0
         for c in chunks:
             start, end = c.seq.num_computed_tokens, c.seq.num_computed_tokens + c.num_tokens
             tokens.extend(c.seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.append(self._slots(c.seq.block_table, start, end))
+            slots.extend(self._slots(c.seq.block_table, start, end))
             row += c.num_tokens
             if all_rows:
                 logits_rows.extend(range(row - c.num_tokens, row))
             elif c.samples:
                 logits_rows.append(row - 1)
-        slot_mapping = torch.cat(slots)
+        slot_mapping = torch.tensor(slots, dtype=torch.long)
         batches = self._batches(chunks, num_decodes, slot_mapping)
         return self.model.forward(torch.tensor(tokens), torch.tensor(positions), self.kv_caches, batches,
                                   torch.tensor(logits_rows, dtype=torch.long))

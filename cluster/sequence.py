@@ -25,6 +25,7 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)  # prompt + output
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks registered so far
         self.num_computed_tokens = 0  # tokens whose keys/values are in the cache
         self.num_cached_prompt_tokens = 0  # served from the prefix cache at first admission
         self.arrival = next(_arrival)

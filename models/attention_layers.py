@@ -7,6 +7,7 @@ Shapes: x [T, D]; H query heads, G key/value heads, hd head dim.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +29,18 @@ class KVCacheLayout:
     values_in_keys: bool
 
     def allocate(self, num_slots: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = torch.zeros(num_slots, self.num_heads, self.k_dim, dtype=dtype)
+        keys = _lazy_zeros((num_slots, self.num_heads, self.k_dim), dtype)
         if self.values_in_keys:
             return keys, keys[..., : self.v_dim]
-        return keys, torch.zeros(num_slots, self.num_heads, self.v_dim, dtype=dtype)
+        return keys, _lazy_zeros((num_slots, self.num_heads, self.v_dim), dtype)
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros whose pages the OS maps on first touch (numpy's calloc), so a large KV cache costs
+    resident memory only as it fills. Zeros, not garbage: padded attention reads unused slots
+    under a mask, and NaN garbage times a zero weight would still be NaN."""
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def kv_cache_layout(spec: ModelSpec) -> KVCacheLayout:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moefleet.kernels.expert_ffn import grouped_swiglu, swiglu
+from moefleet.kernels.expert_ffn import grouped_swiglu, stack_for_experts, swiglu
 from moefleet.kernels.routing import sigmoid_grouped_topk, softmax_topk
 from moefleet.kernels.rotary import RotaryCache, apply_rotary, rope_tables
 
@@ -32,14 +32,16 @@ def test_sigmoid_grouped_topk_respects_groups_and_bias():
     assert torch.allclose(normed.sum(), torch.tensor(1.0))
 
 
-def test_grouped_swiglu_equals_per_pair_loop():
+@pytest.mark.parametrize("tokens", [1, 7, 40])  # per-expert and batched (padded bmm) paths
+def test_grouped_swiglu_equals_per_pair_loop(tokens):
     torch.manual_seed(0)
-    experts, d, inter, tokens, k = 5, 16, 8, 7, 2
+    experts, d, inter, k = 5, 16, 8, 2
     w13, w2 = torch.randn(experts, 2 * inter, d), torch.randn(experts, d, inter)
     hidden = torch.randn(tokens, d)
-    ids = torch.randint(0, experts, (tokens, k))
+    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k)
-    out = grouped_swiglu(hidden, torch.arange(tokens).repeat_interleave(k), ids.flatten(), weights.flatten(), w13, w2, tokens)
+    out = grouped_swiglu(hidden, torch.arange(tokens).repeat_interleave(k), ids.flatten(), weights.flatten(),
+                         *stack_for_experts(w13, w2), tokens)
     ref = torch.stack([sum(weights[t, j] * swiglu(hidden[t : t + 1], w13[ids[t, j]], w2[ids[t, j]])[0] for j in range(k))
                        for t in range(tokens)])
     assert torch.allclose(out, ref, atol=1e-5)

