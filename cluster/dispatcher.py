@@ -2,11 +2,22 @@
 expert under the current placement, makes one round trip per shard through the transport,
 and sums the returned partial outputs."""
 
+from dataclasses import dataclass
+
 import torch
 
 from moefleet.cluster.load_counters import ExpertLoadCounters
 from moefleet.cluster.placement import Placement
-from moefleet.cluster.transport import Transport
+from moefleet.cluster.transport import ShardWork, Transport
+
+
+@dataclass
+class PendingCombine:
+    """A layer's expert work in flight: finish with Dispatcher.finish."""
+
+    handle: object
+    tokens: list[torch.Tensor | None]  # per sent work item: the token rows it answers (None: all rows)
+    like: torch.Tensor
 
 
 class Dispatcher:
@@ -47,25 +58,39 @@ class Dispatcher:
             load[best] += 1
         pair_shard.copy_(torch.tensor(shards))
 
-    def combine(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """hidden [T, D], weights/ids [T, K] -> [T, D] routed-expert output."""
+    def start(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> PendingCombine:
+        """hidden [T, D], weights/ids [T, K]: send every shard its pairs; returns at once."""
         if self.counters is not None:
             self.counters.record(layer, ids)
         num_tokens, top_k = ids.shape
         token_index = torch.arange(num_tokens).repeat_interleave(top_k)
         flat_ids, flat_weights = ids.flatten(), weights.flatten()
         if self.num_shards == 1:
-            return self.transport.compute(0, layer, hidden, token_index, flat_ids, flat_weights)
+            work = [ShardWork(0, layer, hidden, token_index, flat_ids, flat_weights)]
+            return PendingCombine(self.transport.send(work), [None], hidden)
         pair_shard = self.owner[layer][flat_ids]
         if self.replicas[layer]:
             self._choose_replicas(layer, ids, pair_shard)
-        out = torch.zeros_like(hidden)
+        work, tokens = [], []
         for shard in range(self.num_shards):
             mask = pair_shard == shard
             if not bool(mask.any()):
                 continue
-            tokens = token_index[mask]
-            unique_tokens, row_index = torch.unique(tokens, return_inverse=True)
-            partial = self.transport.compute(shard, layer, hidden[unique_tokens], row_index, flat_ids[mask], flat_weights[mask])
-            out.index_add_(0, unique_tokens, partial)
+            unique_tokens, row_index = torch.unique(token_index[mask], return_inverse=True)
+            work.append(ShardWork(shard, layer, hidden[unique_tokens], row_index, flat_ids[mask], flat_weights[mask]))
+            tokens.append(unique_tokens)
+        return PendingCombine(self.transport.send(work), tokens, hidden)
+
+    def finish(self, pending: PendingCombine) -> torch.Tensor:
+        """Wait for the shards and sum their partial outputs -> [T, D]."""
+        partials = self.transport.receive(pending.handle)
+        if pending.tokens == [None]:
+            return partials[0]
+        out = torch.zeros_like(pending.like)
+        for tokens, partial in zip(pending.tokens, partials):
+            out.index_add_(0, tokens, partial)
         return out
+
+    def combine(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """hidden [T, D], weights/ids [T, K] -> [T, D] routed-expert output."""
+        return self.finish(self.start(layer, hidden, weights, ids))

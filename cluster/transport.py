@@ -1,7 +1,11 @@
 """The seam between the dispatcher and the expert shards: one interface, several
-implementations (in-process now; Ray actor calls and compiled-graph channels later). The
-dispatcher never knows which one it talks to."""
+implementations (in-process here; Ray actor calls and compiled-graph channels in
+ray_transport.py). The dispatcher never knows which one it talks to.
 
+A step's MoE layer sends every shard its work first and then waits for all replies, so remote
+shards compute in parallel: `send` one request per shard, then `receive` the partial sums."""
+
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -9,11 +13,28 @@ import torch
 from moefleet.actors.expert_shard import ExpertShard
 
 
+@dataclass(frozen=True)
+class ShardWork:
+    """One shard's work for one MoE layer: rows [R, D] and, per (token, expert) pair, the row
+    it reads (row_index [N]), the logical expert (experts [N]) and the routing weight
+    (weights [N]). The shard returns one pre-reduced partial sum per row, [R, D]."""
+
+    shard: int
+    layer: int
+    rows: torch.Tensor
+    row_index: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+
+
 class Transport(Protocol):
-    def compute(self, shard: int, layer: int, rows: torch.Tensor, row_index: torch.Tensor,
-                experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One round trip to `shard`: rows [R, D] and per-pair (row_index, expert, weight) [N]
-        in; one pre-reduced partial sum per row [R, D] out."""
+    def send(self, work: list[ShardWork]) -> object:
+        """Start the work (at most one entry per shard); returns a handle for receive."""
+        ...
+
+    def receive(self, handle: object) -> list[torch.Tensor]:
+        """The partial sums [R, D] of each entry of the work, in order. Raises
+        ShardUnavailableError (retryable, naming the shard) when a shard fails or times out."""
         ...
 
 
@@ -23,5 +44,8 @@ class InProcessTransport:
     def __init__(self, shards: list[ExpertShard]):
         self.shards = shards
 
-    def compute(self, shard, layer, rows, row_index, experts, weights):
-        return self.shards[shard].compute(layer, rows, row_index, experts, weights)
+    def send(self, work: list[ShardWork]) -> list[torch.Tensor]:
+        return [self.shards[w.shard].compute(w.layer, w.rows, w.row_index, w.experts, w.weights) for w in work]
+
+    def receive(self, handle: list[torch.Tensor]) -> list[torch.Tensor]:
+        return handle

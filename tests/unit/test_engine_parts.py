@@ -51,9 +51,9 @@ def test_dispatcher_prefers_replicas_on_shards_the_token_already_visits():
     calls = []
 
     class Recording(InProcessTransport):
-        def compute(self, shard, layer, rows, row_index, experts, weights):
-            calls.append((shard, experts.tolist()))
-            return super().compute(shard, layer, rows, row_index, experts, weights)
+        def send(self, work):
+            calls.extend((w.shard, w.experts.tolist()) for w in work)
+            return super().send(work)
 
     dispatcher = Dispatcher(placement, Recording(shards))
     ids = torch.tensor([[0, 1], [2, 1]])  # token 0 visits shard 0, token 1 visits shard 1
