@@ -9,12 +9,16 @@ never with the project's own: it imports only vllm, the standard library and psu
 For each batch size b: b prompts of --prompt-len token ids (random.Random(0), ids in
 [10, vocab_size-1), the same prompts engine_throughput.py gives the other engines), greedy,
 ignore_eos, exactly --max-tokens new tokens each.
-  tokens_per_s = generated tokens / wall time of one generate call (after a warm-up call)
+  tokens_per_s = generated tokens / wall time of a generate call (after one warm-up call;
+                 median of --repeats calls)
   ttft_s       = wall time of a separate generate with max_tokens=1 at the same batch size
+                 (median of --repeats calls)
   peak_rss_mib = max over that batch size's calls of the summed RSS of this process and its
                  children (vllm runs the engine core and the CPU worker in child processes),
-                 sampled every 50 ms in a background thread; never below ru_maxrss of this process
-  peak_pss_mib = the same with PSS (shared pages, e.g. torch's libraries, counted once)
+                 sampled every 50 ms in a background thread; never below ru_maxrss of this process.
+                 Pages shared by the processes (torch's libraries) count once per process.
+  pss_mib      = PSS of the same processes (shared pages split, not repeated), read once after
+                 that batch size's calls
 The last line on stdout is `VLLM_RESULT {json}`; vllm's logs go to stderr.
 """
 
@@ -49,46 +53,55 @@ def setup_env(threads: int) -> None:
 
 
 class TreeMemSampler:
-    """Samples summed RSS/PSS of this process and all its descendants in a background thread."""
+    """Samples the summed RSS of this process and all its descendants in a background thread.
 
-    def __init__(self, interval: float = 0.05):
+    RSS comes from /proc/PID/statm (psutil.memory_info, ~20 us). PSS needs smaps_rollup, which
+    walks the page tables under the target's mmap lock (~20 ms for a GiB-sized process), so it is
+    only read on demand (pss_mib), outside the timed calls, never in the sampling loop."""
+
+    def __init__(self, interval: float = 0.05, rescan: float = 1.0):
         import psutil
 
         self._psutil = psutil
         self._me = psutil.Process()
-        self.interval = interval
+        self.interval, self.rescan = interval, rescan
+        self._procs = [self._me]
+        self._scanned = 0.0
         self.peak_rss = 0
-        self.peak_pss = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
+    def _tree(self) -> list:
+        now = time.monotonic()
+        if now - self._scanned >= self.rescan:  # children() scans all of /proc: not every tick
+            try:
+                self._procs = [self._me] + self._me.children(recursive=True)
+            except self._psutil.Error:
+                pass
+            self._scanned = now
+        return self._procs
+
     def sample(self) -> None:
-        procs = [self._me]
-        try:
-            procs += self._me.children(recursive=True)
-        except self._psutil.Error:
-            pass
-        rss = pss = 0
-        for p in procs:
+        rss = 0
+        for p in self._tree():
             try:
                 rss += p.memory_info().rss
-                pss += self._pss(p.pid)
-            except (self._psutil.Error, OSError):
+            except self._psutil.Error:
                 pass
         with self._lock:
             self.peak_rss = max(self.peak_rss, rss)
-            self.peak_pss = max(self.peak_pss, pss)
 
-    @staticmethod
-    def _pss(pid: int) -> int:
-        # smaps_rollup is cheap (one line per field), unlike psutil's full smaps walk.
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+    def pss_mib(self) -> float:
+        total = 0
+        for p in self._tree():
+            try:
+                with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                    total += next(int(ln.split()[1]) for ln in f if ln.startswith("Pss:")) * 1024
+            except (OSError, StopIteration):
+                pass
+        return total / 2**20
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -96,15 +109,15 @@ class TreeMemSampler:
 
     def reset(self) -> None:
         with self._lock:
-            self.peak_rss = self.peak_pss = 0
+            self.peak_rss = 0
         self.sample()
 
-    def peaks_mib(self) -> tuple[float, float]:
+    def peak_rss_mib(self) -> float:
         self.sample()
         with self._lock:
-            rss, pss = self.peak_rss, self.peak_pss
+            rss = self.peak_rss
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return max(rss, own) / 2**20, pss / 2**20
+        return max(rss, own) / 2**20
 
     def stop(self) -> None:
         self._stop.set()
@@ -191,9 +204,9 @@ def main() -> None:
             print(f"[vllm_runner] warning: batch {b} generated {n_tokens} tokens, expected "
                   f"{b * args.max_tokens}", file=sys.stderr)
         ttft = sorted(run(prompts, 1)[0] for _ in range(max(1, args.repeats)))[max(1, args.repeats) // 2]
-        rss, pss = sampler.peaks_mib()
-        r = {"batch": b, "tokens_per_s": n_tokens / dt, "ttft_s": ttft, "peak_rss_mib": rss,
-             "peak_pss_mib": pss, "generated_tokens": n_tokens, "wall_s": dt}
+        r = {"batch": b, "tokens_per_s": n_tokens / dt, "ttft_s": ttft,
+             "peak_rss_mib": sampler.peak_rss_mib(), "pss_mib": sampler.pss_mib(),
+             "generated_tokens": n_tokens, "wall_s": dt}
         print(f"[vllm_runner] {json.dumps(r)}", file=sys.stderr, flush=True)
         results.append(r)
 

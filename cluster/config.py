@@ -17,7 +17,18 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, gt=0, description="Most sequences running at once.")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one step (decodes + prefill chunks).")
     enable_prefix_caching: bool = Field(True, description="Share KV blocks of identical prompt prefixes.")
-    local_expert_shards: int = Field(1, gt=0, description="In-process expert shards the experts are spread over.")
+    expert_shards: int = Field(0, ge=0, description="Expert shards the routed experts are spread over; 0: one in-process shard.")
+    transport: Literal["auto", "actor", "compiled_graph", "local"] = Field(
+        "auto", description="How the dispatcher reaches shards: 'local' keeps them in this process; the others start "
+                            "shard actors on Ray ('auto': a compiled graph when it works, else actor calls).")
+    ray_address: str | None = Field(None, description="Ray cluster to join; default: a running local one, else start one.")
+    shard_resources: list[dict[str, float]] | None = Field(
+        None, description="Ray resources per shard actor (cycled), e.g. [{'node_a': 0.01}, {'node_b': 0.01}] to place shards on nodes.")
+    shard_num_cpus: float = Field(0.0, ge=0, description="CPUs each shard actor reserves in Ray's accounting.")
+    shard_num_threads: int = Field(1, gt=0, description="torch threads inside each shard actor.")
+    shard_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a shard's reply before the step fails (retryable).")
+    shard_start_timeout_s: float = Field(300.0, gt=0, description="Longest wait for shard actors to load their experts.")
+    overlap_microbatches: bool = Field(False, description="Split each step into two micro-batches so shards compute one while the replica runs attention for the other.")
     replicate_experts: dict[int, list[int]] | None = Field(
         None, description="Per MoE layer, experts to hold a second copy of (on the next shard).")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: the CPUs this process may use.")

@@ -2,16 +2,17 @@
 schedule (which tokens run), run the model (one forward for the whole batch), sample and
 finish (which tokens come out)."""
 
+import logging
 import os
 import uuid
 
 import torch
 
-from moefleet.actors.expert_shard import ExpertShard
 from moefleet.cluster.block_manager import BlockManager
 from moefleet.cluster.config import EngineConfig
 from moefleet.cluster.dispatcher import Dispatcher
 from moefleet.cluster.errors import InvalidRequestError
+from moefleet.cluster.expert_backend import build_expert_backend
 from moefleet.cluster.load_counters import ExpertLoadCounters
 from moefleet.cluster.model_runner import ModelRunner
 from moefleet.cluster.outputs import CompletionOutput, RequestOutput
@@ -21,10 +22,11 @@ from moefleet.cluster.sampling_params import SamplingParams
 from moefleet.cluster.scheduler import Scheduler
 from moefleet.cluster.sequence import Sequence
 from moefleet.cluster.tokenizer import Tokenizer
-from moefleet.cluster.transport import InProcessTransport
 from moefleet.models.checkpoint import CheckpointReader
 from moefleet.models.decoder import MoEDecoder
 from moefleet.models.spec import load_spec
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,11 +38,10 @@ class LLMEngine:
         self.spec = spec = load_spec(config.model)
         reader = CheckpointReader(config.model, spec, _DTYPES[config.dtype])
         self.placement = round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts,
-                                               config.local_expert_shards, config.replicate_experts)
-        self.shards = [ExpertShard.from_checkpoint(i, reader, self.placement.experts_of_shard(i))
-                       for i in range(config.local_expert_shards)]
+                                               max(1, config.expert_shards), config.replicate_experts)
+        self.experts = build_expert_backend(config, reader, self.placement)
         self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
-        self.dispatcher = Dispatcher(self.placement, InProcessTransport(self.shards), self.load)
+        self.dispatcher = Dispatcher(self.placement, self.experts.transport, self.load)
         self.model = MoEDecoder(reader, spec, self.dispatcher)
         self.tokenizer = Tokenizer(config.model)
         self.eos_token_ids = set(spec.eos_token_ids) | self.tokenizer.eos_token_ids
@@ -49,7 +50,11 @@ class LLMEngine:
             1, int(config.kv_cache_gib * 2**30) // ModelRunner.kv_bytes_per_block(spec, config.block_size, reader.dtype))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        overlap = config.overlap_microbatches and self.experts.transport.max_in_flight >= 2
+        if config.overlap_microbatches and not overlap:
+            log.warning("overlap_microbatches needs two transport sends in flight; %s allows one: running without",
+                        self.experts.kind)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, overlap)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Sequence] = {}
 
@@ -99,6 +104,10 @@ class LLMEngine:
         seq.finish_reason = "abort"
         return True
 
+    def close(self) -> None:
+        """Stop remote shards (if any) and free the transport."""
+        self.experts.close()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -114,7 +123,7 @@ class LLMEngine:
             for seq in seqs:
                 self.blocks.allocate(seq, use_prefix_cache=False)  # every position is computed
             chunks = [ScheduledChunk(seq, seq.num_tokens) for seq in seqs]
-            logits = self.runner.run(chunks, num_decodes=0, all_rows=True)
+            logits = self.runner.run(chunks, all_rows=True)
         finally:
             for seq in seqs:
                 self.blocks.free_sequence(seq)
@@ -127,9 +136,7 @@ class LLMEngine:
         if not chunks:
             return []
         self.load.begin_step()
-        # Leading single-token chunks are attended as one padded decode batch.
-        num_decodes = next((i for i, c in enumerate(chunks) if c.num_tokens != 1), len(chunks))
-        logits = self.runner.run(chunks, num_decodes)
+        logits = self.runner.run(chunks)
         sampling = [c.seq for c in chunks if c.samples]
         for c in chunks:
             c.seq.num_computed_tokens += c.num_tokens

@@ -11,3 +11,15 @@ class InvalidRequestError(ValueError):
 
 class RequestAbortedError(RuntimeError):
     """The request was cancelled before it finished."""
+
+
+class ShardUnavailableError(RuntimeError):
+    """An expert shard raised, died or did not answer in time. Retryable: the step can run again
+    once the controller has restored the shard's experts elsewhere."""
+
+    retryable = True
+
+    def __init__(self, shard: int | None, reason: str):
+        self.shard = shard  # None when the transport failed without any shard reporting a fault
+        who = f"expert shard {shard}" if shard is not None else "expert shards"
+        super().__init__(f"{who} unavailable: {reason} (retryable)")

@@ -14,6 +14,10 @@ class LLM:
     def __init__(self, model: str, dtype: str = "float32", **kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
 
+    def shutdown(self) -> None:
+        """Stop this engine's remote expert shards (a no-op for in-process shards)."""
+        self.engine.close()
+
     def get_tokenizer(self):
         return self.engine.tokenizer.hf
 

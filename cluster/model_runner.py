@@ -5,13 +5,13 @@ import torch
 
 from moefleet.kernels.attention import AttentionBatch, PrefillChunk
 from moefleet.models.attention_layers import kv_cache_layout
-from moefleet.models.decoder import MoEDecoder
+from moefleet.models.decoder import MoEDecoder, StepInputs
 from moefleet.cluster.scheduler import ScheduledChunk
 
 
 class ModelRunner:
-    def __init__(self, model: MoEDecoder, num_blocks: int, block_size: int):
-        self.model, self.block_size = model, block_size
+    def __init__(self, model: MoEDecoder, num_blocks: int, block_size: int, overlap: bool = False):
+        self.model, self.block_size, self.overlap = model, block_size, overlap
         layout = kv_cache_layout(model.spec)
         self.kv_caches = [layout.allocate(num_blocks * block_size, model.dtype) for _ in model.layers]
         self.windows = sorted({layer.window for layer in model.layers}, key=lambda w: (w is not None, w or 0))
@@ -65,10 +65,11 @@ class ModelRunner:
             batches[window] = AttentionBatch(slot_mapping, num_decodes, decode_slots, decode_mask, tuple(prefills))
         return batches
 
-    @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], num_decodes: int, all_rows: bool = False) -> torch.Tensor:
-        """Returns float32 logits [N, V], one row per chunk that samples, in chunk order (with
-        all_rows: one row per token run)."""
+    def prepare(self, chunks: list[ScheduledChunk], all_rows: bool = False) -> StepInputs:
+        """Flat inputs of one forward. Leading single-token chunks are attended as one padded
+        decode batch. Logits rows: one per chunk that samples, in chunk order (with all_rows:
+        one per token run)."""
+        num_decodes = next((i for i, c in enumerate(chunks) if c.num_tokens != 1), len(chunks))
         tokens, positions, slots, logits_rows = [], [], [], []  # python lists: one tensor each at the end
         row = 0
         for c in chunks:
@@ -82,6 +83,24 @@ class ModelRunner:
             elif c.samples:
                 logits_rows.append(row - 1)
         slot_mapping = torch.tensor(slots, dtype=torch.long)
-        batches = self._batches(chunks, num_decodes, slot_mapping)
-        return self.model.forward(torch.tensor(tokens), torch.tensor(positions), self.kv_caches, batches,
-                                  torch.tensor(logits_rows, dtype=torch.long))
+        return StepInputs(torch.tensor(tokens), torch.tensor(positions), self._batches(chunks, num_decodes, slot_mapping),
+                          torch.tensor(logits_rows, dtype=torch.long))
+
+    @staticmethod
+    def split_in_two(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+        """Two micro-batches of about equal token counts (chunk order kept)."""
+        total, running = sum(c.num_tokens for c in chunks), 0
+        for i, c in enumerate(chunks):
+            running += c.num_tokens
+            if 2 * running >= total:
+                cut = min(max(i + 1, 1), len(chunks) - 1)
+                return [chunks[:cut], chunks[cut:]]
+        return [chunks]
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk], all_rows: bool = False) -> torch.Tensor:
+        """One forward for the step; float32 logits [N, V] as `prepare` orders the rows."""
+        if self.overlap and len(chunks) > 1 and not all_rows:
+            micro = [self.prepare(group) for group in self.split_in_two(chunks)]
+            return torch.cat(self.model.forward_overlapped(micro, self.kv_caches))
+        return self.model.forward(self.prepare(chunks, all_rows), self.kv_caches)

@@ -28,6 +28,8 @@ class ShardWork:
 
 
 class Transport(Protocol):
+    max_in_flight: int  # how many sends may await their receive at once (2+ allows overlap)
+
     def send(self, work: list[ShardWork]) -> object:
         """Start the work (at most one entry per shard); returns a handle for receive."""
         ...
@@ -40,6 +42,8 @@ class Transport(Protocol):
 
 class InProcessTransport:
     """Shards are objects in the replica's own process: zero copy, no serialisation."""
+
+    max_in_flight = 1_000_000  # work is done at send time
 
     def __init__(self, shards: list[ExpertShard]):
         self.shards = shards

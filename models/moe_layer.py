@@ -18,6 +18,12 @@ class DenseMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.w13, self.w2)
 
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def finish(self, started: torch.Tensor) -> torch.Tensor:
+        return started
+
 
 class MoELayer:
     def __init__(self, reader: CheckpointReader, spec: ModelSpec, layer: int, dispatcher):
@@ -42,12 +48,22 @@ class MoELayer:
         weights, ids = softmax_topk(logits, moe.top_k, moe.renormalize)
         return weights * moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else weights, ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def start(self, x: torch.Tensor) -> tuple:
+        """Route and send the routed experts' work to the shards; the shared expert runs here
+        meanwhile. Finish with `finish`."""
         weights, ids = self.route(x)
-        out = self.dispatcher.combine(self.layer, x, weights.to(x.dtype), ids)
+        pending = self.dispatcher.start(self.layer, x, weights.to(x.dtype), ids)
+        shared = None
         if self.shared is not None:
             shared = swiglu(x, *self.shared)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
-            out = out + shared
-        return out
+        return pending, shared
+
+    def finish(self, started: tuple) -> torch.Tensor:
+        pending, shared = started
+        out = self.dispatcher.finish(pending)
+        return out if shared is None else out + shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x))

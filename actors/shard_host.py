@@ -1,0 +1,104 @@
+"""ExpertShardHost: what runs inside a remote expert-shard process. It loads only its own experts
+from the checkpoint and answers compute requests with contiguous numpy buffers (a torch tensor
+costs 3-10x a numpy array per Ray hop on CPU). A plain class: `remote_shard_class()` applies the
+Ray shell late."""
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moefleet.actors.expert_shard import ExpertShard
+
+
+@dataclass(frozen=True)
+class ShardRequest:
+    """One shard's work for one MoE layer, as numpy buffers (see transport.ShardWork)."""
+
+    layer: int
+    rows: np.ndarray  # [R, D] activations (bfloat16/float16 travel as their raw 16-bit pattern)
+    row_index: np.ndarray  # [N] int64
+    experts: np.ndarray  # [N] int64
+    weights: np.ndarray  # [N] float32
+    dtype: str  # torch dtype name of rows
+
+
+@dataclass(frozen=True)
+class ShardReply:
+    partial: np.ndarray | None  # [R, D] in the request's dtype; None when the shard failed
+    compute_s: float
+    error: str | None = None  # repr of the exception the shard raised (it stays up)
+
+
+# Ray hands received buffers over read-only; shards only read them, so torch's warning is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy where possible; 16-bit floats travel as int16 bit patterns (numpy has no bfloat16)."""
+    t = t.contiguous()
+    return t.view(torch.int16).numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.view(_TORCH_DTYPES[dtype]) if dtype in ("bfloat16", "float16") else t
+
+
+class ExpertShardHost:
+    def __init__(self, shard_id: int, model_dir: str, dtype: str, experts_by_layer: dict[int, tuple[int, ...]],
+                 num_threads: int = 1):
+        from moefleet.models.checkpoint import CheckpointReader
+        from moefleet.models.spec import load_spec
+
+        # Shards share the machine with the replica and each other: a deliberate, small thread
+        # count avoids oversubscription (two busy processes with two threads each ran 5-70x slower).
+        torch.set_num_threads(num_threads)
+        self.shard_id = shard_id
+        spec = load_spec(model_dir)
+        reader = CheckpointReader(model_dir, spec, _TORCH_DTYPES[dtype])
+        self.shard = ExpertShard.from_checkpoint(shard_id, reader, experts_by_layer)
+        self.injected_failure: str | None = None
+
+    def info(self) -> dict:
+        node_id = None
+        try:
+            import ray
+
+            node_id = ray.get_runtime_context().get_node_id()
+        except Exception:  # not inside Ray (unit tests build the host directly)
+            pass
+        return {"shard": self.shard_id, "pid": os.getpid(), "node_id": node_id, "nbytes": self.shard.nbytes(),
+                "threads": torch.get_num_threads()}
+
+    def compute(self, request: ShardRequest | None) -> ShardReply | None:
+        """None in (no work for this shard this round) -> None out."""
+        if request is None:
+            return None
+        start = time.perf_counter()
+        try:  # an error travels back as data, so the caller can name this shard whatever the transport
+            if self.injected_failure:
+                message, self.injected_failure = self.injected_failure, None
+                raise RuntimeError(message)
+            with torch.inference_mode():
+                partial = self.shard.compute(request.layer, from_numpy(request.rows, request.dtype),
+                                             torch.from_numpy(request.row_index), torch.from_numpy(request.experts),
+                                             torch.from_numpy(request.weights))
+        except Exception as e:
+            return ShardReply(None, time.perf_counter() - start, repr(e))
+        return ShardReply(to_numpy(partial), time.perf_counter() - start)
+
+    def inject_failure(self, message: str) -> None:
+        """Fault injection (tests, drills): the next compute call raises `message`."""
+        self.injected_failure = message
+
+
+def remote_shard_class():
+    import ray
+
+    return ray.remote(ExpertShardHost)

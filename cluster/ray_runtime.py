@@ -1,0 +1,22 @@
+"""Joining or starting the Ray cluster that holds remote expert shards."""
+
+import os
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` (or a running local one); start a local one if none runs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Local clusters here run without token auth (Ray 2.60 turns it on by default).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address="auto", log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError, ValueError):
+            pass
+        ray.init(include_dashboard=False, log_to_driver=False)
+        return
+    ray.init(address=address, log_to_driver=False)

@@ -1,0 +1,43 @@
+"""One Ray cluster per test session: a head node plus two virtual worker nodes (custom
+resources node_a and node_b), so shards can be placed per node on one machine."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=0, resources={"node_a": 100})
+    cluster.add_node(num_cpus=0, resources={"node_b": 100})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def remote_llm(ray_cluster, model_dir):
+    """remote_llm(arch, **options) -> an LLM whose shards are Ray actors; shut down after the test."""
+    from moefleet import LLM
+
+    made = []
+
+    def make(arch: str, **options):
+        options.setdefault("kv_cache_blocks", 256)
+        options.setdefault("num_threads", 1)
+        options.setdefault("shard_timeout_s", 20)
+        llm = LLM(model_dir(arch), **options)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.shutdown()
