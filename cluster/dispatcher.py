@@ -24,6 +24,8 @@ class Dispatcher:
     def __init__(self, placement: Placement, transport: Transport, counters: ExpertLoadCounters | None = None):
         self.transport, self.counters = transport, counters
         self.set_placement(placement)
+        # fanout[n]: tokens (per MoE layer visit) whose experts lay on n distinct shards.
+        self.fanout = [0] * (self.placement.num_experts + 1)
 
     def set_placement(self, placement: Placement) -> None:
         placement.validate()
@@ -66,11 +68,13 @@ class Dispatcher:
         token_index = torch.arange(num_tokens).repeat_interleave(top_k)
         flat_ids, flat_weights = ids.flatten(), weights.flatten()
         if self.num_shards == 1:
+            self.fanout[1] += num_tokens
             work = [ShardWork(0, layer, hidden, token_index, flat_ids, flat_weights)]
             return PendingCombine(self.transport.send(work), [None], hidden)
         pair_shard = self.owner[layer][flat_ids]
         if self.replicas[layer]:
             self._choose_replicas(layer, ids, pair_shard)
+        self._count_fanout(pair_shard.view(num_tokens, top_k))
         work, tokens = [], []
         for shard in range(self.num_shards):
             mask = pair_shard == shard
@@ -80,6 +84,13 @@ class Dispatcher:
             work.append(ShardWork(shard, layer, hidden[unique_tokens], row_index, flat_ids[mask], flat_weights[mask]))
             tokens.append(unique_tokens)
         return PendingCombine(self.transport.send(work), tokens, hidden)
+
+    def _count_fanout(self, token_shards: torch.Tensor) -> None:
+        ordered = token_shards.sort(dim=1).values
+        distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
+        for n, count in enumerate(torch.bincount(distinct).tolist()):
+            if count:
+                self.fanout[n] += count
 
     def finish(self, pending: PendingCombine) -> torch.Tensor:
         """Wait for the shards and sum their partial outputs -> [T, D]."""

@@ -10,7 +10,7 @@ import torch
 
 from moefleet.actors.shard_host import ShardReply, ShardRequest, from_numpy, to_numpy
 from moefleet.cluster.errors import ShardUnavailableError
-from moefleet.cluster.transport import ShardWork
+from moefleet.cluster.transport import ShardTraffic, ShardWork
 
 
 def _request(work: ShardWork) -> ShardRequest:
@@ -18,29 +18,13 @@ def _request(work: ShardWork) -> ShardRequest:
                         work.weights.float().numpy(), str(work.rows.dtype).removeprefix("torch."))
 
 
-class ShardTraffic:
-    """Counters of what crossed the transport, per shard."""
-
-    def __init__(self, num_shards: int, local: list[bool]):
-        self.local = local
-        self.bytes_out = [0] * num_shards
-        self.bytes_in = [0] * num_shards
-        self.compute_s = [0.0] * num_shards
-        self.sends = [0] * num_shards
-
-    def record(self, shard: int, request: ShardRequest, reply: ShardReply) -> None:
-        self.sends[shard] += 1
-        self.bytes_out[shard] += sum(a.nbytes for a in (request.rows, request.row_index, request.experts, request.weights))
-        self.bytes_in[shard] += reply.partial.nbytes
-        self.compute_s[shard] += reply.compute_s
-
-
 def _replies_to_tensors(work, requests, replies, traffic: ShardTraffic) -> list[torch.Tensor]:
     out = []
     for w, request, reply in zip(work, requests, replies):
         if reply.error is not None:
             raise ShardUnavailableError(w.shard, f"raised {reply.error}")
-        traffic.record(w.shard, request, reply)
+        traffic.record(w.shard, sum(a.nbytes for a in (request.rows, request.row_index, request.experts, request.weights)),
+                       reply.partial.nbytes, reply.compute_s)
         out.append(from_numpy(reply.partial, request.dtype))
     return out
 
