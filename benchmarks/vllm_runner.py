@@ -207,7 +207,8 @@ def main() -> None:
         r = {"batch": b, "tokens_per_s": n_tokens / dt, "ttft_s": ttft,
              "peak_rss_mib": sampler.peak_rss_mib(), "pss_mib": sampler.pss_mib(),
              "generated_tokens": n_tokens, "wall_s": dt}
-        print(f"[vllm_runner] {json.dumps(r)}", file=sys.stderr, flush=True)
+        print(f"[vllm_runner] {json.dumps(r)} timed calls (s): {[round(t, 3) for t, _ in timed]}",
+              file=sys.stderr, flush=True)
         results.append(r)
 
     sampler.stop()

@@ -34,12 +34,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
         self.spec = spec = load_spec(config.model)
         reader = CheckpointReader(config.model, spec, _DTYPES[config.dtype])
         self.placement = round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts,
                                                max(1, config.expert_shards), config.replicate_experts)
         self.experts = build_expert_backend(config, reader, self.placement)
+        # Default: the cores that shard actors on this node leave free. Oversubscribed torch
+        # threads wait on each other: a 15 ms forward became 70-1,100 ms beside a busy process.
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(config.num_threads or max(1, cores - self.experts.threads_used_on_this_node()))
         self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
         self.dispatcher = Dispatcher(self.placement, self.experts.transport, self.load)
         self.model = MoEDecoder(reader, spec, self.dispatcher)
@@ -57,6 +60,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, overlap)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Sequence] = {}
+        self.num_steps = 0
 
     # ----- requests -----
     def make_sequence(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -135,6 +139,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        self.num_steps += 1
         self.load.begin_step()
         logits = self.runner.run(chunks)
         sampling = [c.seq for c in chunks if c.samples]

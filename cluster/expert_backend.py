@@ -21,6 +21,10 @@ class ExpertBackend:
     local_shards: list[ExpertShard] = field(default_factory=list)
     shard_info: list[dict] = field(default_factory=list)
 
+    def threads_used_on_this_node(self) -> int:
+        """torch threads that shard actors run beside this process."""
+        return sum(info["threads"] for info, local in zip(self.shard_info, self.transport.traffic.local) if local)
+
     def close(self) -> None:
         if hasattr(self.transport, "close"):
             self.transport.close()
@@ -46,7 +50,9 @@ def build_expert_backend(config: EngineConfig, reader, placement: Placement) -> 
     shard_class = remote_shard_class()
     actors = []
     for i in range(placement.num_shards):
-        options = {"num_cpus": config.shard_num_cpus, "max_restarts": 0}
+        # OMP_NUM_THREADS before torch loads in the actor: its OpenMP pool is sized at import.
+        options = {"num_cpus": config.shard_num_cpus, "max_restarts": 0,
+                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(config.shard_num_threads)}}}
         if config.shard_resources:
             options["resources"] = config.shard_resources[i % len(config.shard_resources)]
         actors.append(shard_class.options(**options).remote(

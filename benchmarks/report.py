@@ -1,0 +1,44 @@
+"""Shared by the benchmark scripts: the machine's description and writing a table into its own
+section of docs/benchmarks.md (between markers, so re-runs replace it)."""
+
+import json
+import os
+import platform
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def record(key: str, title: str, table: str, note: str, data: dict, write_docs: bool = True) -> None:
+    """Write benchmarks/results/<key>.json and replace the <key> section of docs/benchmarks.md."""
+    meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{key}.json"), "w") as f:
+        json.dump({"meta": meta, **data}, f, indent=1)
+    if not write_docs:
+        return
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nEach section is written by the script it names; re-running the script replaces it.\n"
+    block = f"{begin}\n## {title}\n\nMachine: {meta['machine']}. Run {meta['date']} UTC.\n\n{table}\n{note}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
