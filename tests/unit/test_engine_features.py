@@ -115,3 +115,13 @@ def test_expert_load_counters_count_every_routed_token(engines):
     routed = llm.engine.load.window().sum(axis=1) - before
     # 20 prompt tokens + 4 decode steps, top_k choices each, in every MoE layer
     assert routed.tolist() == [(20 + 4) * spec.moe.top_k] * len(spec.moe_layer_indices)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_two_microbatch_overlap_gives_the_same_tokens(arch, engines):
+    plain = engines(arch)
+    overlapped = engines(arch, expert_shards=2, transport="local", overlap_microbatches=True)
+    assert overlapped.engine.runner.overlap
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(plain.engine.spec.vocab_size, (4, 37, 9, 21), seed=12)]
+    expected = plain.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in overlapped.generate(prompts, GREEDY)] == [o.outputs[0].token_ids for o in expected]
