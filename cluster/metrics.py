@@ -5,14 +5,16 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def _family(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    lines += [f"{name}{{{labels}}} {value}" if labels else f"{name} {value}" for labels, value in samples]
-
-
-def render_prometheus(engine) -> str:
-    """Text exposition format 0.0.4 of `engine`'s counters."""
+def render_prometheus(engine, extra_labels: dict[str, str] | None = None) -> str:
+    """Text exposition format 0.0.4 of `engine`'s counters; extra_labels go on every sample
+    (e.g. the replica, when a gateway concatenates several replicas' metrics)."""
     lines: list[str] = []
+    extra = "".join(f',{k}="{v}"' for k, v in (extra_labels or {}).items())
+
+    def _family(lines, name, kind, help_text, samples):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{{{labels}{extra}}} {value}" for labels, value in samples]
+
     load, traffic, dispatcher = engine.load, engine.experts.transport.traffic, engine.dispatcher
     moe_layers = engine.spec.moe_layer_indices
     _family(lines, "moefleet_expert_tokens_total", "counter", "Tokens routed to each expert.",
@@ -33,10 +35,11 @@ def render_prometheus(engine) -> str:
     cumulative = 0
     for n in range(1, dispatcher.num_shards + 1):
         cumulative += dispatcher.fanout[n]
-        lines.append(f'{name}_bucket{{le="{n}"}} {cumulative}')
-    lines.append(f'{name}_bucket{{le="+Inf"}} {cumulative}')
-    lines.append(f"{name}_sum {sum(n * c for n, c in enumerate(dispatcher.fanout))}")
-    lines.append(f"{name}_count {cumulative}")
+        lines.append(f'{name}_bucket{{le="{n}"{extra}}} {cumulative}')
+    lines.append(f'{name}_bucket{{le="+Inf"{extra}}} {cumulative}')
+    bare = f"{{{extra[1:]}}}" if extra else ""
+    lines.append(f"{name}_sum{bare} {sum(n * c for n, c in enumerate(dispatcher.fanout))}")
+    lines.append(f"{name}_count{bare} {cumulative}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,180 @@
+"""AsyncEngine: an LLMEngine driven by a background thread, for servers. asyncio callers submit
+requests and receive streamed deltas; cancelling the consumer aborts the request and frees its
+KV blocks at the next step boundary. Validation and tokenization happen in the caller, so bad
+input fails at once with InvalidRequestError."""
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from moefleet.cluster.engine import LLMEngine
+from moefleet.cluster.errors import DrainingError, OverloadedError, RequestAbortedError
+from moefleet.cluster.sampling_params import SamplingParams
+from moefleet.cluster.sequence import Sequence
+
+
+@dataclass
+class Delta:
+    """What a request gained since its previous delta (plain data, crosses processes)."""
+
+    request_id: str
+    token_ids: list[int]
+    text_delta: str
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+@dataclass
+class _Stream:
+    seq: Sequence
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    sent_tokens: int = 0
+    sent_text: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class AsyncEngine:
+    _ids = itertools.count()
+
+    def __init__(self, engine: LLMEngine, max_waiting: int = 1024):
+        self.engine, self.max_waiting = engine, max_waiting
+        self._lock = threading.Condition()
+        self._adds: list[_Stream] = []
+        self._aborts: list[str] = []
+        self._calls: list = []  # functions to run on the engine thread between steps
+        self._streams: dict[str, _Stream] = {}
+        self.draining = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="moefleet-engine", daemon=True)
+        self._thread.start()
+
+    # ----- caller side (any thread with an event loop) -----
+    def outstanding_tokens(self) -> int:
+        """Tokens still to produce or prefill across admitted requests (for routing)."""
+        with self._lock:
+            streams = list(self._streams.values()) + list(self._adds)
+        return sum(max(0, (s.seq.params.max_tokens or 0) - len(s.seq.output_token_ids)) + s.seq.num_pending
+                   for s in streams)
+
+    def num_requests(self) -> int:
+        with self._lock:
+            return len(self._streams) + len(self._adds)
+
+    async def stream(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[Delta]:
+        if self.draining:
+            raise DrainingError("replica is draining: no new requests")
+        if self.num_requests() >= self.max_waiting:
+            raise OverloadedError(f"replica has {self.max_waiting} requests in flight", retry_after_s=1.0)
+        seq = self.engine.make_sequence(prompt, params, request_id or f"req-{next(self._ids)}")
+        stream = _Stream(seq, asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if seq.request_id in self._streams:
+                raise DrainingError(f"request_id {seq.request_id!r} is already in flight")
+            self._adds.append(stream)
+            self._lock.notify()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+            self._lock.notify()
+
+    def call_between_steps(self, fn) -> None:
+        """Run fn(engine) on the engine thread at the next step boundary."""
+        with self._lock:
+            self._calls.append(fn)
+            self._lock.notify()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+
+    # ----- engine thread -----
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopped or self._adds or self._aborts or self._calls or self.engine.has_unfinished()):
+                    self._lock.wait()
+                if self._stopped:
+                    break
+                adds, self._adds = self._adds, []
+                aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
+                for stream in adds:
+                    self._streams[stream.seq.request_id] = stream
+            for stream in adds:
+                self.engine.requests[stream.seq.request_id] = stream.seq
+                self.engine.scheduler.add(stream.seq)
+            for request_id in aborts:
+                if self.engine.abort(request_id):
+                    self._deliver(self._streams.pop(request_id), RequestAbortedError())
+            for fn in calls:
+                fn(self.engine)
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                updated = self.engine.step()
+            except Exception as error:  # the step failed (e.g. a shard died): fail its requests, keep serving
+                self._fail_all(error)
+                continue
+            for seq in updated:
+                stream = self._streams.get(seq.request_id)
+                if stream is not None:
+                    self._deliver(stream, self._delta(stream))
+                    if seq.finish_reason is not None:
+                        with self._lock:
+                            self._streams.pop(seq.request_id, None)
+        self._fail_all(DrainingError("engine stopped"))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            self.engine.abort(stream.seq.request_id)
+            self._deliver(stream, error)
+
+    @staticmethod
+    def _deliver(stream: _Stream, item) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is gone; nobody is listening
+            pass
+
+    def _delta(self, stream: _Stream) -> Delta:
+        seq = stream.seq
+        finished = seq.finish_reason is not None
+        text = seq.output_text if finished else self.engine.decode(seq)
+        if not finished and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
+            text = stream.sent_text
+        new_tokens = seq.output_token_ids[stream.sent_tokens:]
+        delta = Delta(
+            request_id=seq.request_id, token_ids=new_tokens,
+            text_delta=text[len(stream.sent_text):] if text.startswith(stream.sent_text) else text,
+            logprobs=seq.logprobs[stream.sent_tokens:] if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids),
+            cached_prompt_tokens=seq.num_cached_prompt_tokens)
+        stream.sent_tokens, stream.sent_text = len(seq.output_token_ids), text
+        return delta

@@ -1,0 +1,208 @@
+"""Gateway: one stateless front-door process serving gRPC (Inference, Admin, health, reflection)
+and the OpenAI-compatible HTTP API on its own event loop, routing to replicas. Several gateways
+bind the same ports (SO_REUSEPORT) and the kernel spreads connections among them. A plain class
+(`Gateway.start()` runs it in a background thread); `remote_gateway_class()` is its Ray shell."""
+
+import asyncio
+import threading
+import time
+
+from moefleet.cluster.auth import TokenAuth
+from moefleet.cluster.errors import DrainingError, InvalidRequestError
+from moefleet.cluster.gateway_grpc import NOT_SERVING, SERVING, build_grpc_server
+from moefleet.cluster.gateway_http import HttpApi
+from moefleet.cluster.replica_pool import RayReplicaHandle, ReplicaPool
+from moefleet.v1 import admin_pb2
+
+
+class GatewayAdmin:
+    """The Admin API's operations. Placement changes (shard scaling, rebalancing) need the
+    elastic controller, which is not built yet; they answer UNIMPLEMENTED and say so."""
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+
+    async def GetClusterState(self, request):  # noqa: N802
+        states = await asyncio.gather(*(h.call("state") for h in self.gateway.pool.handles.values()))
+        replicas = [admin_pb2.ReplicaState(
+            replica_id=s["replica_id"], status=s["status"], running=s["running"], waiting=s["waiting"],
+            outstanding_tokens=s["outstanding_tokens"], shards=[admin_pb2.ShardState(**x) for x in s["shards"]],
+            expert_load=[admin_pb2.ExpertLoad(**x) for x in s["expert_load"]]) for s in states]
+        epoch = max((s["placement_epoch"] for s in states), default=0)
+        return admin_pb2.ClusterState(model=self.gateway.model_id, placement_epoch=epoch, replicas=replicas,
+                                      gateways=self.gateway.num_gateways)
+
+    async def ScaleReplicas(self, request):  # noqa: N802
+        if request.replicas < 1:
+            raise InvalidRequestError("replicas", f"must be >= 1, got {request.replicas}")
+        if self.gateway.manager is None:
+            raise NotImplementedError("this gateway has no cluster manager to start replicas")
+        message = await self.gateway.manager.scale_replicas.remote(request.replicas)
+        await self.gateway.refresh_replicas()
+        return admin_pb2.OperationResult(accepted=True, message=message)
+
+    async def Drain(self, request):  # noqa: N802
+        handle = self.gateway.pool.handles.get(request.replica_id)
+        if handle is None:
+            raise InvalidRequestError("replica_id", f"unknown replica {request.replica_id!r}; "
+                                                    f"replicas: {sorted(self.gateway.pool.handles)}")
+        await handle.call("drain")
+        self.gateway.pool.mark_draining(request.replica_id)
+        if self.gateway.manager is not None:
+            await self.gateway.manager.mark_draining.remote(request.replica_id)
+        return admin_pb2.OperationResult(accepted=True, message=f"replica {request.replica_id} is draining")
+
+    async def ScaleShards(self, request):  # noqa: N802
+        if request.shards < 0:
+            raise InvalidRequestError("shards", f"must be >= 0, got {request.shards}")
+        raise NotImplementedError("ScaleShards needs the elastic controller (placement epochs), not built yet")
+
+    async def Rebalance(self, request):  # noqa: N802
+        raise NotImplementedError("Rebalance needs the elastic controller (placement planner), not built yet")
+
+    async def GetAutoscalingPolicy(self, request):  # noqa: N802
+        raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy")
+
+    async def SetAutoscalingPolicy(self, request):  # noqa: N802
+        raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy to set")
+
+
+class Gateway:
+    def __init__(self, handles: list, model_id: str, auth: TokenAuth, grpc_address: str = "127.0.0.1:0",
+                 http_host: str = "127.0.0.1", http_port: int | None = 0, tls: tuple[bytes, bytes] | None = None,
+                 manager=None, num_gateways: int = 1, max_outstanding_tokens: int = 1 << 20):
+        self.pool = ReplicaPool(handles, max_outstanding_tokens)
+        self.model_id, self.auth, self.manager, self.num_gateways = model_id, auth, manager, num_gateways
+        self.grpc_address, self.http_host, self.http_port, self.tls = grpc_address, http_host, http_port, tls
+        self.admin = GatewayAdmin(self)
+        self.draining = False
+        self.health = None
+        self._model_info = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.requests_total: dict[str, int] = {}
+
+    # ----- used by the servers -----
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise DrainingError("gateway is draining: no new requests")
+
+    async def model_info(self) -> dict:
+        if self._model_info is None:
+            self._model_info = await self.pool.any().call("model_info")
+        return self._model_info
+
+    async def refresh_replicas(self) -> None:
+        if self.manager is None:
+            return
+        replicas = await self.manager.replicas.remote()
+        self.pool.set_handles([RayReplicaHandle(actor, rid) for rid, actor, _ in replicas])
+        for rid, _, draining in replicas:
+            if draining:
+                self.pool.draining.add(rid)
+
+    async def metrics_text(self) -> str:
+        texts = await asyncio.gather(*(h.call("metrics_text") for h in self.pool.handles.values()))
+        return "".join(texts)
+
+    # ----- lifecycle -----
+    async def serve(self) -> tuple[int, int | None]:
+        """Start both servers on the running loop; returns (grpc port, http port)."""
+        from aiohttp import web
+
+        self.loop = asyncio.get_running_loop()
+        self.grpc_server, grpc_port = build_grpc_server(self, self.grpc_address, self.tls)
+        await self.grpc_server.start()
+        await self.health.set("", SERVING)
+        http_port = None
+        if self.http_port is not None:
+            self.http_runner = web.AppRunner(HttpApi(self).app(), access_log=None)
+            await self.http_runner.setup()
+            ssl_context = None
+            if self.tls:
+                import ssl
+                import tempfile
+
+                ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                with tempfile.NamedTemporaryFile("wb") as cert, tempfile.NamedTemporaryFile("wb") as key:
+                    cert.write(self.tls[0]), key.write(self.tls[1])
+                    cert.flush(), key.flush()
+                    ssl_context.load_cert_chain(cert.name, key.name)
+            site = web.TCPSite(self.http_runner, self.http_host, self.http_port, reuse_port=True, ssl_context=ssl_context)
+            await site.start()
+            http_port = site._server.sockets[0].getsockname()[1]
+        if self.manager is not None:
+            self._refresher = asyncio.ensure_future(self._refresh_forever())
+        return grpc_port, http_port
+
+    async def _refresh_forever(self, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.refresh_replicas()
+            except Exception:  # the manager is restarting; keep the last known replicas
+                pass
+
+    async def drain(self, grace_s: float = 30.0) -> None:
+        """Stop taking requests, let those in flight finish (up to grace_s), then stop."""
+        self.draining = True
+        await self.health.set("", NOT_SERVING)
+        deadline = time.monotonic() + grace_s
+        while any(self.pool.outstanding.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.grpc_server.stop(grace=max(0.0, deadline - time.monotonic()))
+        if self.http_port is not None:
+            await self.http_runner.cleanup()
+
+    def start(self) -> tuple[int, int | None]:
+        """Run the gateway on its own event loop in a daemon thread; returns the bound ports."""
+        ready = threading.Event()
+        result: dict = {}
+
+        def run():
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                result["ports"] = loop.run_until_complete(self.serve())
+            except BaseException as e:  # report a bind failure to the caller
+                result["error"] = e
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="moefleet-gateway", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if "error" in result:
+            raise result["error"]
+        return result["ports"]
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Drain and stop a gateway started with start()."""
+        asyncio.run_coroutine_threadsafe(self.drain(grace_s), self.loop).result(timeout=grace_s + 10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class GatewayHost:
+    """Inside a gateway actor: a Gateway over the manager's replicas."""
+
+    def __init__(self, manager_name: str, model_id: str, auth: TokenAuth, grpc_address: str, http_host: str,
+                 http_port: int | None, tls, num_gateways: int):
+        import ray
+
+        manager = ray.get_actor(manager_name)
+        handles = [RayReplicaHandle(actor, rid) for rid, actor, _ in ray.get(manager.replicas.remote())]
+        self.gateway = Gateway(handles, model_id, auth, grpc_address, http_host, http_port, tls, manager, num_gateways)
+        self.ports = self.gateway.start()
+
+    def ports_bound(self) -> tuple[int, int | None]:
+        return self.ports
+
+    def drain(self, grace_s: float) -> None:
+        self.gateway.stop(grace_s)
+
+
+def remote_gateway_class():
+    import ray
+
+    return ray.remote(num_cpus=0)(GatewayHost)

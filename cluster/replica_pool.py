@@ -1,0 +1,96 @@
+"""The gateway's view of the replicas: handles that stream from a replica (in this process, or a
+Ray actor), outstanding-token accounting for routing, and refresh from the cluster manager."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from moefleet.cluster.errors import DrainingError, OverloadedError
+from moefleet.cluster.router import ReplicaLoad, choose_replica, prefix_key
+
+
+class LocalReplicaHandle:
+    """A Replica object living in the gateway's own process."""
+
+    def __init__(self, replica):
+        self.replica, self.replica_id = replica, replica.replica_id
+
+    async def stream(self, request: dict) -> AsyncIterator:
+        async for delta in self.replica.generate_stream(request):
+            yield delta
+
+    async def call(self, method: str, *args):
+        result = getattr(self.replica, method)(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
+
+class RayReplicaHandle:
+    """A Replica actor: deltas arrive through a Ray streaming generator; closing the stream
+    early cancels the remote generator, which aborts the request and frees its KV blocks."""
+
+    def __init__(self, actor, replica_id: str):
+        self.actor, self.replica_id = actor, replica_id
+
+    async def stream(self, request: dict) -> AsyncIterator:
+        import ray
+
+        generator = self.actor.generate_stream.options(num_returns="streaming").remote(request)
+        done = False
+        try:
+            async for ref in generator:
+                delta = await ref
+                yield delta
+                if delta.finish_reason is not None:
+                    done = True
+            done = True
+        finally:
+            if not done:
+                ray.cancel(generator)
+
+    async def call(self, method: str, *args):
+        return await getattr(self.actor, method).remote(*args)
+
+
+class ReplicaPool:
+    def __init__(self, handles: list, max_outstanding_tokens: int = 1 << 20, locality=None):
+        self.handles = {h.replica_id: h for h in handles}
+        self.outstanding: dict[str, int] = {h.replica_id: 0 for h in handles}
+        self.draining: set[str] = set()
+        self.max_outstanding_tokens = max_outstanding_tokens
+        self.locality = locality  # optional replica_id -> score in [0, 1] (speculative scheduling hook)
+        self.refreshed_at = 0.0
+
+    def set_handles(self, handles: list) -> None:
+        self.handles = {h.replica_id: h for h in handles}
+        self.outstanding = {rid: self.outstanding.get(rid, 0) for rid in self.handles}
+        self.draining &= set(self.handles)
+
+    def any(self):
+        if not self.handles:
+            raise DrainingError("no replica is serving")
+        return next(iter(self.handles.values()))
+
+    def pick(self, request: dict):
+        ids = list(self.handles)
+        loads = [ReplicaLoad(rid, self.outstanding[rid], rid in self.draining) for rid in ids]
+        chosen = choose_replica(loads, prefix_key(request), locality=self.locality)
+        if chosen < 0:
+            raise DrainingError("every replica is draining")
+        if loads[chosen].outstanding_tokens >= self.max_outstanding_tokens:
+            raise OverloadedError(f"replica {ids[chosen]} has {loads[chosen].outstanding_tokens} tokens queued",
+                                  retry_after_s=1.0)
+        return self.handles[ids[chosen]]
+
+    async def stream(self, request: dict, cost: int) -> AsyncIterator:
+        """Route and stream one request; `cost` (prompt + max tokens) is held against the replica."""
+        handle = self.pick(request)
+        self.outstanding[handle.replica_id] = self.outstanding.get(handle.replica_id, 0) + cost
+        try:
+            async for delta in handle.stream(request):
+                yield delta
+        finally:
+            self.outstanding[handle.replica_id] = self.outstanding.get(handle.replica_id, cost) - cost
+
+    def mark_draining(self, replica_id: str) -> None:
+        self.draining.add(replica_id)
+        self.refreshed_at = time.monotonic()
