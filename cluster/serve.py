@@ -1,0 +1,98 @@
+"""`moefleet serve`: the whole thing on one machine — a local Ray cluster, a cluster manager,
+the replicas and the gateways — in the foreground until SIGTERM or Ctrl-C, then a clean stop:
+gateways drain in-flight requests, replicas stop, Ray shuts down, no process is left behind."""
+
+import os
+import signal
+import sys
+import threading
+
+from moefleet.cluster.auth import TokenAuth
+from moefleet.cluster.serve_config import ServeConfig
+
+
+def _tls(config: ServeConfig):
+    if not config.tls_cert:
+        return None
+    with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+        return cert.read(), key.read()
+
+
+class LocalDeployment:
+    """Start and stop one deployment; `addresses` holds the bound (host, grpc port, http port)."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+
+    def start(self) -> None:
+        import ray
+
+        from moefleet.cluster.cluster_manager import MANAGER_NAME, remote_manager_class
+        from moefleet.cluster.gateway import remote_gateway_class
+        from moefleet.models.init_model import default_model_dir
+
+        config = self.config
+        model = config.model or default_model_dir("mixtral", "tiny")
+        self.model_id = config.model_id or os.path.basename(os.path.normpath(model))
+        self.auth = TokenAuth.from_sources(config.admin_tokens, config.admin_token_file, config.inference_tokens,
+                                           config.inference_token_file)
+        self.generated_token = not (config.admin_tokens or config.admin_token_file or os.environ.get("MOEFLEET_ADMIN_TOKEN"))
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)
+        cores = len(os.sched_getaffinity(0))
+        engine = {"num_threads": max(1, cores // config.replicas), **config.engine, "model": model}
+        self.manager = remote_manager_class().options(name=MANAGER_NAME).remote(engine, self.model_id,
+                                                                                config.max_waiting_per_replica)
+        ray.get(self.manager.start_replicas.remote(config.replicas))
+        gateway_class, tls = remote_gateway_class(), _tls(config)
+        first = gateway_class.remote(MANAGER_NAME, self.model_id, self.auth, f"{config.host}:{config.grpc_port}",
+                                     config.host, config.http_port, tls, config.gateways)
+        grpc_port, http_port = ray.get(first.ports_bound.remote())
+        # The others bind the ports the first one got (SO_REUSEPORT), so port 0 works too.
+        self.gateways = [first] + [gateway_class.remote(MANAGER_NAME, self.model_id, self.auth, f"{config.host}:{grpc_port}",
+                                                        config.host, http_port, tls, config.gateways)
+                                   for _ in range(config.gateways - 1)]
+        ray.get([g.ports_bound.remote() for g in self.gateways])
+        self.addresses = (config.host, grpc_port, http_port)
+
+    def stop(self) -> None:
+        import ray
+
+        grace = self.config.drain_grace_s
+        try:
+            ray.get([g.drain.remote(grace) for g in self.gateways], timeout=grace + 30)
+        except Exception as e:  # keep stopping whatever else runs
+            print(f"moefleet: gateway drain: {e}", file=sys.stderr)
+        try:
+            ray.get(self.manager.shutdown.remote(), timeout=60)
+        except Exception as e:
+            print(f"moefleet: replica shutdown: {e}", file=sys.stderr)
+        for actor in [*self.gateways, self.manager]:
+            ray.kill(actor)
+        if self.started_ray:
+            ray.shutdown()
+
+
+def run_serve(config: ServeConfig) -> int:
+    deployment = LocalDeployment(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print("moefleet: starting (local Ray, cluster manager, replicas, gateways)...", file=sys.stderr, flush=True)
+    deployment.start()
+    host, grpc_port, http_port = deployment.addresses
+    scheme = "https" if config.tls_cert else "http"
+    print(f"moefleet: serving model {deployment.model_id!r} with {config.replicas} replica(s) and "
+          f"{config.gateways} gateway(s)\n"
+          f"  gRPC:  {host}:{grpc_port}   (moefleet generate --address {host}:{grpc_port} \"Hello\")\n"
+          f"  HTTP:  {scheme}://{host}:{http_port}/v1   (OpenAI-compatible; /health, /metrics)", flush=True)
+    if deployment.generated_token:
+        print(f"  admin token (generated for this run): {deployment.auth.admin_tokens[0]}", flush=True)
+    print("Press Ctrl-C (or send SIGTERM) to drain and stop.", flush=True)
+    stop.wait()
+    print("moefleet: draining in-flight requests and stopping...", file=sys.stderr, flush=True)
+    deployment.stop()
+    print("moefleet: stopped.", file=sys.stderr, flush=True)
+    return 0
