@@ -4,15 +4,15 @@ applied where shards run remotely."""
 
 import torch
 
-from moefleet.kernels.expert_ffn import grouped_swiglu, stack_for_experts
+from moefleet.kernels.expert_ffn import grouped_swiglu
+from moefleet.kernels.linear import Linear
 
 
 class ExpertShard:
     def __init__(self, shard_id: int, num_experts: int):
         self.shard_id = shard_id
         self.num_experts = num_experts
-        self.w13t: dict[int, torch.Tensor] = {}  # layer -> [S, D, 2I] (S local slots)
-        self.w2t: dict[int, torch.Tensor] = {}  # layer -> [S, I, D]
+        self.experts: dict[int, list[tuple[Linear, Linear]]] = {}  # layer -> per local slot (gate_up, down)
         self.local_slot: dict[int, torch.Tensor] = {}  # layer -> [E] local slot of each logical expert, -1 if absent
 
     @classmethod
@@ -29,7 +29,7 @@ class ExpertShard:
         slots = torch.full((self.num_experts,), -1, dtype=torch.long)
         slots[list(experts)] = torch.arange(len(experts))
         self.local_slot[layer] = slots
-        self.w13t[layer], self.w2t[layer] = stack_for_experts(w13, w2)
+        self.experts[layer] = [(Linear(w13[i]), Linear(w2[i])) for i in range(len(experts))]
 
     def compute(self, layer: int, rows: torch.Tensor, row_index: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """rows [R, D]; row_index, experts (logical ids), weights: [N] one per (token, expert)
@@ -38,7 +38,7 @@ class ExpertShard:
         if bool((slots < 0).any()):
             missing = sorted(set(experts[slots < 0].tolist()))
             raise KeyError(f"shard {self.shard_id} holds no copy of layer {layer} experts {missing}")
-        return grouped_swiglu(rows, row_index, slots, weights, self.w13t[layer], self.w2t[layer], rows.shape[0])
+        return grouped_swiglu(rows, row_index, slots, weights, self.experts[layer], rows.shape[0])
 
     def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in [*self.w13t.values(), *self.w2t.values()])
+        return sum(lin.nbytes for pairs in self.experts.values() for pair in pairs for lin in pair)

@@ -40,7 +40,8 @@ class LocalDeployment:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
-            ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)
+            # "local": a new cluster of our own, never one some other job started on this machine.
+            ray.init(address=config.ray_address or "local", include_dashboard=False, log_to_driver=False)
         cores = len(os.sched_getaffinity(0))
         engine = {"num_threads": max(1, cores // config.replicas), **config.engine, "model": model}
         self.manager = remote_manager_class().options(name=MANAGER_NAME).remote(engine, self.model_id,

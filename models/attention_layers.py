@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moefleet.kernels.attention import AttentionBatch, paged_attention, write_kv
+from moefleet.kernels.linear import Linear
 from moefleet.kernels.norms import rms_norm
 from moefleet.kernels.rotary import apply_rotary
 from moefleet.models.checkpoint import CheckpointReader
@@ -55,11 +55,11 @@ class GQAAttention:
         d, h, g, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         p = "self_attn"
         # q, k and v in one matmul: one pass over x instead of three.
-        self.w_qkv = torch.cat([reader.layer(layer, f"{p}.{n}_proj.weight", (rows, d))
-                                for n, rows in (("q", h * hd), ("k", g * hd), ("v", g * hd))])
-        self.b_qkv = (torch.cat([reader.layer(layer, f"{p}.{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None)
-        self.w_o = reader.layer(layer, f"{p}.o_proj.weight", (d, h * hd))
-        self.b_o = reader.layer(layer, f"{p}.o_proj.bias") if spec.o_bias else None
+        self.qkv = Linear(torch.cat([reader.layer(layer, f"{p}.{n}_proj.weight", (rows, d))
+                                     for n, rows in (("q", h * hd), ("k", g * hd), ("v", g * hd))]),
+                          torch.cat([reader.layer(layer, f"{p}.{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None)
+        self.o = Linear(reader.layer(layer, f"{p}.o_proj.weight", (d, h * hd)),
+                        reader.layer(layer, f"{p}.o_proj.bias") if spec.o_bias else None)
         norm_dims = {"per_head": (hd, hd), "full": (h * hd, g * hd)}.get(spec.qk_norm)
         self.q_norm = reader.layer(layer, f"{p}.q_norm.weight", (norm_dims[0],)) if norm_dims else None
         self.k_norm = reader.layer(layer, f"{p}.k_norm.weight", (norm_dims[1],)) if norm_dims else None
@@ -71,7 +71,7 @@ class GQAAttention:
 
     def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = F.linear(x, self.w_qkv, self.b_qkv).split(self.split, dim=-1)
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
         if self.qk_norm == "full":
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         if self.clip is not None:
@@ -82,7 +82,7 @@ class GQAAttention:
         q, k = apply_rotary(q, cos, sin, self.interleaved), apply_rotary(k, cos, sin, self.interleaved)
         write_kv(k_cache, v_cache, batch.slot_mapping, k, v)
         out = paged_attention(q, k_cache, v_cache, batch, self.scale)
-        return F.linear(out.reshape(t, -1), self.w_o, self.b_o)
+        return self.o(out.reshape(t, -1))
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:
@@ -101,21 +101,21 @@ class MLAAttention:
         qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
         self.q_lora = m.q_lora_rank is not None
         if self.q_lora:
-            self.w_q_a = reader.layer(layer, f"{p}.q_a_proj.weight", (m.q_lora_rank, d))
-            self.b_q_a = reader.layer(layer, f"{p}.q_a_proj.bias") if spec.qkv_bias else None
+            self.q_a = Linear(reader.layer(layer, f"{p}.q_a_proj.weight", (m.q_lora_rank, d)),
+                              reader.layer(layer, f"{p}.q_a_proj.bias") if spec.qkv_bias else None)
             self.q_a_norm = reader.layer(layer, f"{p}.q_a_layernorm.weight", (m.q_lora_rank,))
-            self.w_q = reader.layer(layer, f"{p}.q_b_proj.weight", (h * qk_dim, m.q_lora_rank))
+            self.q = Linear(reader.layer(layer, f"{p}.q_b_proj.weight", (h * qk_dim, m.q_lora_rank)))
         else:
-            self.w_q = reader.layer(layer, f"{p}.q_proj.weight", (h * qk_dim, d))
-        self.w_kv_a = reader.layer(layer, f"{p}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_rope_head_dim, d))
-        self.b_kv_a = reader.layer(layer, f"{p}.kv_a_proj_with_mqa.bias") if spec.qkv_bias else None
+            self.q = Linear(reader.layer(layer, f"{p}.q_proj.weight", (h * qk_dim, d)))
+        self.kv_a = Linear(reader.layer(layer, f"{p}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_rope_head_dim, d)),
+                           reader.layer(layer, f"{p}.kv_a_proj_with_mqa.bias") if spec.qkv_bias else None)
         self.kv_a_norm = reader.layer(layer, f"{p}.kv_a_layernorm.weight", (m.kv_lora_rank,))
         kv_b = reader.layer(layer, f"{p}.kv_b_proj.weight", (h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank))
         kv_b = kv_b.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         self.w_uk = kv_b[:, : m.qk_nope_head_dim].contiguous()  # [H, nope, C]
         self.w_uv = kv_b[:, m.qk_nope_head_dim :].contiguous()  # [H, v, C]
-        self.w_o = reader.layer(layer, f"{p}.o_proj.weight", (d, h * m.v_head_dim))
-        self.b_o = reader.layer(layer, f"{p}.o_proj.bias") if spec.o_bias else None
+        self.o = Linear(reader.layer(layer, f"{p}.o_proj.weight", (d, h * m.v_head_dim)),
+                        reader.layer(layer, f"{p}.o_proj.bias") if spec.o_bias else None)
         self.h, self.m, self.eps = h, m, spec.rms_norm_eps
         self.scale = qk_dim**-0.5
         rope = spec.rope
@@ -125,13 +125,10 @@ class MLAAttention:
 
     def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch) -> torch.Tensor:
         t, m = x.shape[0], self.m
-        if self.q_lora:
-            q = F.linear(rms_norm(F.linear(x, self.w_q_a, self.b_q_a), self.q_a_norm, self.eps), self.w_q)
-        else:
-            q = F.linear(x, self.w_q)
+        q = self.q(rms_norm(self.q_a(x), self.q_a_norm, self.eps) if self.q_lora else x)
         q = q.view(t, self.h, -1)
         q_nope, q_rot = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
-        latent, k_rot = F.linear(x, self.w_kv_a, self.b_kv_a).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent, k_rot = self.kv_a(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, self.kv_a_norm, self.eps)
         q_rot = apply_rotary(q_rot, cos, sin, self.interleaved)
         k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin, self.interleaved)
@@ -140,7 +137,7 @@ class MLAAttention:
         q_latent = torch.einsum("thn,hnc->thc", q_nope, self.w_uk)
         out_latent = paged_attention(torch.cat([q_latent, q_rot], dim=-1), k_cache, v_cache, batch, self.scale)
         out = torch.einsum("thc,hvc->thv", out_latent, self.w_uv)
-        return F.linear(out.reshape(t, -1), self.w_o, self.b_o)
+        return self.o(out.reshape(t, -1))
 
 
 def build_attention(reader: CheckpointReader, spec: ModelSpec, layer: int):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moefleet.kernels.attention import AttentionBatch
+from moefleet.kernels.linear import Linear
 from moefleet.kernels.norms import rms_norm
 from moefleet.kernels.rotary import RotaryCache, rope_tables
 from moefleet.models.attention_layers import build_attention
@@ -51,7 +52,7 @@ class MoEDecoder:
         self.embed = reader.tensor("model.embed_tokens.weight", (v, d))
         self.final_norm = reader.tensor("model.norm.weight", (d,))
         tied = spec.tie_word_embeddings or not reader.files.has("lm_head.weight")
-        self.lm_head = self.embed if tied else reader.tensor("lm_head.weight", (v, d))
+        self.lm_head = Linear(self.embed if tied else reader.tensor("lm_head.weight", (v, d)))
         self.layers = [DecoderLayer(reader, spec, i, dispatcher) for i in range(spec.num_layers)]
         rope = spec.rope
         inv_freq, attention_factor = rope_tables(rope.dim, rope.theta, rope.type, rope.params, spec.max_position_embeddings)
@@ -64,7 +65,7 @@ class MoEDecoder:
 
     def _logits(self, h: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         h = rms_norm(h[inputs.logits_rows], self.final_norm, self.spec.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
     def forward(self, inputs: StepInputs, kv_caches: list) -> torch.Tensor:
         """kv_caches[layer] = (k_cache, v_cache). Returns float32 logits [N, V]."""

@@ -58,7 +58,11 @@ def test_shard_loads_only_its_experts(model_dir):
     reader = CheckpointReader(path, spec, torch.float32)
     shard = ExpertShard.from_checkpoint(1, reader, {0: (1, 5), 2: (3,)})
     w13, w2 = reader.expert(0, 5)
-    assert torch.equal(shard.w13t[0][1], w13.t()) and torch.equal(shard.w2t[0][1], w2.t())
+    x = torch.randn(3, spec.hidden_size)
+    gate_up, down = shard.experts[0][1]  # local slot 1 holds expert 5
+    assert torch.allclose(gate_up(x), x @ w13.t(), atol=1e-5)
+    h = torch.randn(3, w2.shape[1])
+    assert torch.allclose(down(h), h @ w2.t(), atol=1e-5)
     per_expert = w13.numel() * 4 + w2.numel() * 4
     assert shard.nbytes() == 3 * per_expert
     with pytest.raises(KeyError, match="shard 1 holds no copy of layer 0 experts \\[2\\]"):

@@ -1,0 +1,70 @@
+"""The OpenAI-compatible HTTP API, driven by the `openai` Python package."""
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+
+@pytest.fixture
+def oai(gateway):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.http_port}/v1", api_key="unused", max_retries=0)
+
+
+def test_completions_match_grpc(oai, client):
+    expected = client.generate("Open the pod bay doors", temperature=0, max_tokens=12, ignore_eos=True)
+    reply = oai.completions.create(model="mixtral-tiny", prompt="Open the pod bay doors", max_tokens=12, temperature=0)
+    assert reply.choices[0].text == expected.text and reply.usage.completion_tokens == len(expected.token_ids)
+    chunks = list(oai.completions.create(model="mixtral-tiny", prompt="Open the pod bay doors", max_tokens=12,
+                                         temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_chat_completions_stream_and_models(oai):
+    messages = [{"role": "user", "content": "hi there"}]
+    whole = oai.chat.completions.create(model="mixtral-tiny", messages=messages, max_tokens=10, temperature=0)
+    streamed = list(oai.chat.completions.create(model="mixtral-tiny", messages=messages, max_tokens=10, temperature=0,
+                                                stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+    assert whole.choices[0].message.role == "assistant"
+    assert [m.id for m in oai.models.list().data] == ["mixtral-tiny"]
+
+
+def test_errors_have_openai_shape_and_codes(oai, gateway):
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model="mixtral-tiny", prompt="x", max_tokens=10, temperature=-1)
+    assert "temperature" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-4", prompt="x", max_tokens=3)
+    request = urllib.request.Request(f"http://127.0.0.1:{gateway.http_port}/v1/completions", b"{not json",
+                                     {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as http_error:
+        urllib.request.urlopen(request)
+    body = json.loads(http_error.value.read())
+    assert http_error.value.code == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_health_and_metrics(gateway):
+    base = f"http://127.0.0.1:{gateway.http_port}"
+    assert json.loads(urllib.request.urlopen(f"{base}/health").read())["status"] == "ok"
+    metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    assert 'moefleet_expert_tokens_total{layer="0",expert="0",replica="replica-0"}' in metrics
+
+
+def test_bad_token_is_401(replica):
+    from moefleet.cluster.auth import TokenAuth
+    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from tests.integration.conftest import start_gateway
+
+    gw, _, http_port = start_gateway([LocalReplicaHandle(replica)], auth=TokenAuth(("a",), ("user-token",)))
+    try:
+        bad = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.completions.create(model="mixtral-tiny", prompt="x", max_tokens=2)
+        good = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="user-token", max_retries=0)
+        assert good.completions.create(model="mixtral-tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        gw.stop(grace_s=1)

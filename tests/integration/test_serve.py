@@ -1,0 +1,69 @@
+"""`moefleet serve` run as a user runs it: it prints its addresses, serves gRPC and HTTP through
+several gateways on one port, and stops cleanly on SIGTERM leaving no process behind."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from moefleet.client import Client
+
+
+@pytest.mark.timeout(300)
+def test_serve_end_to_end_and_clean_sigterm(model_dir):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MOEFLEET_ADMIN_TOKEN": ""}
+    env.pop("MOEFLEET_ADMIN_TOKEN")
+    proc = subprocess.Popen([sys.executable, "-m", "moefleet.cli", "serve", "--model", model_dir("qwen3_moe"),
+                             "--grpc-port", "0", "--http-port", "0", "--gateways", "2", "--replicas", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, f"serve exited early: {lines}"
+            lines.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        text = "".join(lines)
+        grpc_address = re.search(r"gRPC:\s+(\S+)", text).group(1)
+        http_url = re.search(r"HTTP:\s+(\S+)", text).group(1)
+        token = re.search(r"admin token \(generated for this run\): (\S+)", text).group(1)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert len(descendants) > 4  # raylet, GCS, workers for the manager, replicas, gateways
+
+        with Client(grpc_address, token=token, timeout=120) as client:
+            replies = [client.generate(f"prompt {i}", temperature=0, max_tokens=6, ignore_eos=True) for i in range(6)]
+            assert all(len(r.token_ids) == 6 for r in replies)
+            streamed = list(client.generate_stream("stream me", temperature=0, max_tokens=6, ignore_eos=True))
+            assert sum(len(m.token_ids) for m in streamed) == 6
+            state = client.cluster_state()
+            assert {r.replica_id for r in state.replicas} == {"replica-0", "replica-1"} and state.gateways == 2
+            assert client.scale_replicas(3).accepted
+            time.sleep(1.5)  # gateways refresh their replica list every second
+            assert len(client.cluster_state().replicas) == 3
+        import urllib.request
+
+        assert b'"status": "ok"' in urllib.request.urlopen(http_url.removesuffix("/v1") + "/health").read()
+        cli = subprocess.run([sys.executable, "-m", "moefleet.cli", "generate", "--address", grpc_address,
+                              "--max-tokens", "4", "hello"], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0 and "[4 tokens, finish_reason=length]" in cli.stdout
+        admin = subprocess.run([sys.executable, "-m", "moefleet.cli", "admin", "state", "--address", grpc_address,
+                                "--token", token], capture_output=True, text=True, timeout=120)
+        assert admin.returncode == 0 and 'replica_id: "replica-2"' in admin.stdout
+        denied = subprocess.run([sys.executable, "-m", "moefleet.cli", "admin", "state", "--address", grpc_address,
+                                 "--token", "wrong"], capture_output=True, text=True, timeout=120)
+        assert denied.returncode == 2 and "UNAUTHENTICATED" in denied.stderr
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        gone, alive = psutil.wait_procs([p for p in descendants if p.is_running()], timeout=30)
+        assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
