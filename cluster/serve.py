@@ -78,11 +78,11 @@ class LocalDeployment:
 
 def run_serve(config: ServeConfig) -> int:
     deployment = LocalDeployment(config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     print("moefleet: starting (local Ray, cluster manager, replicas, gateways)...", file=sys.stderr, flush=True)
     deployment.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs a SIGTERM handler of its own
+        signal.signal(sig, lambda *_: stop.set())
     host, grpc_port, http_port = deployment.addresses
     scheme = "https" if config.tls_cert else "http"
     print(f"moefleet: serving model {deployment.model_id!r} with {config.replicas} replica(s) and "

@@ -17,8 +17,9 @@ def build_request(prompt: str | list[int], model: str = "", request_id: str = ""
         stop=sampling.pop("stop", None) or [], stop_token_ids=sampling.pop("stop_token_ids", None) or [],
         ignore_eos=bool(sampling.pop("ignore_eos", False)))
     for name in _OPTIONAL:
-        if sampling.get(name) is not None:
-            setattr(options, name, sampling.pop(name))
+        value = sampling.pop(name, None)
+        if value is not None:
+            setattr(options, name, value)
     if sampling:
         raise TypeError(f"unknown sampling options: {sorted(sampling)}")
     request = inference_pb2.GenerateRequest(model=model, request_id=request_id, sampling=options)

@@ -12,10 +12,10 @@ from moefleet.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 VOCAB, CONTEXT = 1024, 2048
 
 bad_sampling = st.one_of(
-    st.builds(lambda v: ("max_tokens", v), st.integers(max_value=0)),
-    st.builds(lambda v: ("temperature", v), st.one_of(st.floats(max_value=-1e-3, allow_nan=False, allow_infinity=False),
+    st.builds(lambda v: ("max_tokens", v), st.integers(min_value=-2**31, max_value=0)),
+    st.builds(lambda v: ("temperature", v), st.one_of(st.floats(min_value=-1e30, max_value=-1e-3),
                                                     st.just(math.nan))),
-    st.builds(lambda v: ("top_p", v), st.one_of(st.floats(max_value=0.0, allow_nan=False, allow_infinity=False),
+    st.builds(lambda v: ("top_p", v), st.one_of(st.floats(min_value=-1e30, max_value=0.0),
                                               st.floats(min_value=1.001, max_value=1e6))),
     st.builds(lambda v: ("top_k", v), st.integers(max_value=-2, min_value=-2**31)),
     st.builds(lambda v: ("min_p", v), st.floats(min_value=1.001, max_value=1e6)),
@@ -89,7 +89,8 @@ def test_garbage_bytes_and_invalid_utf8_are_invalid_argument(client, payload):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(token=st.one_of(st.none(), st.text(max_size=30).filter(lambda t: t != "admin-secret" and "\n" not in t and "\r" not in t)))
+@given(token=st.one_of(st.none(), st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30)
+                       .filter(lambda t: t != "admin-secret")))
 def test_missing_or_wrong_admin_token_is_unauthenticated(client, token):
     metadata = () if token is None else (("authorization", f"Bearer {token}"),)
     try:
@@ -98,8 +99,6 @@ def test_missing_or_wrong_admin_token_is_unauthenticated(client, token):
         code = grpc.StatusCode.OK
     except grpc.RpcError as e:
         code = e.code()
-    except ValueError:  # metadata the grpc library itself refuses to send (non-ASCII)
-        return
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
