@@ -82,7 +82,8 @@ def main() -> None:
                          f"{m['tokens_per_s']:.0f}", f"{m['step_ms']:.2f}", f"{m['tokens_per_s'] / base[b]['tokens_per_s']:.2f}x"])
     table = markdown_table(["transport", "shards", "overlap", "batch", "tokens/s", "step ms", "vs in-process"], rows)
     note = (f"mixtral-{args.size}, greedy, prompt {args.prompt_len}, {args.max_tokens} output tokens, float32; the replica "
-            "uses all cores, each shard actor 1 torch thread; all processes share this machine's cores.")
+            "uses the cores its shard actors leave free (at least 1), each shard actor 1 torch thread; the replica and "
+            "all shard actors share this machine's cores, so with 4 shards 5 busy processes share 2 cores.")
     print(table + "\n" + note)
     record("distributed_overhead", "Distributed overhead (`benchmarks/distributed_overhead.py`)", table, note,
            {"results": results}, write_docs=not args.no_docs)
