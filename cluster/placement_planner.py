@@ -1,0 +1,129 @@
+"""Placement planning, pure functions over plain data (numpy only; no Ray, Redis or clock).
+
+plan_placement(load, current, num_shards, limits) -> Placement
+    load: [L, E] tokens per expert per MoE layer over the load window (row i is moe_layers[i]).
+    Balanced packing of expert copies into shard slots by observed load; spare slots hold extra
+    copies of the hottest experts; experts stay where they are when that keeps the balance;
+    per-shard slot limits (memory) are respected.
+diff(old, new) -> list[ExpertMove]
+    What must load where (from a peer that already holds the expert when one exists, else from
+    the checkpoint) and what can be freed, to go from `old` to `new`.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moefleet.cluster.placement import Placement
+
+
+@dataclass(frozen=True)
+class PlacementLimits:
+    """slots_per_shard[s]: experts shard s can hold per MoE layer (its memory limit).
+    tolerance: a shard may carry up to (1 + tolerance) x the mean load before an expert that
+    already lives there is moved away. max_copies: copies of one expert at most."""
+
+    slots_per_shard: tuple[int, ...]
+    tolerance: float = 0.1
+    max_copies: int = 2
+
+
+@dataclass(frozen=True)
+class ExpertMove:
+    layer: int
+    expert: int
+    shard: int
+    action: str  # "load" or "free"
+    source_shard: int | None = None  # for loads: a shard that already holds the weights (None: the checkpoint)
+
+
+def _copies(load: np.ndarray, spare: int, max_copies: int, num_shards: int) -> np.ndarray:
+    """Copies per expert: one each, then spare slots to whichever expert has the highest load per
+    copy, while that is above the mean load per slot (replicating a cold expert buys nothing)."""
+    copies = np.ones(len(load), dtype=np.int64)
+    mean_per_slot = load.sum() / max(1, len(load) + spare)
+    cap = min(max_copies, num_shards)
+    for _ in range(spare):
+        per_copy = np.where(copies < cap, load / copies, -1.0)
+        hottest = int(np.argmax(per_copy))
+        if per_copy[hottest] <= mean_per_slot:
+            break
+        copies[hottest] += 1
+    return copies
+
+
+def _plan_layer(load: np.ndarray, current: tuple[tuple[int, ...], ...] | None, limits: PlacementLimits) -> tuple[tuple[int, ...], ...]:
+    slots = limits.slots_per_shard
+    num_shards, num_experts = len(slots), len(load)
+    copies = _copies(load.astype(np.float64), sum(slots) - num_experts, limits.max_copies, num_shards)
+    # Copy list, heaviest first (stable on expert id for determinism).
+    items = sorted(((load[e] / copies[e], e) for e in range(num_experts) for _ in range(copies[e])), key=lambda x: (-x[0], x[1]))
+    shard_load = np.zeros(num_shards)
+    held: list[list[int]] = [[] for _ in range(num_shards)]
+    target = load.sum() / num_shards * (1 + limits.tolerance)
+    holders: dict[int, list[int]] = {}
+    for s, experts in enumerate((current or ())[:num_shards]):
+        for e in experts:
+            holders.setdefault(e, []).append(s)
+    # One pass, heaviest copy first: stay on a shard that already holds the expert while that
+    # shard keeps within the target load; otherwise the least loaded shard with a free slot
+    # (longest-processing-time packing).
+    for weight, e in items:
+        free = [s for s in range(num_shards) if len(held[s]) < slots[s] and e not in held[s]]
+        if not free:
+            raise ValueError(f"no shard has a free slot for expert {e}: slots {slots} for {num_experts} experts")
+        staying = [s for s in holders.get(e, []) if s in free and shard_load[s] + weight <= target + 1e-9]
+        s = staying[0] if staying else min(free, key=lambda c: (shard_load[c], len(held[c]), c))
+        if s in holders.get(e, []):
+            holders[e].remove(s)
+        held[s].append(e)
+        shard_load[s] += weight
+    return tuple(tuple(sorted(h)) for h in held)
+
+
+def plan_placement(load: np.ndarray, current: Placement | None, moe_layers: list[int], limits: PlacementLimits) -> Placement:
+    """load: [L, E] with row i for moe_layers[i]. Returns the next epoch's placement."""
+    load = np.asarray(load, dtype=np.float64)
+    num_experts = load.shape[1]
+    if sum(limits.slots_per_shard) < num_experts:
+        raise ValueError(f"{sum(limits.slots_per_shard)} slots in all (per shard {limits.slots_per_shard}) "
+                         f"cannot hold {num_experts} experts")
+    layout = {}
+    for row, layer in enumerate(moe_layers):
+        previous = current.shard_experts.get(layer) if current is not None else None
+        layout[layer] = _plan_layer(load[row], previous, limits)
+    placement = Placement(epoch=(current.epoch + 1) if current is not None else 0, num_experts=num_experts,
+                          shard_experts=layout)
+    placement.validate()
+    return placement
+
+
+def diff(old: Placement, new: Placement) -> list[ExpertMove]:
+    """Loads first (sources are shards of the old epoch that hold the expert), then frees."""
+    loads, frees = [], []
+    for layer, new_shards in new.shard_experts.items():
+        old_shards = old.shard_experts.get(layer, ())
+        for s, experts in enumerate(new_shards):
+            before = set(old_shards[s]) if s < len(old_shards) else set()
+            for e in sorted(set(experts) - before):
+                source = next((o for o, held in enumerate(old_shards) if e in held), None)
+                loads.append(ExpertMove(layer, e, s, "load", source))
+        for s, experts in enumerate(old_shards):
+            after = set(new_shards[s]) if s < len(new_shards) else set()
+            for e in sorted(set(experts) - after):
+                frees.append(ExpertMove(layer, e, s, "free"))
+    return loads + frees
+
+
+def imbalance(load: np.ndarray, placement: Placement, moe_layers: list[int]) -> float:
+    """max / mean shard load (an expert's load split evenly over its copies), worst layer."""
+    worst = 1.0
+    for row, layer in enumerate(moe_layers):
+        per_shard = np.zeros(placement.num_shards)
+        for e in range(placement.num_experts):
+            holders = placement.holders(layer, e)
+            for s in holders:
+                per_shard[s] += load[row, e] / len(holders)
+        if per_shard.mean() > 0:
+            worst = max(worst, float(per_shard.max() / per_shard.mean()))
+    return worst
