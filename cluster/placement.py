@@ -54,3 +54,15 @@ def round_robin_placement(
     placement = Placement(epoch=epoch, num_experts=num_experts, shard_experts=layout)
     placement.validate()
     return placement
+
+
+def placement_to_dict(placement: Placement) -> dict:
+    """Plain JSON-able form (layer keys become strings in JSON)."""
+    return {"epoch": placement.epoch, "num_experts": placement.num_experts,
+            "shard_experts": {str(layer): [list(x) for x in shards] for layer, shards in placement.shard_experts.items()}}
+
+
+def placement_from_dict(data: dict) -> Placement:
+    return Placement(epoch=int(data["epoch"]), num_experts=int(data["num_experts"]),
+                     shard_experts={int(layer): tuple(tuple(x) for x in shards)
+                                    for layer, shards in data["shard_experts"].items()})

@@ -1,0 +1,158 @@
+"""The controller's state store: one interface, two implementations — in memory (the embedded
+default) and Redis. It holds the placement epoch (changed only by compare-and-set on a
+generation, so two controllers can never both commit), membership with heartbeats and TTLs,
+the expert-load window and a decision log. Time arrives as an argument (`now`), so behaviour is
+testable without sleeping."""
+
+import json
+import threading
+from typing import Protocol
+
+from moefleet.cluster.placement import Placement, placement_from_dict, placement_to_dict
+
+
+class StateStore(Protocol):
+    def epoch(self) -> tuple[int, Placement | None]:
+        """(generation, placement); generation 0 and None before the first commit."""
+        ...
+
+    def commit_epoch(self, expected_generation: int, placement: Placement) -> bool:
+        """Store `placement` if the generation is still `expected_generation` (then it becomes +1)."""
+        ...
+
+    def heartbeat(self, kind: str, member_id: str, info: dict, now: float, ttl_s: float) -> None: ...
+
+    def members(self, kind: str, now: float) -> dict[str, dict]:
+        """Members of `kind` whose last heartbeat is younger than their TTL."""
+        ...
+
+    def remove_member(self, kind: str, member_id: str) -> None: ...
+
+    def put_load(self, load: list[list[int]]) -> None: ...
+
+    def load(self) -> list[list[int]] | None: ...
+
+    def log_decision(self, record: dict) -> None: ...
+
+    def decisions(self, limit: int = 100) -> list[dict]:
+        """Newest first."""
+        ...
+
+
+class InMemoryStore:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._generation, self._placement = 0, None
+        self._members: dict[str, dict[str, tuple[float, dict]]] = {}
+        self._load = None
+        self._decisions: list[dict] = []
+
+    def epoch(self):
+        with self._lock:
+            return self._generation, self._placement
+
+    def commit_epoch(self, expected_generation, placement):
+        with self._lock:
+            if self._generation != expected_generation:
+                return False
+            self._generation, self._placement = expected_generation + 1, placement
+            return True
+
+    def heartbeat(self, kind, member_id, info, now, ttl_s):
+        with self._lock:
+            self._members.setdefault(kind, {})[member_id] = (now + ttl_s, dict(info))
+
+    def members(self, kind, now):
+        with self._lock:
+            return {m: info for m, (expires, info) in self._members.get(kind, {}).items() if expires > now}
+
+    def remove_member(self, kind, member_id):
+        with self._lock:
+            self._members.get(kind, {}).pop(member_id, None)
+
+    def put_load(self, load):
+        with self._lock:
+            self._load = [list(row) for row in load]
+
+    def load(self):
+        with self._lock:
+            return self._load
+
+    def log_decision(self, record):
+        with self._lock:
+            self._decisions.insert(0, dict(record))
+            del self._decisions[10_000:]
+
+    def decisions(self, limit=100):
+        with self._lock:
+            return self._decisions[:limit]
+
+
+class RedisStore:
+    """Keys under `prefix`: epoch (hash: generation, placement), members:<kind> (hash: id ->
+    {expires, info}), load (JSON), decisions (list, newest first, capped)."""
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "moefleet", client=None):
+        import redis
+
+        self.redis = client or redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.prefix = prefix
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def epoch(self):
+        data = self.redis.hgetall(self._key("epoch"))
+        if not data:
+            return 0, None
+        return int(data[b"generation"]), placement_from_dict(json.loads(data[b"placement"]))
+
+    def commit_epoch(self, expected_generation, placement):
+        import redis
+
+        key = self._key("epoch")
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)  # optimistic lock: the transaction fails if anyone commits meanwhile
+                current = pipe.hget(key, "generation")
+                if int(current or 0) != expected_generation:
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                pipe.hset(key, mapping={"generation": expected_generation + 1,
+                                        "placement": json.dumps(placement_to_dict(placement))})
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
+
+    def heartbeat(self, kind, member_id, info, now, ttl_s):
+        self.redis.hset(self._key("members", kind), member_id, json.dumps({"expires": now + ttl_s, "info": info}))
+
+    def members(self, kind, now):
+        out = {}
+        for member_id, raw in self.redis.hgetall(self._key("members", kind)).items():
+            record = json.loads(raw)
+            if record["expires"] > now:
+                out[member_id.decode()] = record["info"]
+        return out
+
+    def remove_member(self, kind, member_id):
+        self.redis.hdel(self._key("members", kind), member_id)
+
+    def put_load(self, load):
+        self.redis.set(self._key("load"), json.dumps([list(map(int, row)) for row in load]))
+
+    def load(self):
+        raw = self.redis.get(self._key("load"))
+        return None if raw is None else json.loads(raw)
+
+    def log_decision(self, record):
+        key = self._key("decisions")
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(key, json.dumps(record))
+            pipe.ltrim(key, 0, 9_999)
+            pipe.execute()
+
+    def decisions(self, limit=100):
+        return [json.loads(raw) for raw in self.redis.lrange(self._key("decisions"), 0, limit - 1)]

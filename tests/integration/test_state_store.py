@@ -1,0 +1,84 @@
+"""The state store contract, run against the in-memory store and a real redis-server."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from moefleet.cluster.placement import round_robin_placement
+from moefleet.cluster.state_store import InMemoryStore, RedisStore
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A redis-server of our own on a free port (CI installs the Debian package)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is required (Debian package redis-server; .ci/run installs it)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return InMemoryStore()
+    url = request.getfixturevalue("redis_url")
+    return RedisStore(url, prefix=f"test-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def test_epoch_compare_and_set(store):
+    assert store.epoch() == (0, None)
+    first = round_robin_placement([0, 1], 8, 2)
+    assert store.commit_epoch(0, first)
+    assert not store.commit_epoch(0, round_robin_placement([0, 1], 8, 4, epoch=1))  # a stale controller loses
+    generation, placement = store.epoch()
+    assert generation == 1 and placement == first
+    second = round_robin_placement([0, 1], 8, 4, epoch=1)
+    assert store.commit_epoch(1, second) and store.epoch() == (2, second)
+
+
+def test_membership_heartbeats_expire(store):
+    store.heartbeat("shard", "s0", {"node": "a"}, now=100.0, ttl_s=5)
+    store.heartbeat("shard", "s1", {"node": "b"}, now=103.0, ttl_s=5)
+    assert store.members("shard", now=104.0) == {"s0": {"node": "a"}, "s1": {"node": "b"}}
+    assert store.members("shard", now=106.0) == {"s1": {"node": "b"}}  # s0 missed its heartbeat
+    store.remove_member("shard", "s1")
+    assert store.members("shard", now=106.0) == {} and store.members("replica", now=0) == {}
+
+
+def test_load_window_and_decision_log(store):
+    assert store.load() is None
+    store.put_load([[1, 2, 3], [4, 5, 6]])
+    assert store.load() == [[1, 2, 3], [4, 5, 6]]
+    for i in range(5):
+        store.log_decision({"action": "rebalance", "i": i})
+    assert [d["i"] for d in store.decisions(limit=3)] == [4, 3, 2]
+
+
+def test_two_stores_on_one_redis_see_one_epoch(redis_url):
+    a, b = RedisStore(redis_url, prefix="shared-epoch"), RedisStore(redis_url, prefix="shared-epoch")
+    a.redis.delete("shared-epoch:epoch")
+    assert a.commit_epoch(0, round_robin_placement([0], 4, 2))
+    assert not b.commit_epoch(0, round_robin_placement([0], 4, 1))
+    assert b.epoch()[0] == 1  # a restarted controller recovers the epoch from Redis
