@@ -68,3 +68,28 @@ def test_bad_token_is_401(replica):
         assert good.completions.create(model="mixtral-tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
     finally:
         gw.stop(grace_s=1)
+
+
+def test_overloaded_is_429_with_retry_after_and_draining_is_503(model_dir):
+    from moefleet.actors.replica import Replica
+    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from tests.integration.conftest import start_gateway
+
+    r = Replica("replica-h", {"model": model_dir("olmoe"), "kv_cache_blocks": 64, "num_threads": 1}, max_waiting=1)
+    gw, _, http_port = start_gateway([LocalReplicaHandle(r)])
+    try:
+        base = f"http://127.0.0.1:{http_port}/v1"
+        client = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+        holder = client.completions.create(model="mixtral-tiny", prompt="hold", max_tokens=300, stream=True)
+        next(iter(holder))  # one request in flight fills the replica (max_waiting=1)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.completions.create(model="mixtral-tiny", prompt="x", max_tokens=2)
+        assert info.value.response.headers["Retry-After"] == "1"
+        holder.close()
+        r.drain()
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model="mixtral-tiny", prompt="x", max_tokens=2)
+        assert info.value.status_code == 503 and "draining" in info.value.message
+    finally:
+        gw.stop(grace_s=1)
+        r.shutdown()
