@@ -2,12 +2,16 @@
 A plain class; `remote_replica_class()` applies the Ray shell (an async actor, so many requests
 stream through it at once)."""
 
+import asyncio
+import math
 import os
 
 from moefleet.cluster.async_engine import AsyncEngine, Delta
 from moefleet.cluster.config import EngineConfig
 from moefleet.cluster.engine import LLMEngine
 from moefleet.cluster.errors import InvalidRequestError
+from moefleet.cluster.placement import Placement, round_robin_placement
+from moefleet.cluster.placement_planner import PlacementLimits, plan_placement
 from moefleet.cluster.sampling_params import SamplingParams
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop",
@@ -103,6 +107,40 @@ class Replica:
         from moefleet.cluster.metrics import render_prometheus
 
         return render_prometheus(self.engine.engine, {"replica": self.replica_id})
+
+    async def change_placement(self, placement: Placement) -> int:
+        """The epoch protocol on this replica: prepare the new shards while serving, commit at a
+        step boundary, then retire the old shards. Returns the new epoch."""
+        loop = asyncio.get_running_loop()
+        backend = await loop.run_in_executor(None, self.engine.engine.prepare_placement, placement)
+        committed = loop.create_future()
+
+        def commit(engine):
+            old = engine.commit_placement(placement, backend)
+            loop.call_soon_threadsafe(committed.set_result, old)
+
+        self.engine.call_between_steps(commit)
+        old = await committed
+        await loop.run_in_executor(None, old.close)
+        return placement.epoch
+
+    async def scale_shards(self, num_shards: int) -> int:
+        if not isinstance(num_shards, int) or num_shards < 1:
+            raise InvalidRequestError("shards", f"must be an integer >= 1, got {num_shards!r}")
+        engine = self.engine.engine
+        placement = round_robin_placement(engine.spec.moe_layer_indices, engine.spec.moe.num_experts, num_shards,
+                                          epoch=engine.placement.epoch + 1)
+        return await self.change_placement(placement)
+
+    async def rebalance(self) -> int:
+        """Re-plan the current shards by the observed load (hot experts get a second copy in the
+        spare slot each shard keeps)."""
+        engine = self.engine.engine
+        shards, experts = engine.placement.num_shards, engine.spec.moe.num_experts
+        spare = 1 if shards > 1 else 0
+        limits = PlacementLimits(slots_per_shard=(math.ceil(experts / shards) + spare,) * shards)
+        placement = plan_placement(engine.load.window(), engine.placement, engine.spec.moe_layer_indices, limits)
+        return await self.change_placement(placement)
 
     def drain(self) -> None:
         """Take no new requests; those in flight finish."""

@@ -16,7 +16,7 @@ from moefleet.cluster.expert_backend import build_expert_backend
 from moefleet.cluster.load_counters import ExpertLoadCounters
 from moefleet.cluster.model_runner import ModelRunner
 from moefleet.cluster.outputs import CompletionOutput, RequestOutput
-from moefleet.cluster.placement import round_robin_placement
+from moefleet.cluster.placement import Placement, round_robin_placement
 from moefleet.cluster.sampler import sample
 from moefleet.cluster.sampling_params import SamplingParams
 from moefleet.cluster.scheduler import Scheduler
@@ -38,6 +38,7 @@ class LLMEngine:
         reader = CheckpointReader(config.model, spec, _DTYPES[config.dtype])
         self.placement = round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts,
                                                max(1, config.expert_shards), config.replicate_experts)
+        self.reader = reader
         self.experts = build_expert_backend(config, reader, self.placement)
         # Default: the cores that shard actors on this node leave free. Oversubscribed torch
         # threads wait on each other: a 15 ms forward became 70-1,100 ms beside a busy process.
@@ -107,6 +108,22 @@ class LLMEngine:
         self.scheduler.finish(seq)
         seq.finish_reason = "abort"
         return True
+
+    # ----- placement epochs (prepare while serving, commit between steps, then retire) -----
+    def prepare_placement(self, placement: Placement):
+        """Start the shards `placement` needs and load their experts; the current epoch keeps
+        serving meanwhile (call from any thread)."""
+        return build_expert_backend(self.config, self.reader, placement)
+
+    def commit_placement(self, placement: Placement, backend):
+        """Switch to the prepared epoch. Call only between steps (on the engine thread): a step
+        always finishes on the epoch it started with. Returns the old backend, to retire."""
+        old = self.experts
+        self.dispatcher.set_placement(placement)
+        self.dispatcher.transport = backend.transport
+        self.placement, self.experts = placement, backend
+        self.runner.overlap = self.config.overlap_microbatches and backend.transport.max_in_flight >= 2
+        return old
 
     def close(self) -> None:
         """Stop remote shards (if any) and free the transport."""

@@ -36,8 +36,13 @@ class ExpertBackend:
             self.actors = []
 
 
+def uses_remote_shards(config: EngineConfig) -> bool:
+    return config.expert_shards > 0 and config.transport != "local"
+
+
 def build_expert_backend(config: EngineConfig, reader, placement: Placement) -> ExpertBackend:
-    if config.expert_shards == 0 or config.transport == "local":
+    """Shards for `placement` (one per placement shard), each loading only its experts."""
+    if not uses_remote_shards(config):
         shards = [ExpertShard.from_checkpoint(i, reader, placement.experts_of_shard(i)) for i in range(placement.num_shards)]
         return ExpertBackend(InProcessTransport(shards), "local", local_shards=shards)
     import ray

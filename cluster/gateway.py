@@ -16,8 +16,9 @@ from moefleet.v1 import admin_pb2
 
 
 class GatewayAdmin:
-    """The Admin API's operations. Placement changes (shard scaling, rebalancing) need the
-    elastic controller, which is not built yet; they answer UNIMPLEMENTED and say so."""
+    """The Admin API's operations. Shard scaling and rebalancing run the epoch protocol on each
+    replica (prepare while serving, commit between steps, retire); the autoscaler is not built
+    yet, so its policy calls answer UNIMPLEMENTED and say so."""
 
     def __init__(self, gateway):
         self.gateway = gateway
@@ -53,12 +54,15 @@ class GatewayAdmin:
         return admin_pb2.OperationResult(accepted=True, message=f"replica {request.replica_id} is draining")
 
     async def ScaleShards(self, request):  # noqa: N802
-        if request.shards < 0:
-            raise InvalidRequestError("shards", f"must be >= 0, got {request.shards}")
-        raise NotImplementedError("ScaleShards needs the elastic controller (placement epochs), not built yet")
+        if request.shards < 1:
+            raise InvalidRequestError("shards", f"must be >= 1, got {request.shards}")
+        epochs = await asyncio.gather(*(h.call("scale_shards", request.shards) for h in self.gateway.pool.handles.values()))
+        return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards per replica; "
+                                                                f"placement epochs {sorted(set(epochs))}")
 
     async def Rebalance(self, request):  # noqa: N802
-        raise NotImplementedError("Rebalance needs the elastic controller (placement planner), not built yet")
+        epochs = await asyncio.gather(*(h.call("rebalance") for h in self.gateway.pool.handles.values()))
+        return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epochs {sorted(set(epochs))}")
 
     async def GetAutoscalingPolicy(self, request):  # noqa: N802
         raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy")

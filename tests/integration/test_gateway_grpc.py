@@ -100,15 +100,23 @@ def test_health_reflection_and_admin(gateway, client, replica):
             admin.GetClusterState(admin_pb2.GetClusterStateRequest(), metadata=metadata)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     good = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    client.generate("load the experts", max_tokens=2)
     state = admin.GetClusterState(admin_pb2.GetClusterStateRequest(), metadata=good)
     assert state.model == "mixtral-tiny" and state.replicas[0].replica_id == "replica-0"
     assert len(state.replicas[0].expert_load) == 4 and sum(state.replicas[0].expert_load[0].tokens) > 0
     for call, request in ((admin.GetAutoscalingPolicy, admin_pb2.GetAutoscalingPolicyRequest()),
-                          (admin.SetAutoscalingPolicy, admin_pb2.AutoscalingPolicy(yaml="x: 1")),
-                          (admin.ScaleShards, admin_pb2.ScaleShardsRequest(shards=2))):
+                          (admin.SetAutoscalingPolicy, admin_pb2.AutoscalingPolicy(yaml="x: 1"))):
         with pytest.raises(grpc.RpcError) as info:
             call(request, metadata=good)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not built yet" in info.value.details()
+    epoch = state.placement_epoch
+    assert admin.ScaleShards(admin_pb2.ScaleShardsRequest(shards=2), metadata=good).accepted
+    assert admin.Rebalance(admin_pb2.RebalanceRequest(), metadata=good).accepted
+    after = admin.GetClusterState(admin_pb2.GetClusterStateRequest(), metadata=good)
+    assert after.placement_epoch == epoch + 2 and len(after.replicas[0].shards) == 2
+    with pytest.raises(grpc.RpcError) as info:
+        admin.ScaleShards(admin_pb2.ScaleShardsRequest(shards=0), metadata=good)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "shards" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         admin.Drain(admin_pb2.DrainRequest(replica_id="nope"), metadata=good)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "replica_id" in info.value.details()

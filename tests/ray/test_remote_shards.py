@@ -77,3 +77,43 @@ def test_shard_that_raises_names_itself(transport, remote_llm):
         llm.generate("hello", GREEDY)
     # the shard itself is alive: the next request succeeds
     assert len(llm.generate("hello", GREEDY)[0].outputs[0].token_ids) == 16
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["actor", "compiled_graph"])
+def test_remote_shards_rescale_while_serving(transport, ray_cluster, model_dir, engines):
+    import asyncio
+
+    from moefleet.actors.replica import Replica
+
+    sampling = {"temperature": 0, "max_tokens": 800, "ignore_eos": True}  # long enough to outlast the new shards starting
+    static = engines("mixtral")
+    prompts = random_prompts(static.engine.spec.vocab_size, (9, 31), seed=41)
+    expected = [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                 SamplingParams(**sampling))]
+    replica = Replica("remote-live", {"model": model_dir("mixtral"), "kv_cache_blocks": 128, "num_threads": 1,
+                                      "expert_shards": 2, "transport": transport, "shard_timeout_s": 30})
+    old_actors = list(replica.engine.engine.experts.actors)
+
+    async def run():
+        async def collect(p):
+            tokens = []
+            async for delta in replica.generate_stream({"prompt_token_ids": p, "sampling": sampling}):
+                tokens += delta.token_ids
+            return tokens
+
+        tasks = [asyncio.create_task(collect(p)) for p in prompts]
+        await asyncio.sleep(0.1)
+        epoch = await replica.scale_shards(3)
+        assert not all(t.done() for t in tasks)
+        return await asyncio.gather(*tasks), epoch
+
+    try:
+        outputs, epoch = asyncio.run(run())
+        assert outputs == expected and epoch == 1
+        assert len(replica.engine.engine.experts.actors) == 3
+        for actor in old_actors:  # retired: the old epoch's shards are gone
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(actor.info.remote(), timeout=30)
+    finally:
+        replica.shutdown()
