@@ -5,14 +5,17 @@ input fails at once with InvalidRequestError."""
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from moefleet.cluster.engine import LLMEngine
-from moefleet.cluster.errors import DrainingError, OverloadedError, RequestAbortedError
+from moefleet.cluster.errors import DrainingError, OverloadedError, RequestAbortedError, ShardUnavailableError
 from moefleet.cluster.sampling_params import SamplingParams
 from moefleet.cluster.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,8 +138,8 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 continue
             try:
-                updated = self.engine.step()
-            except Exception as error:  # the step failed (e.g. a shard died): fail its requests, keep serving
+                updated = self._step_with_recovery()
+            except Exception as error:  # the step failed for good: fail its requests, keep serving
                 self._fail_all(error)
                 continue
             for seq in updated:
@@ -147,6 +150,19 @@ class AsyncEngine:
                         with self._lock:
                             self._streams.pop(seq.request_id, None)
         self._fail_all(DrainingError("engine stopped"))
+
+    def _step_with_recovery(self):
+        """A step whose shard was lost is retried on fresh shards (requests see no difference)."""
+        attempts = self.engine.config.shard_recovery_attempts
+        while True:
+            try:
+                return self.engine.step()
+            except ShardUnavailableError as error:
+                if attempts <= 0:
+                    raise
+                attempts -= 1
+                log.warning("%s: replacing the shards and retrying the step", error)
+                self.engine.replace_shards()
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:

@@ -125,6 +125,14 @@ class LLMEngine:
         self.runner.overlap = self.config.overlap_microbatches and backend.transport.max_in_flight >= 2
         return old
 
+    def replace_shards(self) -> None:
+        """After a shard was lost: start fresh shards for the same placement (next epoch), each
+        loading its experts from the checkpoint, and stop the old ones. The failed step changed
+        no sequence state, so it can simply run again."""
+        placement = Placement(self.placement.epoch + 1, self.placement.num_experts, self.placement.shard_experts)
+        old = self.commit_placement(placement, self.prepare_placement(placement))
+        old.close()
+
     def close(self) -> None:
         """Stop remote shards (if any) and free the transport."""
         self.experts.close()

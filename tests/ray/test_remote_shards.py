@@ -117,3 +117,37 @@ def test_remote_shards_rescale_while_serving(transport, ray_cluster, model_dir, 
                 ray.get(actor.info.remote(), timeout=30)
     finally:
         replica.shutdown()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["actor", "compiled_graph"])
+def test_lost_shard_is_replaced_and_requests_finish_unchanged(transport, ray_cluster, model_dir, engines):
+    import asyncio
+
+    from moefleet.actors.replica import Replica
+
+    sampling = {"temperature": 0, "max_tokens": 200, "ignore_eos": True}
+    static = engines("qwen3_moe")
+    prompts = random_prompts(static.engine.spec.vocab_size, (6, 25), seed=51)
+    expected = [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                 SamplingParams(**sampling))]
+    replica = Replica("recovering", {"model": model_dir("qwen3_moe"), "kv_cache_blocks": 128, "num_threads": 1,
+                                     "expert_shards": 2, "transport": transport, "shard_timeout_s": 10})
+
+    async def run():
+        async def collect(p):
+            tokens = []
+            async for delta in replica.generate_stream({"prompt_token_ids": p, "sampling": sampling}):
+                tokens += delta.token_ids
+            return tokens
+
+        tasks = [asyncio.create_task(collect(p)) for p in prompts]
+        await asyncio.sleep(0.3)
+        ray.kill(replica.engine.engine.experts.actors[1])  # a shard is lost mid-generation
+        return await asyncio.gather(*tasks)
+
+    try:
+        assert asyncio.run(run()) == expected
+        assert replica.engine.engine.placement.epoch == 1  # served on replacement shards
+    finally:
+        replica.shutdown()
