@@ -40,3 +40,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/engine_throughput.py
 	$(VENV)/bin/python benchmarks/distributed_overhead.py
 	$(VENV)/bin/python benchmarks/gateway.py
+	$(VENV)/bin/python benchmarks/elasticity.py

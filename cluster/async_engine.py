@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -54,6 +56,7 @@ class AsyncEngine:
         self._calls: list = []  # functions to run on the engine thread between steps
         self._streams: dict[str, _Stream] = {}
         self.draining = False
+        self.step_log: deque[tuple[float, float, int]] = deque(maxlen=100_000)  # (end time, seconds, tokens out)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="moefleet-engine", daemon=True)
         self._thread.start()
@@ -137,11 +140,14 @@ class AsyncEngine:
                 fn(self.engine)
             if not self.engine.has_unfinished():
                 continue
+            started = time.perf_counter()
             try:
                 updated = self._step_with_recovery()
             except Exception as error:  # the step failed for good: fail its requests, keep serving
                 self._fail_all(error)
                 continue
+            ended = time.perf_counter()
+            self.step_log.append((ended, ended - started, len(updated)))
             for seq in updated:
                 stream = self._streams.get(seq.request_id)
                 if stream is not None:
