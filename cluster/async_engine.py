@@ -131,8 +131,7 @@ class AsyncEngine:
                 for stream in adds:
                     self._streams[stream.seq.request_id] = stream
             for stream in adds:
-                self.engine.requests[stream.seq.request_id] = stream.seq
-                self.engine.scheduler.add(stream.seq)
+                self.engine.admit(stream.seq)
             for request_id in aborts:
                 if self.engine.abort(request_id):
                     self._deliver(self._streams.pop(request_id), RequestAbortedError())

@@ -93,7 +93,10 @@ class LLMEngine:
         return Sequence(request_id or uuid.uuid4().hex, text, token_ids, params)
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
-        seq = self.make_sequence(prompt, params, request_id)
+        return self.admit(self.make_sequence(prompt, params, request_id))
+
+    def admit(self, seq: Sequence) -> Sequence:
+        """Queue a validated sequence (from make_sequence) for scheduling."""
         if seq.request_id in self.requests:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already running")
         self.requests[seq.request_id] = seq

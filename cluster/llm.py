@@ -32,8 +32,7 @@ class LLM:
             raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
         seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, params)]
         for seq in seqs:
-            self.engine.requests[seq.request_id] = seq
-            self.engine.scheduler.add(seq)
+            self.engine.admit(seq)
         try:
             while any(s.finish_reason is None for s in seqs):
                 self.engine.step()

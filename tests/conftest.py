@@ -63,9 +63,12 @@ def random_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture
-def prompts_of():
-    return random_prompts
+async def collect_tokens(replica, prompt_token_ids: list[int], sampling: dict) -> list[int]:
+    """All tokens a Replica streams for one request."""
+    tokens = []
+    async for delta in replica.generate_stream({"prompt_token_ids": prompt_token_ids, "sampling": sampling}):
+        tokens += delta.token_ids
+    return tokens
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -8,7 +8,7 @@ import ray
 
 from moefleet import SamplingParams
 from moefleet.cluster.errors import ShardUnavailableError
-from tests.conftest import random_prompts
+from tests.conftest import collect_tokens, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
 
@@ -96,13 +96,7 @@ def test_remote_shards_rescale_while_serving(transport, ray_cluster, model_dir, 
     old_actors = list(replica.engine.engine.experts.actors)
 
     async def run():
-        async def collect(p):
-            tokens = []
-            async for delta in replica.generate_stream({"prompt_token_ids": p, "sampling": sampling}):
-                tokens += delta.token_ids
-            return tokens
-
-        tasks = [asyncio.create_task(collect(p)) for p in prompts]
+        tasks = [asyncio.create_task(collect_tokens(replica, p, sampling)) for p in prompts]
         await asyncio.sleep(0.1)
         epoch = await replica.scale_shards(3)
         assert not all(t.done() for t in tasks)
@@ -135,13 +129,7 @@ def test_lost_shard_is_replaced_and_requests_finish_unchanged(transport, ray_clu
                                      "expert_shards": 2, "transport": transport, "shard_timeout_s": 10})
 
     async def run():
-        async def collect(p):
-            tokens = []
-            async for delta in replica.generate_stream({"prompt_token_ids": p, "sampling": sampling}):
-                tokens += delta.token_ids
-            return tokens
-
-        tasks = [asyncio.create_task(collect(p)) for p in prompts]
+        tasks = [asyncio.create_task(collect_tokens(replica, p, sampling)) for p in prompts]
         await asyncio.sleep(0.3)
         ray.kill(replica.engine.engine.experts.actors[1])  # a shard is lost mid-generation
         return await asyncio.gather(*tasks)

@@ -4,7 +4,7 @@ every in-flight request finishes with the tokens of a static run."""
 import asyncio
 
 from moefleet import SamplingParams
-from tests.conftest import random_prompts
+from tests.conftest import collect_tokens, random_prompts
 
 GREEDY = {"temperature": 0, "max_tokens": 300, "ignore_eos": True}
 
@@ -20,13 +20,7 @@ def test_scale_and_rebalance_while_serving_keep_tokens_identical(model_dir, engi
                                "expert_shards": 1, "transport": "local"})
 
     async def run():
-        async def collect(p):
-            tokens = []
-            async for delta in replica.generate_stream({"prompt_token_ids": p, "sampling": GREEDY}):
-                tokens += delta.token_ids
-            return tokens
-
-        tasks = [asyncio.create_task(collect(p)) for p in prompts]
+        tasks = [asyncio.create_task(collect_tokens(replica, p, GREEDY)) for p in prompts]
         epochs = []
         for change in (lambda: replica.scale_shards(2), lambda: replica.scale_shards(4), replica.rebalance,
                        lambda: replica.scale_shards(3)):
