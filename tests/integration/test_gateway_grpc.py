@@ -167,9 +167,17 @@ def test_tls(replica, tmp_path):
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
                    check=True, capture_output=True)
     tls = (cert.read_bytes(), key.read_bytes())
-    gw, port, _ = start_gateway([LocalReplicaHandle(replica)], http_port=None, tls=tls, grpc_address="localhost:0")
+    gw, port, http_port = start_gateway([LocalReplicaHandle(replica)], tls=tls, grpc_address="localhost:0",
+                                        http_host="localhost")
     try:
         with Client(f"localhost:{port}", tls_ca=tls[0], timeout=60) as c:
             assert len(c.generate("secure", max_tokens=3).token_ids) == 3
+        import json
+        import ssl
+        import urllib.request
+
+        context = ssl.create_default_context(cadata=tls[0].decode())
+        health = urllib.request.urlopen(f"https://localhost:{http_port}/health", context=context).read()
+        assert json.loads(health)["status"] == "ok"
     finally:
         gw.stop(grace_s=1)
