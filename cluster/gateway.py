@@ -83,7 +83,6 @@ class Gateway:
         self.health = None
         self._model_info = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.requests_total: dict[str, int] = {}
 
     # ----- used by the servers -----
     def check_accepting(self) -> None:
