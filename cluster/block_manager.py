@@ -29,15 +29,14 @@ class BlockManager:
     def _chain(previous: int | None, tokens: list[int]) -> int:
         return hash((previous, tuple(tokens)))
 
-    def _take(self, block: int | None = None) -> int:
-        if block is None:
-            block, _ = self.free.popitem(last=False)
-        else:
-            del self.free[block]
+    def _take_new(self) -> int:
+        """The least recently freed block; a prefix-cache entry it still carried is forgotten."""
+        block, _ = self.free.popitem(last=False)
         old = self.block_hash[block]
-        if old is not None and self.cached.get(old) == block and self.ref_count[block] == 0:
+        if old is not None and self.cached.get(old) == block:
             del self.cached[old]
-            self.block_hash[block] = None
+        self.block_hash[block] = None
+        self.ref_count[block] = 1
         return block
 
     def _lookup_prefix(self, tokens: list[int]) -> list[int]:
@@ -57,14 +56,13 @@ class BlockManager:
             hits.pop()
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._lookup_prefix(seq.token_ids)
-        reusable_free = sum(1 for b in hits if self.ref_count[b] == 0)
-        return self.blocks_needed(seq.num_tokens) - len(hits) + reusable_free <= self.num_free_blocks
-
-    def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> None:
-        """Blocks for all of seq's current tokens; prefix-cache hits are shared."""
+    def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> bool:
+        """Blocks for all of seq's current tokens; prefix-cache hits are shared. Returns False,
+        changing nothing, when the free blocks do not suffice (the prompt is hashed once)."""
         hits = self._lookup_prefix(seq.token_ids) if use_prefix_cache else []
+        reusable_free = sum(1 for b in hits if self.ref_count[b] == 0)
+        if self.blocks_needed(seq.num_tokens) - len(hits) + reusable_free > self.num_free_blocks:
+            return False
         for block in hits:
             if self.ref_count[block] == 0:
                 del self.free[block]
@@ -72,11 +70,7 @@ class BlockManager:
         seq.block_table = hits + [self._take_new() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
         seq.block_hashes = []
         seq.num_computed_tokens = len(hits) * self.block_size
-
-    def _take_new(self) -> int:
-        block = self._take()
-        self.ref_count[block] = 1
-        return block
+        return True
 
     def can_append(self, seq: Sequence) -> bool:
         return self.blocks_needed(seq.num_tokens) <= len(seq.block_table) or self.num_free_blocks > 0

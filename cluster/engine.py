@@ -54,11 +54,7 @@ class LLMEngine:
             1, int(config.kv_cache_gib * 2**30) // ModelRunner.kv_bytes_per_block(spec, config.block_size, reader.dtype))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        overlap = config.overlap_microbatches and self.experts.transport.max_in_flight >= 2
-        if config.overlap_microbatches and not overlap:
-            log.warning("overlap_microbatches needs two transport sends in flight; %s allows one: running without",
-                        self.experts.kind)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, overlap)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self._overlap_for(self.experts))
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -125,8 +121,18 @@ class LLMEngine:
         self.dispatcher.set_placement(placement)
         self.dispatcher.transport = backend.transport
         self.placement, self.experts = placement, backend
-        self.runner.overlap = self.config.overlap_microbatches and backend.transport.max_in_flight >= 2
+        self.runner.overlap = self._overlap_for(backend)
         return old
+
+    def _overlap_for(self, backend) -> bool:
+        """Micro-batch overlap as configured, where the transport allows two sends in flight."""
+        if not self.config.overlap_microbatches:
+            return False
+        if backend.transport.max_in_flight < 2:
+            log.warning("overlap_microbatches needs two transport sends in flight; %s allows one: running without",
+                        backend.kind)
+            return False
+        return True
 
     def replace_shards(self) -> None:
         """After a shard was lost: start fresh shards for the same placement (next epoch), each
@@ -153,7 +159,8 @@ class LLMEngine:
             raise RuntimeError("prompt_logits needs an idle engine")
         try:
             for seq in seqs:
-                self.blocks.allocate(seq, use_prefix_cache=False)  # every position is computed
+                if not self.blocks.allocate(seq, use_prefix_cache=False):  # every position is computed
+                    raise RuntimeError(f"prompt_logits: {len(prompts)} prompts need more KV blocks than are free")
             chunks = [ScheduledChunk(seq, seq.num_tokens) for seq in seqs]
             logits = self.runner.run(chunks, all_rows=True)
         finally:

@@ -77,6 +77,10 @@ def _stop_reason(delta) -> str:
     return "" if delta.stop_reason is None else str(delta.stop_reason)
 
 
+def _authorization(context) -> str | None:
+    return dict(context.invocation_metadata()).get("authorization")
+
+
 async def _abort(context, error: BaseException):
     code, _, _, message = classify(error)
     hint = retry_after_s(error)
@@ -92,7 +96,7 @@ class InferenceService:
     async def _begin(self, request, context) -> dict:
         if isinstance(request, _Malformed):
             raise InvalidRequestError("request", f"not a valid GenerateRequest ({request.error}); strings must be UTF-8")
-        self.gateway.auth.check_inference(dict(context.invocation_metadata()).get("authorization"))
+        self.gateway.auth.check_inference(_authorization(context))
         self.gateway.check_accepting()
         return request_dict(request, self.gateway.model_id)
 
@@ -131,7 +135,7 @@ class InferenceService:
         try:
             if isinstance(request, _Malformed):
                 raise InvalidRequestError("request", f"not a valid TokenizeRequest ({request.error})")
-            self.gateway.auth.check_inference(dict(context.invocation_metadata()).get("authorization"))
+            self.gateway.auth.check_inference(_authorization(context))
             if request.model and request.model != self.gateway.model_id:
                 raise ModelNotFoundError(request.model, [self.gateway.model_id])
             ids = await self.gateway.pool.any().call("tokenize", request.text)
@@ -141,7 +145,7 @@ class InferenceService:
 
     async def ListModels(self, request, context):  # noqa: N802
         try:
-            self.gateway.auth.check_inference(dict(context.invocation_metadata()).get("authorization"))
+            self.gateway.auth.check_inference(_authorization(context))
             info = await self.gateway.model_info()
             return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelInfo(**info)])
         except Exception as error:
@@ -159,7 +163,7 @@ class AdminService:
             try:
                 if isinstance(request, _Malformed):
                     raise InvalidRequestError("request", f"not a valid {name} request ({request.error})")
-                self.gateway.auth.check_admin(dict(context.invocation_metadata()).get("authorization"))
+                self.gateway.auth.check_admin(_authorization(context))
                 return await operation(request)
             except NotImplementedError as e:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(e))

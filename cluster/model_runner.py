@@ -42,7 +42,7 @@ class ModelRunner:
         prefill_parts = []
         q_start = num_decodes
         for c in chunks[num_decodes:]:
-            start, end = c.seq.num_computed_tokens, c.seq.num_computed_tokens + c.num_tokens
+            end = c.seq.num_computed_tokens + c.num_tokens
             prefill_parts.append((q_start, c.num_tokens, end, torch.tensor(self._slots(c.seq.block_table, 0, end))))
             q_start += c.num_tokens
         batches = {}
@@ -93,7 +93,7 @@ class ModelRunner:
         for i, c in enumerate(chunks):
             running += c.num_tokens
             if 2 * running >= total:
-                cut = min(max(i + 1, 1), len(chunks) - 1)
+                cut = min(i + 1, len(chunks) - 1)  # both halves keep at least one chunk
                 return [chunks[:cut], chunks[cut:]]
         return [chunks]
 

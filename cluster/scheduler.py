@@ -64,14 +64,13 @@ class Scheduler:
                 budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if not self.blocks.allocate(seq):
                 if not self.running and not decodes and not prefills:
                     raise RuntimeError(
                         f"request {seq.request_id} needs {self.blocks.blocks_needed(seq.num_tokens)} KV blocks but the "
                         f"cache has only {self.blocks.num_blocks}; raise kv_cache_blocks or shorten the prompt")
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)
             if not seq.output_token_ids:  # first admission, not a re-prefill after preemption
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
