@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from moefleet.cluster.engine import LLMEngine
-from moefleet.cluster.errors import DrainingError, OverloadedError, RequestAbortedError, ShardUnavailableError
+from moefleet.cluster.errors import (DrainingError, InvalidRequestError, OverloadedError, RequestAbortedError,
+                                     ShardUnavailableError)
 from moefleet.cluster.sampling_params import SamplingParams
 from moefleet.cluster.sequence import Sequence
 
@@ -81,8 +82,8 @@ class AsyncEngine:
         seq = self.engine.make_sequence(prompt, params, request_id or f"req-{next(self._ids)}")
         stream = _Stream(seq, asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            if seq.request_id in self._streams:
-                raise DrainingError(f"request_id {seq.request_id!r} is already in flight")
+            if seq.request_id in self._streams or any(a.seq.request_id == seq.request_id for a in self._adds):
+                raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
             self._adds.append(stream)
             self._lock.notify()
         finished = False

@@ -181,3 +181,12 @@ def test_tls(replica, tmp_path):
         assert json.loads(health)["status"] == "ok"
     finally:
         gw.stop(grace_s=1)
+
+
+def test_duplicate_request_id_is_invalid_argument(client):
+    first = client.generate_stream("first", request_id="same-id", temperature=0, max_tokens=200, ignore_eos=True)
+    next(first)
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate("second", request_id="same-id", max_tokens=2)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in info.value.details()
+    first.cancel()
