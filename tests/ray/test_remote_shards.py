@@ -9,6 +9,7 @@ import ray
 from moefleet import SamplingParams
 from moefleet.cluster.errors import ShardUnavailableError
 from tests.conftest import collect_tokens, random_prompts
+from tests.ray.conftest import head_pinned
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
 
@@ -46,6 +47,8 @@ def test_shards_load_only_their_experts_and_sit_on_their_nodes(remote_llm, engin
     assert [i["nbytes"] for i in info] == [total // 2, total // 2]
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     assert "node_a" in nodes[info[0]["node_id"]] and "node_b" in nodes[info[1]["node_id"]]
+    spread = remote_llm("mixtral", expert_shards=2, transport="auto", shard_resources=[{"node_a": 1}, {"node_b": 1}])
+    assert spread.engine.experts.kind == "actor"  # auto avoids compiled graphs across nodes
     llm.generate("count my traffic", GREEDY)
     traffic = llm.engine.experts.transport.traffic
     assert traffic.local == [False, False]  # the driver runs on the head node
@@ -92,7 +95,8 @@ def test_remote_shards_rescale_while_serving(transport, ray_cluster, model_dir, 
     expected = [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
                                                                  SamplingParams(**sampling))]
     replica = Replica("remote-live", {"model": model_dir("mixtral"), "kv_cache_blocks": 128, "num_threads": 1,
-                                      "expert_shards": 2, "transport": transport, "shard_timeout_s": 30})
+                                      "expert_shards": 2, "transport": transport, "shard_timeout_s": 30,
+                                      **head_pinned({"transport": transport})})
     old_actors = list(replica.engine.engine.experts.actors)
 
     async def run():
@@ -126,7 +130,8 @@ def test_lost_shard_is_replaced_and_requests_finish_unchanged(transport, ray_clu
     expected = [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
                                                                  SamplingParams(**sampling))]
     replica = Replica("recovering", {"model": model_dir("qwen3_moe"), "kv_cache_blocks": 128, "num_threads": 1,
-                                     "expert_shards": 2, "transport": transport, "shard_timeout_s": 10})
+                                     "expert_shards": 2, "transport": transport, "shard_timeout_s": 10,
+                                     **head_pinned({"transport": transport})})
 
     async def run():
         tasks = [asyncio.create_task(collect_tokens(replica, p, sampling)) for p in prompts]
