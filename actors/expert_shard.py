@@ -1,44 +1,127 @@
-"""ExpertShard: owns the weights of a set of (layer, expert) slots on one device and computes
+"""ExpertShard: owns the weights of a set of (layer, expert) pairs on one device and computes
 pre-reduced partial sums for the token rows routed to them. A plain class; a Ray shell is
-applied where shards run remotely."""
+applied where shards run remotely.
+
+Placement epochs live here as slot maps over one store of weights: an expert that stays on the
+shard from one epoch to the next is neither reloaded nor copied, a new epoch is staged (its
+missing experts loaded) while the current one serves, and every request names the epoch it was
+planned under, so a step always finishes on the epoch it started with. Retiring old epochs frees
+the experts no kept epoch uses."""
+
+from dataclasses import dataclass
 
 import torch
 
 from moefleet.kernels.expert_ffn import grouped_swiglu
 from moefleet.kernels.linear import Linear
 
+ExpertKey = tuple[int, int]  # (layer, logical expert)
+
+
+@dataclass
+class _LayerSlots:
+    local_slot: torch.Tensor  # [E] local slot of each logical expert, -1 if absent
+    pairs: list[tuple[Linear, Linear]]  # per local slot (gate_up, down)
+
 
 class ExpertShard:
     def __init__(self, shard_id: int, num_experts: int):
         self.shard_id = shard_id
         self.num_experts = num_experts
-        self.experts: dict[int, list[tuple[Linear, Linear]]] = {}  # layer -> per local slot (gate_up, down)
-        self.local_slot: dict[int, torch.Tensor] = {}  # layer -> [E] local slot of each logical expert, -1 if absent
+        self.weights: dict[ExpertKey, tuple[Linear, Linear]] = {}
+        self.epochs: dict[int, dict[int, _LayerSlots]] = {}  # epoch -> MoE layer -> its slots
 
     @classmethod
-    def from_checkpoint(cls, shard_id: int, reader, experts_by_layer: dict[int, tuple[int, ...]]) -> "ExpertShard":
+    def from_checkpoint(cls, shard_id: int, reader, experts_by_layer: dict[int, tuple[int, ...]],
+                        epoch: int = 0) -> "ExpertShard":
         """Load only this shard's experts (memory-mapped reads of just those tensors)."""
         shard = cls(shard_id, reader.spec.moe.num_experts)
-        for layer, experts in experts_by_layer.items():
-            pairs = [reader.expert(layer, e) for e in experts]
-            shard.set_layer(layer, experts, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+        shard.load_missing(reader, experts_by_layer)
+        shard.install_epoch(epoch, experts_by_layer)
         return shard
 
-    def set_layer(self, layer: int, experts: tuple[int, ...], w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """experts: logical ids of the slots; w13 [S, 2I, D], w2 [S, D, I] in checkpoint layout."""
-        slots = torch.full((self.num_experts,), -1, dtype=torch.long)
-        slots[list(experts)] = torch.arange(len(experts))
-        self.local_slot[layer] = slots
-        self.experts[layer] = [(Linear(w13[i]), Linear(w2[i])) for i in range(len(experts))]
+    # ----- weights -----
+    def missing(self, experts_by_layer: dict[int, tuple[int, ...]]) -> list[ExpertKey]:
+        return [(layer, e) for layer, experts in experts_by_layer.items() for e in experts
+                if (layer, e) not in self.weights]
 
-    def compute(self, layer: int, rows: torch.Tensor, row_index: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def load_missing(self, reader, experts_by_layer: dict[int, tuple[int, ...]]) -> int:
+        """Read from the checkpoint the experts of `experts_by_layer` this shard lacks; returns how many."""
+        keys = self.missing(experts_by_layer)
+        for layer, e in keys:
+            self.put_expert(layer, e, *reader.expert(layer, e))
+        return len(keys)
+
+    def put_expert(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """w13 [2I, D], w2 [D, I] in checkpoint layout."""
+        self.weights[(layer, expert)] = (Linear(w13), Linear(w2))
+
+    def export_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert's weights in checkpoint layout, for a peer shard to take over."""
+        gate_up, down = self.weights[(layer, expert)]
+        return gate_up.dense_weight(), down.dense_weight()
+
+    # ----- epochs -----
+    def install_epoch(self, epoch: int, experts_by_layer: dict[int, tuple[int, ...]]) -> None:
+        """Slot maps of `epoch`; every expert must already be loaded (see load_missing/put_expert)."""
+        absent = self.missing(experts_by_layer)
+        if absent:
+            raise KeyError(f"shard {self.shard_id} cannot install epoch {epoch}: (layer, expert) {absent[:8]} not loaded")
+        layers = {}
+        for layer, experts in experts_by_layer.items():
+            slots = torch.full((self.num_experts,), -1, dtype=torch.long)
+            slots[list(experts)] = torch.arange(len(experts))
+            layers[layer] = _LayerSlots(slots, [self.weights[(layer, e)] for e in experts])
+        self.epochs[epoch] = layers
+
+    @property
+    def latest_epoch(self) -> int:
+        return max(self.epochs)
+
+    def retire_before(self, epoch: int) -> int:
+        """Drop the slot maps of epochs older than `epoch` (the newest is always kept) and free the
+        experts that no kept epoch uses; returns how many experts were freed."""
+        keep_from = min(epoch, self.latest_epoch)
+        for old in [e for e in self.epochs if e < keep_from]:
+            del self.epochs[old]
+        used = {(layer, e) for layers in self.epochs.values() for layer, s in layers.items()
+                for e in torch.nonzero(s.local_slot >= 0).flatten().tolist()}
+        unused = [key for key in self.weights if key not in used]
+        for key in unused:
+            del self.weights[key]
+        return len(unused)
+
+    def set_layer(self, layer: int, experts: tuple[int, ...], w13: torch.Tensor, w2: torch.Tensor, epoch: int = 0) -> None:
+        """Test helper: load `experts` of one layer (w13 [S, 2I, D], w2 [S, D, I]) and map them in `epoch`."""
+        for i, e in enumerate(experts):
+            self.put_expert(layer, e, w13[i], w2[i])
+        self.install_epoch(epoch, {**self.experts_of(epoch), layer: tuple(experts)})
+
+    def experts_of(self, epoch: int) -> dict[int, tuple[int, ...]]:
+        """Logical experts per layer in slot order, for `epoch` (empty if unknown)."""
+        out = {}
+        for layer, s in self.epochs.get(epoch, {}).items():
+            held = torch.nonzero(s.local_slot >= 0).flatten()
+            out[layer] = tuple(held[torch.argsort(s.local_slot[held])].tolist())
+        return out
+
+    # ----- compute -----
+    def compute(self, layer: int, rows: torch.Tensor, row_index: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                epoch: int | None = None) -> torch.Tensor:
         """rows [R, D]; row_index, experts (logical ids), weights: [N] one per (token, expert)
-        pair -> [R, D], each row's weighted sum over its pairs' experts."""
-        slots = self.local_slot[layer][experts]
+        pair -> [R, D], each row's weighted sum over its pairs' experts, with the slots of `epoch`
+        (the newest when None)."""
+        layers = self.epochs.get(self.latest_epoch if epoch is None else epoch)
+        if layers is None:
+            raise KeyError(f"shard {self.shard_id} has no epoch {epoch} (holds {sorted(self.epochs)})")
+        slots_of_layer = layers.get(layer)
+        if slots_of_layer is None:
+            raise KeyError(f"shard {self.shard_id} holds no experts of layer {layer} in epoch {epoch}")
+        slots = slots_of_layer.local_slot[experts]
         if bool((slots < 0).any()):
             missing = sorted(set(experts[slots < 0].tolist()))
             raise KeyError(f"shard {self.shard_id} holds no copy of layer {layer} experts {missing}")
-        return grouped_swiglu(rows, row_index, slots, weights, self.experts[layer], rows.shape[0])
+        return grouped_swiglu(rows, row_index, slots, weights, slots_of_layer.pairs, rows.shape[0])
 
     def nbytes(self) -> int:
-        return sum(lin.nbytes for pairs in self.experts.values() for pair in pairs for lin in pair)
+        return sum(lin.nbytes for pair in self.weights.values() for lin in pair)

@@ -3,15 +3,14 @@ A plain class; `remote_replica_class()` applies the Ray shell (an async actor, s
 stream through it at once)."""
 
 import asyncio
-import math
 import os
 
 from moefleet.cluster.async_engine import AsyncEngine, Delta
 from moefleet.cluster.config import EngineConfig
 from moefleet.cluster.engine import LLMEngine
 from moefleet.cluster.errors import InvalidRequestError
-from moefleet.cluster.placement import Placement, round_robin_placement
-from moefleet.cluster.placement_planner import PlacementLimits, plan_placement
+from moefleet.cluster.placement import Placement
+from moefleet.cluster.placement_planner import plan_placement, scale_limits
 from moefleet.cluster.sampling_params import SamplingParams
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop",
@@ -121,24 +120,24 @@ class Replica:
 
         self.engine.call_between_steps(commit)
         old = await committed
-        await loop.run_in_executor(None, old.close)
+        await loop.run_in_executor(None, old.retire, backend, placement.epoch)
         return placement.epoch
 
     async def scale_shards(self, num_shards: int) -> int:
+        """Re-plan onto `num_shards` shards, keeping experts where they are as far as the even
+        slot limits allow (only the experts that move are loaded)."""
         if not isinstance(num_shards, int) or num_shards < 1:
             raise InvalidRequestError("shards", f"must be an integer >= 1, got {num_shards!r}")
-        engine = self.engine.engine
-        placement = round_robin_placement(engine.spec.moe_layer_indices, engine.spec.moe.num_experts, num_shards,
-                                          epoch=engine.placement.epoch + 1)
-        return await self.change_placement(placement)
+        return await self._replan(num_shards, spare_per_shard=0)
 
     async def rebalance(self) -> int:
         """Re-plan the current shards by the observed load (hot experts get a second copy in the
         spare slot each shard keeps)."""
+        return await self._replan(self.engine.engine.placement.num_shards, spare_per_shard=1)
+
+    async def _replan(self, num_shards: int, spare_per_shard: int) -> int:
         engine = self.engine.engine
-        shards, experts = engine.placement.num_shards, engine.spec.moe.num_experts
-        spare = 1 if shards > 1 else 0
-        limits = PlacementLimits(slots_per_shard=(math.ceil(experts / shards) + spare,) * shards)
+        limits = scale_limits(engine.spec.moe.num_experts, num_shards, spare_per_shard)
         placement = plan_placement(engine.load.window(), engine.placement, engine.spec.moe_layer_indices, limits)
         return await self.change_placement(placement)
 

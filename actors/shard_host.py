@@ -24,6 +24,7 @@ class ShardRequest:
     experts: np.ndarray  # [N] int64
     weights: np.ndarray  # [N] float32
     dtype: str  # torch dtype name of rows
+    epoch: int = 0  # placement epoch whose slots answer it
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,11 @@ def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 class ExpertShardHost:
+    """`experts_by_layer` may be empty: a standby shard started ahead of need, which an epoch
+    fills later (process start and imports are most of the cost of adding a shard)."""
+
     def __init__(self, shard_id: int, model_dir: str, dtype: str, experts_by_layer: dict[int, tuple[int, ...]],
-                 num_threads: int = 1):
+                 num_threads: int = 1, epoch: int = 0):
         from moefleet.models.checkpoint import CheckpointReader
         from moefleet.models.spec import load_spec
 
@@ -61,8 +65,9 @@ class ExpertShardHost:
         torch.set_num_threads(num_threads)
         self.shard_id = shard_id
         spec = load_spec(model_dir)
-        reader = CheckpointReader(model_dir, spec, _TORCH_DTYPES[dtype])
-        self.shard = ExpertShard.from_checkpoint(shard_id, reader, experts_by_layer)
+        self.dtype = dtype
+        self.reader = CheckpointReader(model_dir, spec, _TORCH_DTYPES[dtype])
+        self.shard = ExpertShard.from_checkpoint(shard_id, self.reader, experts_by_layer, epoch)
         self.injected_failure: str | None = None
 
     def info(self) -> dict:
@@ -74,7 +79,36 @@ class ExpertShardHost:
         except Exception:  # not inside Ray (unit tests build the host directly)
             pass
         return {"shard": self.shard_id, "pid": os.getpid(), "node_id": node_id, "nbytes": self.shard.nbytes(),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "epochs": sorted(self.shard.epochs)}
+
+    # ----- placement epochs: stage while the current epoch serves, retire after the switch -----
+    def stage(self, epoch: int, experts_by_layer: dict[int, tuple[int, ...]], *from_peers: dict) -> dict:
+        """Make `epoch`'s slots ready: experts handed over by peers (`from_peers`: what their
+        `export` returned) are taken as they are, the rest this shard lacks are read from the
+        checkpoint; experts it already holds are reused in place."""
+        start = time.perf_counter()
+        peers = 0
+        handed_over = {key: value for exported in from_peers for key, value in exported.items()}
+        for (layer, expert), (w13, w2) in handed_over.items():
+            if (layer, expert) not in self.shard.weights:
+                self.shard.put_expert(layer, expert, from_numpy(w13, self.dtype).clone(), from_numpy(w2, self.dtype).clone())
+                peers += 1
+        loaded = self.shard.load_missing(self.reader, experts_by_layer)
+        self.shard.install_epoch(epoch, experts_by_layer)
+        return {"shard": self.shard_id, "epoch": epoch, "from_checkpoint": loaded, "from_peers": peers,
+                "seconds": time.perf_counter() - start}
+
+    def export(self, keys: list[tuple[int, int]]) -> dict:
+        """Weights of (layer, expert) pairs as numpy arrays, for a peer's `stage`."""
+        out = {}
+        for layer, expert in keys:
+            w13, w2 = self.shard.export_expert(layer, expert)
+            out[(layer, expert)] = (to_numpy(w13), to_numpy(w2))
+        return out
+
+    def retire_before(self, epoch: int) -> int:
+        """Forget epochs older than `epoch`; returns how many experts were freed."""
+        return self.shard.retire_before(epoch)
 
     def compute(self, request: ShardRequest | None) -> ShardReply | None:
         """None in (no work for this shard this round) -> None out."""
@@ -88,7 +122,7 @@ class ExpertShardHost:
             with torch.inference_mode():
                 partial = self.shard.compute(request.layer, from_numpy(request.rows, request.dtype),
                                              torch.from_numpy(request.row_index), torch.from_numpy(request.experts),
-                                             torch.from_numpy(request.weights))
+                                             torch.from_numpy(request.weights), request.epoch)
         except Exception as e:
             return ShardReply(None, time.perf_counter() - start, repr(e))
         return ShardReply(to_numpy(partial), time.perf_counter() - start)

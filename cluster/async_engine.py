@@ -168,7 +168,7 @@ class AsyncEngine:
                     raise
                 attempts -= 1
                 log.warning("%s: replacing the shards and retrying the step", error)
-                self.engine.replace_shards()
+                self.engine.replace_shards(error.shard)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:

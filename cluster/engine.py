@@ -12,7 +12,7 @@ from moefleet.cluster.block_manager import BlockManager
 from moefleet.cluster.config import EngineConfig
 from moefleet.cluster.dispatcher import Dispatcher
 from moefleet.cluster.errors import InvalidRequestError
-from moefleet.cluster.expert_backend import build_expert_backend
+from moefleet.cluster.expert_backend import build_expert_backend, prepare_next
 from moefleet.cluster.load_counters import ExpertLoadCounters
 from moefleet.cluster.model_runner import ModelRunner
 from moefleet.cluster.outputs import CompletionOutput, RequestOutput
@@ -109,15 +109,20 @@ class LLMEngine:
         return True
 
     # ----- placement epochs (prepare while serving, commit between steps, then retire) -----
-    def prepare_placement(self, placement: Placement):
-        """Start the shards `placement` needs and load their experts; the current epoch keeps
-        serving meanwhile (call from any thread)."""
-        return build_expert_backend(self.config, self.reader, placement)
+    def prepare_placement(self, placement: Placement, lost: set[int] = frozenset()):
+        """Stage `placement` on the shards (kept shards load only the experts they lack; shards
+        beyond the current count start; `lost` ones are replaced); the current epoch keeps
+        serving meanwhile (call from any thread, one change at a time)."""
+        return prepare_next(self.config, self.reader, self.experts, self.placement, placement, lost)
 
     def commit_placement(self, placement: Placement, backend):
         """Switch to the prepared epoch. Call only between steps (on the engine thread): a step
-        always finishes on the epoch it started with. Returns the old backend, to retire."""
+        always finishes on the epoch it started with. Returns the old backend, to retire with
+        `old.retire(backend, placement.epoch)`."""
         old = self.experts
+        if backend.transport is None:  # a compiled graph over the same actors: the old one goes first
+            old.release_transport()
+            backend.activate()
         self.dispatcher.set_placement(placement)
         self.dispatcher.transport = backend.transport
         self.placement, self.experts = placement, backend
@@ -134,13 +139,15 @@ class LLMEngine:
             return False
         return True
 
-    def replace_shards(self) -> None:
-        """After a shard was lost: start fresh shards for the same placement (next epoch), each
-        loading its experts from the checkpoint, and stop the old ones. The failed step changed
-        no sequence state, so it can simply run again."""
+    def replace_shards(self, lost: int | None) -> None:
+        """After shard `lost` (None: unknown, so all) failed: a fresh shard takes its index in the
+        next epoch, taking its experts from peers that hold copies, else from the checkpoint.
+        The failed step changed no sequence state, so it can simply run again."""
         placement = Placement(self.placement.epoch + 1, self.placement.num_experts, self.placement.shard_experts)
-        old = self.commit_placement(placement, self.prepare_placement(placement))
-        old.close()
+        lost_set = set(range(placement.num_shards)) if lost is None else {lost}
+        backend = self.prepare_placement(placement, lost_set)
+        old = self.commit_placement(placement, backend)
+        old.retire(backend, placement.epoch)
 
     def close(self) -> None:
         """Stop remote shards (if any) and free the transport."""

@@ -98,6 +98,15 @@ def plan_placement(load: np.ndarray, current: Placement | None, moe_layers: list
     return placement
 
 
+def scale_limits(num_experts: int, num_shards: int, spare_per_shard: int = 0) -> PlacementLimits:
+    """Even slot limits for `num_shards` shards: room for every expert plus spare slots, which
+    hold second copies of hot experts."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    spare = spare_per_shard if num_shards > 1 else 0
+    return PlacementLimits(slots_per_shard=(-(-num_experts // num_shards) + spare,) * num_shards)
+
+
 def diff(old: Placement, new: Placement) -> list[ExpertMove]:
     """Loads first (sources are shards of the old epoch that hold the expert), then frees."""
     loads, frees = [], []

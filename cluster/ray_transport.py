@@ -15,7 +15,7 @@ from moefleet.cluster.transport import ShardTraffic, ShardWork
 
 def _request(work: ShardWork) -> ShardRequest:
     return ShardRequest(work.layer, to_numpy(work.rows), work.row_index.numpy(), work.experts.numpy(),
-                        work.weights.float().numpy(), str(work.rows.dtype).removeprefix("torch."))
+                        work.weights.float().numpy(), str(work.rows.dtype).removeprefix("torch."), work.epoch)
 
 
 def _replies_to_tensors(work, requests, replies, traffic: ShardTraffic) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ class ShardWork:
     row_index: torch.Tensor
     experts: torch.Tensor
     weights: torch.Tensor
+    epoch: int = 0  # the placement epoch the step was planned under; shards compute with its slots
 
 
 class ShardTraffic:
@@ -73,7 +74,7 @@ class InProcessTransport:
         out = []
         for w in work:
             start = time.perf_counter()
-            out.append(self.shards[w.shard].compute(w.layer, w.rows, w.row_index, w.experts, w.weights))
+            out.append(self.shards[w.shard].compute(w.layer, w.rows, w.row_index, w.experts, w.weights, w.epoch))
             self.traffic.record(w.shard, 0, 0, time.perf_counter() - start)  # zero copy: no bytes move
         return out
 

@@ -26,6 +26,10 @@ class Linear:
         self.packed = _can_pack(weight)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if self.packed else weight
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight in checkpoint layout [N, K] (unpacked), e.g. to hand an expert to a peer."""
+        return self.weight.to_dense() if self.packed else self.weight
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(x, self.weight, self.bias)

@@ -109,10 +109,12 @@ def test_remote_shards_rescale_while_serving(transport, ray_cluster, model_dir, 
     try:
         outputs, epoch = asyncio.run(run())
         assert outputs == expected and epoch == 1
-        assert len(replica.engine.engine.experts.actors) == 3
-        for actor in old_actors:  # retired: the old epoch's shards are gone
-            with pytest.raises(ray.exceptions.RayActorError):
-                ray.get(actor.info.remote(), timeout=30)
+        actors = replica.engine.engine.experts.actors
+        assert len(actors) == 3 and actors[:2] == old_actors  # in place: the two shards stay, one joins
+        infos = ray.get([a.info.remote() for a in actors], timeout=30)
+        assert [i["epochs"] for i in infos] == [[1]] * 3  # epoch 0 retired everywhere
+        held = replica.engine.engine.placement
+        assert [i["nbytes"] > 0 for i in infos] == [True] * 3 and held.num_shards == 3
     finally:
         replica.shutdown()
 

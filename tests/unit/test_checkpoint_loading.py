@@ -59,7 +59,7 @@ def test_shard_loads_only_its_experts(model_dir):
     shard = ExpertShard.from_checkpoint(1, reader, {0: (1, 5), 2: (3,)})
     w13, w2 = reader.expert(0, 5)
     x = torch.randn(3, spec.hidden_size)
-    gate_up, down = shard.experts[0][1]  # local slot 1 holds expert 5
+    gate_up, down = shard.epochs[0][0].pairs[1]  # local slot 1 holds expert 5
     assert torch.allclose(gate_up(x), x @ w13.t(), atol=1e-5)
     h = torch.randn(3, w2.shape[1])
     assert torch.allclose(down(h), h @ w2.t(), atol=1e-5)

@@ -38,3 +38,39 @@ def test_scale_and_rebalance_while_serving_keep_tokens_identical(model_dir, engi
         assert replica.state()["placement_epoch"] == 4
     finally:
         replica.shutdown()
+
+
+def test_epochs_keep_unchanged_experts_in_place_and_load_only_moves(model_dir):
+    """Scaling 2 -> 3 shards keeps shards 0 and 1 (same objects, same weight objects for experts
+    that stay); only moved experts are taken, from their peer, never re-read."""
+    import torch
+
+    from moefleet.cluster.config import EngineConfig
+    from moefleet.cluster.engine import LLMEngine
+    from moefleet.cluster.placement_planner import plan_placement, scale_limits
+
+    engine = LLMEngine(EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=32, num_threads=1, expert_shards=2,
+                                    transport="local"))
+    layers, experts = engine.spec.moe_layer_indices, engine.spec.moe.num_experts
+    before = [dict(shard.weights) for shard in engine.experts.local_shards]
+    new = plan_placement(engine.load.window(), engine.placement, layers, scale_limits(experts, 3))
+    reads = []
+    original = engine.reader.expert
+    engine.reader.expert = lambda layer, e: reads.append((layer, e)) or original(layer, e)
+    backend = engine.prepare_placement(new)
+    old_shards = engine.experts.local_shards
+    assert backend.local_shards[:2] == old_shards and len(backend.local_shards) == 3
+    assert reads == []  # every expert of the new epoch already lived on some shard: copied from peers
+    for s in range(2):
+        for key in set(before[s]) & set(backend.local_shards[s].weights):
+            assert backend.local_shards[s].weights[key] is before[s][key]  # untouched, not reloaded
+    # both epochs answer until the old one retires; then the experts only it used are freed
+    shard0 = backend.local_shards[0]
+    x, idx = torch.randn(1, engine.spec.hidden_size), torch.tensor([0])
+    gone = [e for e in engine.placement.shard_experts[layers[0]][0] if e not in new.shard_experts[layers[0]][0]]
+    if gone:
+        shard0.compute(layers[0], x, idx, torch.tensor([gone[0]]), torch.tensor([1.0]), epoch=0)
+    old = engine.commit_placement(new, backend)
+    old.retire(backend, new.epoch)
+    assert sorted(shard0.epochs) == [new.epoch]
+    assert set(shard0.weights) == {(layer, e) for layer in layers for e in new.shard_experts[layer][0]}

@@ -1,0 +1,61 @@
+"""Staging a placement epoch on shards while the current one serves: each shard of the new epoch
+gets the experts it lacks — from a peer shard that holds them (handed over through Ray's object
+store, never through the caller) or else from the checkpoint — and installs the new epoch's
+slots. Experts a shard already holds stay where they are, untouched.
+
+Shard indices are identities: index i of the new placement is the same shard as index i of the
+old one unless it is listed in `lost` (then a fresh shard takes its place and it is no source)."""
+
+from collections import defaultdict
+
+from moefleet.cluster.placement import Placement
+from moefleet.cluster.placement_planner import diff
+
+ExpertKey = tuple[int, int]
+
+
+def without_shards(placement: Placement, shards: set[int]) -> Placement:
+    """`placement` with the given shards emptied (their experts can no longer be copied from them)."""
+    return Placement(placement.epoch, placement.num_experts,
+                     {layer: tuple(() if s in shards else experts for s, experts in enumerate(per_shard))
+                      for layer, per_shard in placement.shard_experts.items()})
+
+
+def peer_sources(old: Placement | None, new: Placement, lost: set[int] = frozenset()) -> dict[int, dict[int, list[ExpertKey]]]:
+    """target shard -> source shard -> (layer, expert) pairs to copy from that peer. Experts
+    with no live holder in `old` are absent: the target reads them from the checkpoint."""
+    if old is None:
+        return {}
+    out: dict[int, dict[int, list[ExpertKey]]] = defaultdict(lambda: defaultdict(list))
+    base = without_shards(old, set(lost))
+    for move in diff(base, new):
+        if move.action == "load" and move.source_shard is not None and move.source_shard not in lost:
+            out[move.shard][move.source_shard].append((move.layer, move.expert))
+    return {t: dict(by_source) for t, by_source in out.items()}
+
+
+def stage_remote(old_actors: list, new_actors: list, old: Placement | None, new: Placement, timeout_s: float,
+                 lost: set[int] = frozenset()) -> list[dict]:
+    """Stage `new` on shard actors (new_actors[i] serves index i). Returns each shard's report
+    (experts loaded from the checkpoint and from peers, seconds)."""
+    import ray
+
+    sources = peer_sources(old, new, lost)
+    calls = []
+    for target, actor in enumerate(new_actors):
+        exports = [old_actors[source].export.remote(keys) for source, keys in sources.get(target, {}).items()]
+        calls.append(actor.stage.remote(new.epoch, new.experts_of_shard(target), *exports))
+    return ray.get(calls, timeout=timeout_s)
+
+
+def stage_local(old_shards: list, new_shards: list, reader, old: Placement | None, new: Placement,
+                lost: set[int] = frozenset()) -> None:
+    """The in-process twin: a peer's expert is shared (same weight objects, no copy)."""
+    for target, by_source in peer_sources(old, new, lost).items():
+        for source, keys in by_source.items():
+            for key in keys:
+                new_shards[target].weights.setdefault(key, old_shards[source].weights[key])
+    for target, shard in enumerate(new_shards):
+        experts = new.experts_of_shard(target)
+        shard.load_missing(reader, experts)
+        shard.install_epoch(new.epoch, experts)
