@@ -108,20 +108,46 @@ class Replica:
         return render_prometheus(self.engine.engine, {"replica": self.replica_id})
 
     async def change_placement(self, placement: Placement) -> int:
-        """The epoch protocol on this replica: prepare the new shards while serving, commit at a
-        step boundary, then retire the old shards. Returns the new epoch."""
+        """The epoch protocol on this replica, for shards it owns: prepare the new epoch while
+        serving, commit at a step boundary, then retire the old one. Returns the new epoch."""
         loop = asyncio.get_running_loop()
         backend = await loop.run_in_executor(None, self.engine.engine.prepare_placement, placement)
+        old = await self._commit_between_steps(placement, backend)
+        if old is not None:
+            await loop.run_in_executor(None, old.retire, backend, placement.epoch)
+        return placement.epoch
+
+    async def install_epoch(self, record: dict) -> int:
+        """A controller's committed epoch over the shards it owns (already staged): switch at the
+        next step boundary. Returns the epoch now serving — the controller's acknowledgement."""
+        engine = self.engine.engine
+        if record["placement"]["epoch"] > engine.placement.epoch:
+            loop = asyncio.get_running_loop()
+            placement, backend = await loop.run_in_executor(None, engine.attached_backend_for, record)
+            old = await self._commit_between_steps(placement, backend)
+            if old is not None:
+                old.retire()
+        return engine.placement.epoch
+
+    async def _commit_between_steps(self, placement: Placement, backend):
+        """Commit on the engine thread between two steps (a step always finishes on the epoch it
+        started with); None if the engine had already moved past this epoch."""
+        loop = asyncio.get_running_loop()
         committed = loop.create_future()
 
         def commit(engine):
-            old = engine.commit_placement(placement, backend)
-            loop.call_soon_threadsafe(committed.set_result, old)
+            if placement.epoch <= engine.placement.epoch:
+                result = None
+            else:
+                result = engine.commit_placement(placement, backend)
+            loop.call_soon_threadsafe(committed.set_result, result)
 
         self.engine.call_between_steps(commit)
-        old = await committed
-        await loop.run_in_executor(None, old.retire, backend, placement.epoch)
-        return placement.epoch
+        return await committed
+
+    def load_window(self) -> list[list[int]]:
+        """Tokens per expert per MoE layer over the load window (for the controller)."""
+        return self.engine.engine.load.window().tolist()
 
     async def scale_shards(self, num_shards: int) -> int:
         """Re-plan onto `num_shards` shards, keeping experts where they are as far as the even

@@ -12,11 +12,11 @@ from moefleet.cluster.block_manager import BlockManager
 from moefleet.cluster.config import EngineConfig
 from moefleet.cluster.dispatcher import Dispatcher
 from moefleet.cluster.errors import InvalidRequestError
-from moefleet.cluster.expert_backend import build_expert_backend, prepare_next
+from moefleet.cluster.expert_backend import attach_backend, build_expert_backend, named_actors, prepare_next
 from moefleet.cluster.load_counters import ExpertLoadCounters
 from moefleet.cluster.model_runner import ModelRunner
 from moefleet.cluster.outputs import CompletionOutput, RequestOutput
-from moefleet.cluster.placement import Placement, round_robin_placement
+from moefleet.cluster.placement import Placement, placement_from_dict, round_robin_placement
 from moefleet.cluster.sampler import sample
 from moefleet.cluster.sampling_params import SamplingParams
 from moefleet.cluster.scheduler import Scheduler
@@ -36,10 +36,14 @@ class LLMEngine:
         self.config = config
         self.spec = spec = load_spec(config.model)
         reader = CheckpointReader(config.model, spec, _DTYPES[config.dtype])
-        self.placement = round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts,
-                                               max(1, config.expert_shards), config.replicate_experts)
         self.reader = reader
-        self.experts = build_expert_backend(config, reader, self.placement)
+        if config.attach_shards:
+            self.placement = placement_from_dict(config.attach_placement)
+            self.experts = attach_backend(config, named_actors(config.attach_shards))
+        else:
+            self.placement = round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts,
+                                                   max(1, config.expert_shards), config.replicate_experts)
+            self.experts = build_expert_backend(config, reader, self.placement)
         # Default: the cores that shard actors on this node leave free. Oversubscribed torch
         # threads wait on each other: a 15 ms forward became 70-1,100 ms beside a busy process.
         cores = len(os.sched_getaffinity(0))
@@ -142,12 +146,32 @@ class LLMEngine:
     def replace_shards(self, lost: int | None) -> None:
         """After shard `lost` (None: unknown, so all) failed: a fresh shard takes its index in the
         next epoch, taking its experts from peers that hold copies, else from the checkpoint.
-        The failed step changed no sequence state, so it can simply run again."""
+        The failed step changed no sequence state, so it can simply run again. Shards the
+        controller owns are its to replace: it answers with the epoch to switch to."""
+        if self.config.controller:
+            import ray
+
+            controller = ray.get_actor(self.config.controller)
+            record = ray.get(controller.shard_lost.remote(lost, self.placement.epoch), timeout=self.config.shard_start_timeout_s)
+            self.install_record(record)
+            return
         placement = Placement(self.placement.epoch + 1, self.placement.num_experts, self.placement.shard_experts)
         lost_set = set(range(placement.num_shards)) if lost is None else {lost}
         backend = self.prepare_placement(placement, lost_set)
         old = self.commit_placement(placement, backend)
         old.retire(backend, placement.epoch)
+
+    def attached_backend_for(self, record: dict):
+        """(placement, backend) of a controller's epoch record; any thread."""
+        return placement_from_dict(record["placement"]), attach_backend(self.config, named_actors(record["shards"]))
+
+    def install_record(self, record: dict) -> bool:
+        """Switch to a controller's epoch now (engine thread, between steps); False if already there."""
+        if record["placement"]["epoch"] <= self.placement.epoch:
+            return False
+        placement, backend = self.attached_backend_for(record)
+        self.commit_placement(placement, backend).retire()
+        return True
 
     def close(self) -> None:
         """Stop remote shards (if any) and free the transport."""

@@ -7,8 +7,8 @@ import uuid
 
 import grpc
 
-from moefleet.cluster.errors import (AuthError, DrainingError, InvalidRequestError, ModelNotFoundError, OverloadedError,
-                                     RequestAbortedError, ShardUnavailableError)
+from moefleet.cluster.errors import (AuthError, ControlUnavailableError, DrainingError, InvalidRequestError,
+                                     ModelNotFoundError, OverloadedError, RequestAbortedError, ShardUnavailableError)
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ ERROR_TABLE: dict[type, tuple[grpc.StatusCode, int, str]] = {
     OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
     DrainingError: (grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
     ShardUnavailableError: (grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    ControlUnavailableError: (grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
     RequestAbortedError: (grpc.StatusCode.CANCELLED, 499, "cancelled"),
     TimeoutError: (grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
 }

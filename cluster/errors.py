@@ -64,3 +64,15 @@ class ShardUnavailableError(MoefleetError, RuntimeError):
         self._init_args = (shard, reason)
         who = f"expert shard {shard}" if shard is not None else "expert shards"
         super().__init__(f"{who} unavailable: {reason} (retryable)")
+
+
+class ControlUnavailableError(MoefleetError, RuntimeError):
+    """A control change (scale, rebalance, recovery) cannot go ahead now — the state store is
+    unreachable or another change holds the cluster. Serving continues on the last committed
+    epoch; retry the change later."""
+
+    retryable = True
+
+    def __init__(self, message: str):
+        self._init_args = (message,)
+        super().__init__(message)

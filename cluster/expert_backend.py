@@ -78,20 +78,25 @@ def uses_remote_shards(config: EngineConfig) -> bool:
     return config.expert_shards > 0 and config.transport != "local"
 
 
-def start_shard_actors(config: EngineConfig, indices: list[int], placement: Placement | None, epoch: int = 0) -> list:
-    """Shard actors for `indices` (each loading its experts of `placement`; none if None)."""
+def start_shard_actors(config: EngineConfig, indices: list[int], placement: Placement | None, epoch: int = 0,
+                       names: list[str] | None = None) -> list:
+    """Shard actors for `indices` (each loading its experts of `placement`; none if None).
+    Named ones are detached: they outlive their creator (the controller), which finds them again
+    by name after a restart."""
     from moefleet.actors.shard_host import remote_shard_class
     from moefleet.cluster.ray_runtime import ensure_ray
 
     ensure_ray(config.ray_address)
     shard_class = remote_shard_class()
     actors = []
-    for i in indices:
+    for n, i in enumerate(indices):
         # OMP_NUM_THREADS before torch loads in the actor: its OpenMP pool is sized at import.
         options = {"num_cpus": config.shard_num_cpus, "max_restarts": 0,
                    "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(config.shard_num_threads)}}}
         if config.shard_resources:
             options["resources"] = config.shard_resources[i % len(config.shard_resources)]
+        if names is not None:
+            options.update(name=names[n], lifetime="detached")
         experts = placement.experts_of_shard(i) if placement is not None else {}
         actors.append(shard_class.options(**options).remote(i, config.model, config.dtype, experts,
                                                             config.shard_num_threads, epoch))
@@ -153,6 +158,12 @@ def build_expert_backend(config: EngineConfig, reader, placement: Placement) -> 
         for actor in actors:
             ray.kill(actor)
         raise
+
+
+def named_actors(names: list[str]) -> list:
+    import ray
+
+    return [ray.get_actor(name) for name in names]
 
 
 def attach_backend(config: EngineConfig, actors: list) -> ExpertBackend:

@@ -16,9 +16,10 @@ from moefleet.v1 import admin_pb2
 
 
 class GatewayAdmin:
-    """The Admin API's operations. Shard scaling and rebalancing run the epoch protocol on each
-    replica (prepare while serving, commit between steps, retire); the autoscaler is not built
-    yet, so its policy calls answer UNIMPLEMENTED and say so."""
+    """The Admin API's operations. Shard scaling and rebalancing go to the controller when it owns
+    the expert shards, else they run the epoch protocol on each replica (prepare while serving,
+    commit between steps, retire); the autoscaler is not built yet, so its policy calls answer
+    UNIMPLEMENTED and say so."""
 
     def __init__(self, gateway):
         self.gateway = gateway
@@ -37,7 +38,7 @@ class GatewayAdmin:
         if request.replicas < 1:
             raise InvalidRequestError("replicas", f"must be >= 1, got {request.replicas}")
         if self.gateway.manager is None:
-            raise NotImplementedError("this gateway has no cluster manager to start replicas")
+            raise NotImplementedError("this gateway has no controller to start replicas")
         message = await self.gateway.manager.scale_replicas.remote(request.replicas)
         await self.gateway.refresh_replicas()
         return admin_pb2.OperationResult(accepted=True, message=message)
@@ -56,13 +57,25 @@ class GatewayAdmin:
     async def ScaleShards(self, request):  # noqa: N802
         if request.shards < 1:
             raise InvalidRequestError("shards", f"must be >= 1, got {request.shards}")
+        if await self._controller_owns_shards():
+            done = await self.gateway.manager.scale_shards.remote(request.shards)
+            return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards; placement epoch "
+                                                                    f"{done['epoch']} serving")
         epochs = await asyncio.gather(*(h.call("scale_shards", request.shards) for h in self.gateway.pool.handles.values()))
         return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards per replica; "
                                                                 f"placement epochs {sorted(set(epochs))}")
 
     async def Rebalance(self, request):  # noqa: N802
+        if await self._controller_owns_shards():
+            done = await self.gateway.manager.rebalance.remote()
+            return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epoch {done['epoch']}")
         epochs = await asyncio.gather(*(h.call("rebalance") for h in self.gateway.pool.handles.values()))
         return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epochs {sorted(set(epochs))}")
+
+    async def _controller_owns_shards(self) -> bool:
+        if self.gateway.manager is None:
+            return False
+        return (await self.gateway.manager.health.remote())["shards"] > 0
 
     async def GetAutoscalingPolicy(self, request):  # noqa: N802
         raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy")

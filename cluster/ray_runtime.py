@@ -2,6 +2,10 @@
 
 import os
 
+# Named actors (the controller, its detached shards and replicas) are found by name only within
+# one namespace; an anonymous one per driver would hide them from a restarted controller's peers.
+RAY_NAMESPACE = "moefleet"
+
 
 def ensure_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or a running local one); start a local one if none runs."""
@@ -13,10 +17,10 @@ def ensure_ray(address: str | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address is None and not os.environ.get("RAY_ADDRESS"):
         try:
-            ray.init(address="auto", log_to_driver=False)
+            ray.init(address="auto", namespace=RAY_NAMESPACE, log_to_driver=False)
             return
         except (ConnectionError, RuntimeError, ValueError):
             pass
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
         return
-    ray.init(address=address, log_to_driver=False)
+    ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False)

@@ -1,4 +1,4 @@
-"""`moefleet serve`: the whole thing on one machine — a local Ray cluster, a cluster manager,
+"""`moefleet serve`: the whole thing on one machine — a local Ray cluster, a controller,
 the replicas and the gateways — in the foreground until SIGTERM or Ctrl-C, then a clean stop:
 gateways drain in-flight requests, replicas stop, Ray shuts down, no process is left behind."""
 
@@ -27,8 +27,9 @@ class LocalDeployment:
     def start(self) -> None:
         import ray
 
-        from moefleet.cluster.cluster_manager import MANAGER_NAME, remote_manager_class
+        from moefleet.cluster.controller import CONTROLLER_NAME, remote_controller_class
         from moefleet.cluster.gateway import remote_gateway_class
+        from moefleet.cluster.ray_runtime import RAY_NAMESPACE
         from moefleet.models.init_model import default_model_dir
 
         config = self.config
@@ -41,18 +42,21 @@ class LocalDeployment:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             # "local": a new cluster of our own, never one some other job started on this machine.
-            ray.init(address=config.ray_address or "local", include_dashboard=False, log_to_driver=False)
+            ray.init(address=config.ray_address or "local", namespace=RAY_NAMESPACE, include_dashboard=False,
+                     log_to_driver=False)
         cores = len(os.sched_getaffinity(0))
         engine = {"num_threads": max(1, cores // config.replicas), **config.engine, "model": model}
-        self.manager = remote_manager_class().options(name=MANAGER_NAME).remote(engine, self.model_id,
-                                                                                config.max_waiting_per_replica)
-        ray.get(self.manager.start_replicas.remote(config.replicas))
+        self.manager = remote_controller_class().options(name=CONTROLLER_NAME).remote({
+            "engine": engine, "model_id": self.model_id, "max_waiting": config.max_waiting_per_replica,
+            "expert_shards": config.expert_shards, "state_store": config.state_store,
+            "auto_rebalance": config.auto_rebalance.model_dump()})
+        ray.get(self.manager.start.remote(config.replicas))
         gateway_class, tls = remote_gateway_class(), _tls(config)
-        first = gateway_class.remote(MANAGER_NAME, self.model_id, self.auth, f"{config.host}:{config.grpc_port}",
+        first = gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{config.grpc_port}",
                                      config.host, config.http_port, tls, config.gateways)
         grpc_port, http_port = ray.get(first.ports_bound.remote())
         # The others bind the ports the first one got (SO_REUSEPORT), so port 0 works too.
-        self.gateways = [first] + [gateway_class.remote(MANAGER_NAME, self.model_id, self.auth, f"{config.host}:{grpc_port}",
+        self.gateways = [first] + [gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{grpc_port}",
                                                         config.host, http_port, tls, config.gateways)
                                    for _ in range(config.gateways - 1)]
         ray.get([g.ports_bound.remote() for g in self.gateways])
@@ -78,7 +82,7 @@ class LocalDeployment:
 
 def run_serve(config: ServeConfig) -> int:
     deployment = LocalDeployment(config)
-    print("moefleet: starting (local Ray, cluster manager, replicas, gateways)...", file=sys.stderr, flush=True)
+    print("moefleet: starting (local Ray, controller, replicas, gateways)...", file=sys.stderr, flush=True)
     deployment.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs a SIGTERM handler of its own

@@ -4,6 +4,8 @@ pydantic (flags override the file)."""
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moefleet.cluster.rebalance_policy import AutoRebalance
+
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -15,7 +17,12 @@ class ServeConfig(BaseModel):
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP port (0: any free port).")
     replicas: int = Field(1, ge=1, description="Model replicas.")
     gateways: int = Field(2, ge=1, description="Gateway processes sharing the ports (SO_REUSEPORT).")
-    engine: dict = Field(default_factory=dict, description="Engine options per replica (see EngineConfig), e.g. expert_shards.")
+    engine: dict = Field(default_factory=dict, description="Engine options per replica (see EngineConfig), e.g. num_threads.")
+    expert_shards: int = Field(0, ge=0, description="Expert shard actors shared by all replicas, owned by the controller "
+                                                     "(scaled and rebalanced while serving); 0: experts inside each replica.")
+    state_store: str | None = Field(None, description="redis://host:port/db keeps the controller's state (epochs, membership, "
+                                                      "load, decisions) across controller restarts; default: in memory.")
+    auto_rebalance: AutoRebalance = Field(default_factory=AutoRebalance, description="Automatic rebalancing of expert shards.")
     max_waiting_per_replica: int = Field(256, gt=0, description="Requests a replica holds before answering RESOURCE_EXHAUSTED.")
     admin_tokens: list[str] = Field(default_factory=list, description="Admin bearer tokens (also: admin_token_file, MOEFLEET_ADMIN_TOKEN).")
     admin_token_file: str | None = Field(None, description="File with one admin token per line.")

@@ -34,6 +34,12 @@ class StateStore(Protocol):
 
     def log_decision(self, record: dict) -> None: ...
 
+    def put_record(self, name: str, record: dict) -> None:
+        """A small JSON document (e.g. the deployment: shard and replica actor names)."""
+        ...
+
+    def get_record(self, name: str) -> dict | None: ...
+
     def decisions(self, limit: int = 100) -> list[dict]:
         """Newest first."""
         ...
@@ -46,6 +52,7 @@ class InMemoryStore:
         self._members: dict[str, dict[str, tuple[float, dict]]] = {}
         self._load = None
         self._decisions: list[dict] = []
+        self._records: dict[str, dict] = {}
 
     def epoch(self):
         with self._lock:
@@ -86,6 +93,14 @@ class InMemoryStore:
     def decisions(self, limit=100):
         with self._lock:
             return self._decisions[:limit]
+
+    def put_record(self, name, record):
+        with self._lock:
+            self._records[name] = json.loads(json.dumps(record))
+
+    def get_record(self, name):
+        with self._lock:
+            return self._records.get(name)
 
 
 class RedisStore:
@@ -156,3 +171,17 @@ class RedisStore:
 
     def decisions(self, limit=100):
         return [json.loads(raw) for raw in self.redis.lrange(self._key("decisions"), 0, limit - 1)]
+
+    def put_record(self, name, record):
+        self.redis.set(self._key("record", name), json.dumps(record))
+
+    def get_record(self, name):
+        raw = self.redis.get(self._key("record", name))
+        return None if raw is None else json.loads(raw)
+
+
+def store_from_url(url: str | None, prefix: str = "moefleet"):
+    """None or "memory": the in-memory store (the embedded default); redis://...: Redis."""
+    if url in (None, "", "memory"):
+        return InMemoryStore()
+    return RedisStore(url, prefix)

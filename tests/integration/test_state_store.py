@@ -1,42 +1,20 @@
 """The state store contract, run against the in-memory store and a real redis-server."""
 
 import os
-import shutil
-import socket
-import subprocess
 import time
 
 import pytest
 
 from moefleet.cluster.placement import round_robin_placement
 from moefleet.cluster.state_store import InMemoryStore, RedisStore
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """A redis-server of our own on a free port (CI installs the Debian package)."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is required (Debian package redis-server; .ci/run installs it)"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -23,7 +23,7 @@ def ray_cluster():
     cluster.add_node(num_cpus=0, resources={"node_a": 100})
     cluster.add_node(num_cpus=0, resources={"node_b": 100})
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray.init(address=cluster.address, namespace="moefleet-tests", log_to_driver=False)
     yield cluster
     ray.shutdown()
     cluster.shutdown()
