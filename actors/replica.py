@@ -145,6 +145,11 @@ class Replica:
         self.engine.call_between_steps(commit)
         return await committed
 
+    def step_log(self) -> list[tuple[float, float, int]]:
+        """(end time, seconds, tokens out) of recent engine steps; times are time.perf_counter(),
+        CLOCK_MONOTONIC, comparable across processes on one machine (for benchmarks)."""
+        return list(self.engine.step_log)
+
     def load_window(self) -> list[list[int]]:
         """Tokens per expert per MoE layer over the load window (for the controller)."""
         return self.engine.engine.load.window().tolist()

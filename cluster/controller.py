@@ -22,6 +22,7 @@ from collections import deque
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from moefleet.actors.shard_host import control
 from moefleet.cluster.config import EngineConfig
 from moefleet.cluster.epoch_staging import stage_remote
 from moefleet.cluster.errors import ControlUnavailableError, InvalidRequestError
@@ -43,6 +44,8 @@ class ControllerConfig(BaseModel):
     model_id: str = Field(description="The model name clients ask for.")
     max_waiting: int = Field(256, gt=0, description="Requests a replica holds before it answers 'overloaded'.")
     expert_shards: int = Field(0, ge=0, description="Shard actors the controller owns and shares among replicas; 0: each replica keeps its experts in process.")
+    standby_shards: int = Field(0, ge=0, description="Empty shard actors kept started, so adding or replacing a shard skips "
+                                                      "the process start (most of its cost); refilled after use.")
     state_store: str | None = Field(None, description="redis://host:port/db, or None for the in-memory store (lost with the controller).")
     store_prefix: str = Field("moefleet", description="Key prefix in Redis (one per deployment).")
     store_wait_s: float = Field(10.0, ge=0, description="How long a control change waits for an unreachable store before it fails.")
@@ -73,6 +76,7 @@ class Controller:
         self.generation = 0
         self.shards: list = []
         self.shard_names: list[str] = []
+        self.standby: list[tuple[str, object]] = []
         self._replicas: dict[str, object] = {}
         self.draining: set[str] = set()
         self.target_replicas = 0
@@ -106,7 +110,7 @@ class Controller:
     def _save_deployment(self) -> None:
         self._store(self.store.put_record, DEPLOYMENT, {
             "shards": self.shard_names, "replicas": sorted(self._replicas), "draining": sorted(self.draining),
-            "target_replicas": self.target_replicas})
+            "target_replicas": self.target_replicas, "standby": [name for name, _ in self.standby]})
 
     def _log(self, action: str, **details) -> None:
         record = {"at": time.time(), "action": action, **details}
@@ -136,11 +140,16 @@ class Controller:
             except ValueError:
                 self._log("replica-gone-at-recovery", replica=rid)
         self.shard_names = list(record.get("shards", []))
+        for name in record.get("standby", []):
+            try:
+                self.standby.append((name, ray.get_actor(name)))
+            except ValueError:
+                pass
         lost = set()
         for i, name in enumerate(self.shard_names):
             try:
                 actor = ray.get_actor(name)
-                ray.get(actor.info.remote(), timeout=10)
+                ray.get(control(actor, "info").remote(), timeout=10)
             except Exception:
                 actor = None
                 lost.add(i)
@@ -163,6 +172,8 @@ class Controller:
                 names = [_new_shard_name() for _ in range(placement.num_shards)]
                 actors = self._start_shards(names, range(placement.num_shards), placement)
                 self._commit(placement, actors, names)
+            if self.config.expert_shards:
+                self._refill_standby()
             self.target_replicas = max(self.target_replicas, replicas)
             missing = replicas - len([r for r in self._replicas if r not in self.draining])
             started = self._start_replicas(missing) if missing > 0 else []
@@ -175,6 +186,31 @@ class Controller:
         spec = load_spec(self.engine_config.model)
         return spec.moe_layer_indices, spec.moe.num_experts
 
+    def _take_shards(self, count: int, first_index: int) -> tuple[list[str], list]:
+        """`count` empty shard actors: standby ones first, fresh ones for the rest."""
+        taken, self.standby = self.standby[:count], self.standby[count:]
+        names = [n for n, _ in taken] + [_new_shard_name() for _ in range(count - len(taken))]
+        fresh = self._start_shards(names[len(taken):], range(first_index + len(taken), first_index + count), None)
+        return names, [a for _, a in taken] + fresh
+
+    def _refill_standby_later(self) -> None:
+        """Start the standby shards used up, in the background: after the change, not during it
+        (a process start competes for the cores the serving epoch uses)."""
+        if len(self.standby) < self.config.standby_shards:
+            threading.Thread(target=self._refill_standby, daemon=True).start()
+
+    def _refill_standby(self) -> None:
+        with self.lock:
+            missing = self.config.standby_shards - len(self.standby)
+            if missing <= 0:
+                return
+            names = [_new_shard_name() for _ in range(missing)]
+            self.standby += list(zip(names, self._start_shards(names, range(missing), None)))
+            try:
+                self._save_deployment()
+            except ControlUnavailableError:
+                pass
+
     def _start_shards(self, names: list[str], indices, placement: Placement | None) -> list:
         from moefleet.cluster.expert_backend import start_shard_actors
 
@@ -182,7 +218,7 @@ class Controller:
         import ray
 
         actors = start_shard_actors(self.engine_config, list(indices), placement, epoch, names=names)
-        ray.get([a.info.remote() for a in actors], timeout=self.engine_config.shard_start_timeout_s)
+        ray.get([control(a, "info").remote() for a in actors], timeout=self.engine_config.shard_start_timeout_s)
         return actors
 
     def _replica_options(self) -> dict:
@@ -333,7 +369,7 @@ class Controller:
             for actor in removed:
                 ray.kill(actor)
             try:  # free the slots of older epochs (every replica has moved on)
-                ray.get([a.retire_before.remote(placement.epoch) for a in actors], timeout=30)
+                ray.get([control(a, "retire_before").remote(placement.epoch) for a in actors], timeout=30)
             except Exception as e:
                 log.warning("retiring before epoch %s: %s", placement.epoch, e)
             self._log("epoch-committed", **summary)
@@ -354,10 +390,12 @@ class Controller:
             layers, num_experts = self._model_shape()
             new = plan_placement(self._load(), self.placement, layers, scale_limits(num_experts, count))
             keep = min(count, len(self.shards))
-            names = self.shard_names[:keep] + [_new_shard_name() for _ in range(count - keep)]
-            actors = self.shards[:keep] + self._start_shards(names[keep:], range(keep, count), None)
+            new_names, new_actors = self._take_shards(count - keep, keep)
+            names, actors = self.shard_names[:keep] + new_names, self.shards[:keep] + new_actors
             _, finish = self._change(new, actors, names, reason=f"scale shards {len(self.shards)} -> {count}")
-        return finish()
+        summary = finish()
+        self._refill_standby_later()
+        return summary
 
     def rebalance(self, reason: str = "asked") -> dict:
         self._require_shards()
@@ -379,7 +417,7 @@ class Controller:
             if self.placement.epoch > seen_epoch:
                 current = [index] if index is not None else range(len(self.shards))
                 try:
-                    ray.get([self.shards[i].info.remote() for i in current], timeout=5)
+                    ray.get([control(self.shards[i], "info").remote() for i in current], timeout=5)
                     return self._epoch_record()  # already replaced (another replica reported it first)
                 except Exception:
                     pass
@@ -391,12 +429,19 @@ class Controller:
         """Fresh shards take the lost indices; they copy experts from peers holding them, else read
         the checkpoint. Replicas switch without the caller's acknowledgement being awaited (the
         reporting replica's engine thread is waiting for this answer)."""
-        names = [(_new_shard_name() if i in lost else n) for i, n in enumerate(self.shard_names)]
-        fresh = dict(zip(sorted(lost), self._start_shards([names[i] for i in sorted(lost)], sorted(lost), None)))
-        actors = [fresh.get(i, a) for i, a in enumerate(self.shards)]
+        fresh_names, fresh_actors = self._take_shards(len(lost), 0)
+        names = list(self.shard_names)
+        actors = list(self.shards)
+        for i, name, actor in zip(sorted(lost), fresh_names, fresh_actors):
+            names[i], actors[i] = name, actor
         placement = Placement(self.placement.epoch + 1, self.placement.num_experts, self.placement.shard_experts)
         _, finish = self._change(placement, actors, names, lost=lost, reason=f"replace lost shards {sorted(lost)}")
-        threading.Thread(target=finish, daemon=True).start()
+
+        def finish_then_refill():
+            finish()
+            self._refill_standby()
+
+        threading.Thread(target=finish_then_refill, daemon=True).start()
 
     # ----- load, monitoring, automatic rebalance -----
     def _load(self) -> np.ndarray:
@@ -509,7 +554,8 @@ class Controller:
         self._stopped.set()
         with self.lock:
             replicas, self._replicas = list(self._replicas.values()), {}
-            shards, self.shards = [a for a in self.shards if a is not None], []
+            shards, self.shards = [a for a in self.shards if a is not None] + [a for _, a in self.standby], []
+            self.standby = []
         for actor in replicas:
             try:
                 ray.get(actor.shutdown.remote(), timeout=30)

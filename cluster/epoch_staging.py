@@ -8,6 +8,7 @@ old one unless it is listed in `lost` (then a fresh shard takes its place and it
 
 from collections import defaultdict
 
+from moefleet.actors.shard_host import control
 from moefleet.cluster.placement import Placement
 from moefleet.cluster.placement_planner import diff
 
@@ -43,8 +44,9 @@ def stage_remote(old_actors: list, new_actors: list, old: Placement | None, new:
     sources = peer_sources(old, new, lost)
     calls = []
     for target, actor in enumerate(new_actors):
-        exports = [old_actors[source].export.remote(keys) for source, keys in sources.get(target, {}).items()]
-        calls.append(actor.stage.remote(new.epoch, new.experts_of_shard(target), *exports))
+        exports = [control(old_actors[source], "export").remote(keys)
+                   for source, keys in sources.get(target, {}).items()]
+        calls.append(control(actor, "stage").remote(new.epoch, new.experts_of_shard(target), *exports))
     return ray.get(calls, timeout=timeout_s)
 
 

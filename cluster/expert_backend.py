@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from moefleet.actors.expert_shard import ExpertShard
+from moefleet.actors.shard_host import control
 from moefleet.cluster.config import EngineConfig
 from moefleet.cluster.epoch_staging import stage_local, stage_remote
 from moefleet.cluster.placement import Placement
@@ -65,7 +66,7 @@ class ExpertBackend:
                 ray.kill(actor)
         if successor is not None and epoch is not None:
             try:
-                ray.get([a.retire_before.remote(epoch) for a in successor.actors], timeout=self.timeout_s)
+                ray.get([control(a, "retire_before").remote(epoch) for a in successor.actors], timeout=self.timeout_s)
             except Exception as e:  # a shard lost meanwhile is recovered elsewhere; freeing is best effort
                 log.warning("retiring epochs before %s: %s", epoch, e)
         self.actors = []
@@ -107,7 +108,7 @@ def shard_infos(actors: list, timeout_s: float) -> list[dict]:
     """Each actor's info plus whether it shares this process's node."""
     import ray
 
-    info = ray.get([a.info.remote() for a in actors], timeout=timeout_s)
+    info = ray.get([control(a, "info").remote() for a in actors], timeout=timeout_s)
     my_node = ray.get_runtime_context().get_node_id()
     return [{**i, "local": i["node_id"] == my_node} for i in info]
 

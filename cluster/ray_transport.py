@@ -8,7 +8,7 @@ import time
 import ray
 import torch
 
-from moefleet.actors.shard_host import ShardReply, ShardRequest, from_numpy, to_numpy
+from moefleet.actors.shard_host import ShardReply, ShardRequest, control, from_numpy, to_numpy
 from moefleet.cluster.errors import ShardUnavailableError
 from moefleet.cluster.transport import ShardTraffic, ShardWork
 
@@ -105,7 +105,7 @@ class CompiledGraphTransport:
     def _find_failed_shard(self) -> int | None:
         for shard, actor in enumerate(self.actors):
             try:
-                ray.get(actor.info.remote(), timeout=2)
+                ray.get(control(actor, "info").remote(), timeout=2)
             except Exception:
                 return shard
         return None
