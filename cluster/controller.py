@@ -80,6 +80,7 @@ class Controller:
         self._replicas: dict[str, object] = {}
         self.draining: set[str] = set()
         self.target_replicas = 0
+        self.next_replica = 0  # replica ids are never reused, across controller restarts too
         self.samples: deque[tuple[float, float]] = deque(maxlen=10_000)
         self.last_change_at: float | None = None
         self.store_error: str | None = None
@@ -110,7 +111,8 @@ class Controller:
     def _save_deployment(self) -> None:
         self._store(self.store.put_record, DEPLOYMENT, {
             "shards": self.shard_names, "replicas": sorted(self._replicas), "draining": sorted(self.draining),
-            "target_replicas": self.target_replicas, "standby": [name for name, _ in self.standby]})
+            "target_replicas": self.target_replicas, "standby": [name for name, _ in self.standby],
+            "next_replica": self.next_replica})
 
     def _log(self, action: str, **details) -> None:
         record = {"at": time.time(), "action": action, **details}
@@ -133,6 +135,7 @@ class Controller:
             return False
         self.generation, self.placement = generation, placement
         self.target_replicas = record.get("target_replicas", 0)
+        self.next_replica = record.get("next_replica", 0)
         self.draining = set(record.get("draining", []))
         for rid in record.get("replicas", []):
             try:
@@ -236,7 +239,8 @@ class Controller:
         cls = remote_replica_class()
         started = []
         for _ in range(count):
-            rid = f"replica-{uuid.uuid4().hex[:6]}"
+            rid = f"replica-{self.next_replica}"
+            self.next_replica += 1
             actor = cls.options(name=_replica_actor_name(rid), lifetime="detached", num_cpus=0).remote(
                 rid, self._replica_options(), self.config.max_waiting, self.config.model_id)
             started.append((rid, actor))

@@ -62,6 +62,15 @@ class LocalDeployment:
         ray.get([g.ports_bound.remote() for g in self.gateways])
         self.addresses = (config.host, grpc_port, http_port)
 
+    def sample(self, prompt: str, max_tokens: int = 24) -> str:
+        """Text one replica generates for `prompt` (greedy): shows at start-up that the model serves."""
+        import ray
+
+        _, actor, _ = ray.get(self.manager.replicas.remote())[0]
+        reply = ray.get(actor.generate.remote({"prompt": prompt, "sampling": {"temperature": 0, "max_tokens": max_tokens}}),
+                        timeout=120)
+        return reply.text_delta
+
     def stop(self) -> None:
         import ray
 
@@ -95,6 +104,8 @@ def run_serve(config: ServeConfig) -> int:
           f"  HTTP:  {scheme}://{host}:{http_port}/v1   (OpenAI-compatible; /health, /metrics)", flush=True)
     if deployment.generated_token:
         print(f"  admin token (generated for this run): {deployment.auth.admin_tokens[0]}", flush=True)
+    prompt = "Once upon a time"
+    print(f"  sample: {prompt!r} -> {deployment.sample(prompt)!r}", flush=True)
     print("Press Ctrl-C (or send SIGTERM) to drain and stop.", flush=True)
     stop.wait()
     print("moefleet: draining in-flight requests and stopping...", file=sys.stderr, flush=True)

@@ -34,6 +34,7 @@ def test_serve_end_to_end_and_clean_sigterm(model_dir):
         grpc_address = re.search(r"gRPC:\s+(\S+)", text).group(1)
         http_url = re.search(r"HTTP:\s+(\S+)", text).group(1)
         token = re.search(r"admin token \(generated for this run\): (\S+)", text).group(1)
+        assert re.search(r"sample: 'Once upon a time' -> '.+'", text), text  # it generates text at once
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert len(descendants) > 4  # raylet, GCS, workers for the manager, replicas, gateways
 
