@@ -116,6 +116,16 @@ class Gateway:
             if draining:
                 self.pool.draining.add(rid)
 
+    async def control_health(self) -> dict | None:
+        """The controller's health (store reachable? epoch?), or why it cannot be had; None
+        without a controller."""
+        if self.manager is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.manager.health.remote(), timeout=2.0)
+        except Exception as e:
+            return {"ok": False, "store": "unknown", "error": f"controller unreachable: {type(e).__name__}"}
+
     async def metrics_text(self) -> str:
         texts = await asyncio.gather(*(h.call("metrics_text") for h in self.pool.handles.values()))
         return "".join(texts)

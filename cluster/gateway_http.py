@@ -184,7 +184,11 @@ class HttpApi:
     async def health(self, request: web.Request):
         if self.gateway.draining:
             return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ok", "replicas": len(self.gateway.pool.handles)})
+        body = {"status": "ok", "replicas": len(self.gateway.pool.handles)}
+        control = await self.gateway.control_health()
+        if control is not None:  # serving goes on without the control plane; this says how it stands
+            body["control"] = control
+        return web.json_response(body)
 
     async def metrics(self, request: web.Request):
         return web.Response(text=await self.gateway.metrics_text(), content_type="text/plain")

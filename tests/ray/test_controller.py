@@ -152,6 +152,22 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     assert any("recovered" in e for e in state["events"]) or state["recovered"]
 
 
+def _gateway_health(controller_actor):
+    """A real gateway following the controller; returns it and a function reading its /health."""
+    import json
+    import urllib.request
+
+    from moefleet.cluster.auth import TokenAuth
+    from moefleet.cluster.gateway import Gateway
+    from moefleet.cluster.replica_pool import RayReplicaHandle
+
+    handles = [RayReplicaHandle(a, rid) for rid, a, _ in ray.get(controller_actor.replicas.remote())]
+    gateway = Gateway(handles, "mixtral-tiny", TokenAuth(("admin",), ()), "127.0.0.1:0", "127.0.0.1", 0, None,
+                      controller_actor)
+    _, http_port = gateway.start()
+    return gateway, lambda: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=30).read())
+
+
 @pytest.mark.timeout(600)
 def test_redis_down_serving_continues_control_waits(controller, redis_server):
     """With Redis unreachable the replicas keep serving, a control change fails with a clear
@@ -169,12 +185,19 @@ def test_redis_down_serving_continues_control_waits(controller, redis_server):
         return tokens
 
     before = asyncio.run(generate())
-    redis_server.stop()
-    assert asyncio.run(generate()) == before  # serving does not need the store
-    with pytest.raises(ControlUnavailableError, match="state store unreachable.*control changes wait.*serving continues"):
-        ray.get(ctrl.scale_shards.remote(3), timeout=120)
-    health = ray.get(ctrl.health.remote())
-    assert not health["ok"] and "unreachable" in health["store"] and health["shards"] == 2
+    gateway, http_health = _gateway_health(ctrl)
+    try:
+        redis_server.stop()
+        assert asyncio.run(generate()) == before  # serving does not need the store
+        with pytest.raises(ControlUnavailableError,
+                           match="state store unreachable.*control changes wait.*serving continues"):
+            ray.get(ctrl.scale_shards.remote(3), timeout=120)
+        health = ray.get(ctrl.health.remote())
+        assert not health["ok"] and "unreachable" in health["store"] and health["shards"] == 2
+        seen = http_health()  # the gateway's /health says the store is unreachable, and still serves
+        assert seen["status"] == "ok" and not seen["control"]["ok"] and "unreachable" in seen["control"]["store"]
+    finally:
+        gateway.stop(grace_s=2)
     redis_server.start()  # same port, empty: the controller writes its state again on the next commit
     assert ray.get(ctrl.scale_shards.remote(3), timeout=300)["shards"] == 3
     assert asyncio.run(generate()) == before
