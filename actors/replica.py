@@ -63,7 +63,8 @@ class Replica:
     async def generate_stream(self, request: dict):
         """Yields Delta objects until the request finishes."""
         params = sampling_params_from(request.get("sampling") or {})
-        async for delta in self.engine.stream(prompt_from(request), params, request.get("request_id") or None):
+        async for delta in self.engine.stream(prompt_from(request), params, request.get("request_id") or None,
+                                              request.get("resume_token_ids")):
             yield delta
 
     async def generate(self, request: dict) -> Delta:

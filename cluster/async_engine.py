@@ -74,13 +74,17 @@ class AsyncEngine:
         with self._lock:
             return len(self._streams) + len(self._adds)
 
-    async def stream(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[Delta]:
+    async def stream(self, prompt, params: SamplingParams, request_id: str | None = None,
+                     resume_token_ids: list[int] | None = None) -> AsyncIterator[Delta]:
+        """Deltas of one request. With `resume_token_ids` (outputs a lost replica already
+        delivered) only what comes after them is streamed: no token or text twice, none missing."""
         if self.draining:
             raise DrainingError("replica is draining: no new requests")
         if self.num_requests() >= self.max_waiting:
             raise OverloadedError(f"replica has {self.max_waiting} requests in flight", retry_after_s=1.0)
-        seq = self.engine.make_sequence(prompt, params, request_id or f"req-{next(self._ids)}")
-        stream = _Stream(seq, asyncio.get_running_loop(), asyncio.Queue())
+        seq = self.engine.make_sequence(prompt, params, request_id or f"req-{next(self._ids)}", resume_token_ids)
+        stream = _Stream(seq, asyncio.get_running_loop(), asyncio.Queue(), sent_tokens=seq.num_resumed,
+                         sent_text=self._delivered_text(seq))
         with self._lock:
             if seq.request_id in self._streams or any(a.seq.request_id == seq.request_id for a in self._adds):
                 raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
@@ -183,6 +187,13 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is gone; nobody is listening
             pass
+
+    def _delivered_text(self, seq: Sequence) -> str:
+        """The text a client already got for the resumed tokens: their decoding, less a trailing
+        incomplete UTF-8 sequence (which _delta holds back until it completes)."""
+        if not seq.num_resumed:
+            return ""
+        return self.engine.decode(seq).rstrip("\ufffd")
 
     def _delta(self, stream: _Stream) -> Delta:
         seq = stream.seq

@@ -64,8 +64,10 @@ class LLMEngine:
         self.num_steps = 0
 
     # ----- requests -----
-    def make_sequence(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
-        """Validate and tokenize a prompt (a string or {"prompt_token_ids": [...]})."""
+    def make_sequence(self, prompt, params: SamplingParams, request_id: str | None = None,
+                      resume_token_ids: list[int] | None = None) -> Sequence:
+        """Validate and tokenize a prompt (a string or {"prompt_token_ids": [...]}). With
+        `resume_token_ids` the request goes on after outputs it produced on a lost replica."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
         text = None
@@ -84,13 +86,25 @@ class LLMEngine:
             raise InvalidRequestError("prompt", "must be a string or a dict with 'prompt_token_ids'")
         if not token_ids:
             raise InvalidRequestError("prompt", "must not be empty")
-        if len(token_ids) >= self.max_model_len:
+        resumed = self._check_resumed(resume_token_ids or [], params)
+        if len(token_ids) + len(resumed) >= self.max_model_len:
             raise InvalidRequestError("prompt", f"is {len(token_ids)} tokens; the context holds {self.max_model_len} "
                                                 f"(prompt and at least one generated token)")
-        needed = self.blocks.blocks_needed(len(token_ids) + 1)
+        needed = self.blocks.blocks_needed(len(token_ids) + len(resumed) + 1)
         if needed > self.blocks.num_blocks:
             raise InvalidRequestError("prompt", f"needs {needed} KV blocks; the cache has {self.blocks.num_blocks}")
-        return Sequence(request_id or uuid.uuid4().hex, text, token_ids, params)
+        return Sequence(request_id or uuid.uuid4().hex, text, token_ids, params, resumed)
+
+    def _check_resumed(self, token_ids, params: SamplingParams) -> list[int]:
+        if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) for t in token_ids):
+            raise InvalidRequestError("resume_token_ids", "must be a list of integers")
+        bad = [t for t in token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise InvalidRequestError("resume_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+        if params.max_tokens is not None and len(token_ids) >= params.max_tokens:
+            raise InvalidRequestError("resume_token_ids", f"{len(token_ids)} tokens already reach max_tokens "
+                                                          f"({params.max_tokens}): nothing is left to generate")
+        return list(token_ids)
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
         return self.admit(self.make_sequence(prompt, params, request_id))

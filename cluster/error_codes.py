@@ -8,7 +8,8 @@ import uuid
 import grpc
 
 from moefleet.cluster.errors import (AuthError, ControlUnavailableError, DrainingError, InvalidRequestError,
-                                     ModelNotFoundError, OverloadedError, RequestAbortedError, ShardUnavailableError)
+                                     ModelNotFoundError, OverloadedError, ReplicaLostError, RequestAbortedError,
+                                     ShardUnavailableError)
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ ERROR_TABLE: dict[type, tuple[grpc.StatusCode, int, str]] = {
     DrainingError: (grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
     ShardUnavailableError: (grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
     ControlUnavailableError: (grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    ReplicaLostError: (grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
     RequestAbortedError: (grpc.StatusCode.CANCELLED, 499, "cancelled"),
     TimeoutError: (grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
 }

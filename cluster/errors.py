@@ -76,3 +76,14 @@ class ControlUnavailableError(MoefleetError, RuntimeError):
     def __init__(self, message: str):
         self._init_args = (message,)
         super().__init__(message)
+
+
+class ReplicaLostError(MoefleetError, RuntimeError):
+    """A replica's process died under a request. The gateway resumes such requests on another
+    replica; callers see this only when that kept failing. Retryable."""
+
+    retryable = True
+
+    def __init__(self, message: str):
+        self._init_args = (message,)
+        super().__init__(message)

@@ -1,12 +1,24 @@
 """The gateway's view of the replicas: handles that stream from a replica (in this process, or a
-Ray actor), outstanding-token accounting for routing, and refresh from the cluster manager."""
+Ray actor), outstanding-token accounting for routing, refresh from the controller, and resuming
+a request whose replica was lost on another one (re-prefilling prompt + tokens delivered)."""
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from moefleet.cluster.errors import DrainingError, OverloadedError
+from moefleet.cluster.errors import DrainingError, OverloadedError, ReplicaLostError
 from moefleet.cluster.router import ReplicaLoad, choose_replica, prefix_key
+
+
+def is_replica_loss(error: BaseException) -> bool:
+    """The replica process is gone (not: the request was bad or the replica refused it)."""
+    if isinstance(error, ReplicaLostError):
+        return True
+    try:
+        import ray
+    except ImportError:
+        return False
+    return isinstance(error, ray.exceptions.RayActorError)
 
 
 class LocalReplicaHandle:
@@ -45,7 +57,10 @@ class RayReplicaHandle:
             done = True
         finally:
             if not done:
-                ray.cancel(generator)
+                try:
+                    ray.cancel(generator)
+                except Exception:  # the replica is gone already: nothing left to cancel
+                    pass
 
     async def call(self, method: str, *args):
         return await getattr(self.actor, method).remote(*args)
@@ -56,6 +71,7 @@ class ReplicaPool:
         self.handles = {h.replica_id: h for h in handles}
         self.outstanding: dict[str, int] = {h.replica_id: 0 for h in handles}
         self.draining: set[str] = set()
+        self.lost: set[str] = set()  # replicas whose process died under a request; never routed to again
         self.max_outstanding_tokens = max_outstanding_tokens
         self.locality = locality  # optional replica_id -> score in [0, 1] (speculative scheduling hook)
         self.refreshed_at = 0.0
@@ -64,6 +80,9 @@ class ReplicaPool:
         self.handles = {h.replica_id: h for h in handles}
         self.outstanding = {rid: self.outstanding.get(rid, 0) for rid in self.handles}
         self.draining &= set(self.handles)
+        for rid in self.lost & set(self.handles):  # the controller has not noticed yet
+            self.handles.pop(rid)
+            self.outstanding.pop(rid, None)
 
     def any(self):
         if not self.handles:
@@ -81,15 +100,37 @@ class ReplicaPool:
                                   retry_after_s=1.0)
         return self.handles[ids[chosen]]
 
-    async def stream(self, request: dict, cost: int) -> AsyncIterator:
-        """Route and stream one request; `cost` (prompt + max tokens) is held against the replica."""
-        handle = self.pick(request)
-        self.outstanding[handle.replica_id] = self.outstanding.get(handle.replica_id, 0) + cost
-        try:
-            async for delta in handle.stream(request):
-                yield delta
-        finally:
-            self.outstanding[handle.replica_id] = self.outstanding.get(handle.replica_id, cost) - cost
+    async def stream(self, request: dict, cost: int, max_replica_losses: int = 2) -> AsyncIterator:
+        """Route and stream one request; `cost` (prompt + max tokens) is held against the replica.
+        If the replica dies mid-request, the request resumes on another replica from the tokens
+        already delivered (`resume_token_ids`): the caller sees no duplicate and no gap."""
+        delivered: list[int] = []
+        losses = 0
+        while True:
+            attempt = dict(request, resume_token_ids=list(delivered)) if delivered else request
+            handle = self.pick(attempt)
+            self.outstanding[handle.replica_id] = self.outstanding.get(handle.replica_id, 0) + cost
+            try:
+                async for delta in handle.stream(attempt):
+                    delivered += delta.token_ids
+                    yield delta
+                return
+            except Exception as error:
+                if not is_replica_loss(error):
+                    raise
+                losses += 1
+                self.mark_lost(handle.replica_id)
+                if losses > max_replica_losses:
+                    raise ReplicaLostError(f"request lost {losses} replicas in a row (last: {handle.replica_id}); "
+                                           f"retry it") from None
+            finally:
+                if handle.replica_id in self.outstanding:
+                    self.outstanding[handle.replica_id] -= cost
+
+    def mark_lost(self, replica_id: str) -> None:
+        self.lost.add(replica_id)
+        self.handles.pop(replica_id, None)
+        self.outstanding.pop(replica_id, None)
 
     def mark_draining(self, replica_id: str) -> None:
         self.draining.add(replica_id)

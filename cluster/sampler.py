@@ -1,6 +1,8 @@
 """Turning next-token logits into tokens: repetition penalty, temperature, min-p, top-k, top-p,
-then greedy argmax or a draw from the request's own generator (so a seed reproduces the same
-text whatever else is in the batch). Logprobs come from the model's raw distribution."""
+then greedy argmax or a random draw. A request with a seed draws its k-th output token from a
+generator seeded by (seed, k) alone: the same text whatever else is in the batch, and a request
+resumed elsewhere after k tokens (re-prefilled, see Sequence) draws exactly what the original
+would have drawn next. Logprobs come from the model's raw distribution."""
 
 import torch
 
@@ -36,6 +38,24 @@ def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for draw number `position` of a request seeded with `seed`
+    (splitmix64's finaliser: nearby seeds and positions give unrelated streams)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _generator_for(seq: Sequence, default_generator: torch.Generator) -> torch.Generator:
+    if seq.params.seed is None:
+        return default_generator
+    return torch.Generator().manual_seed(position_seed(seq.params.seed, len(seq.output_token_ids)))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator) -> list[int]:
     """logits [N, V] float32, one row per sequence -> one token per sequence."""
     raw_logits = logits
@@ -47,7 +67,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.
     if random_rows:
         probs = filtered_probs(logits[random_rows], [seqs[i] for i in random_rows])
         for j, row in enumerate(random_rows):
-            generator = seqs[row].generator or default_generator
+            generator = _generator_for(seqs[row], default_generator)
             tokens[row] = int(torch.multinomial(probs[j], 1, generator=generator))
     _record_logprobs(raw_logits, seqs, tokens)
     return tokens

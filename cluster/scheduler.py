@@ -71,7 +71,7 @@ class Scheduler:
                         f"cache has only {self.blocks.num_blocks}; raise kv_cache_blocks or shorten the prompt")
                 break
             self.waiting.popleft()
-            if not seq.output_token_ids:  # first admission, not a re-prefill after preemption
+            if len(seq.output_token_ids) == seq.num_resumed:  # first admission, not a re-prefill after preemption
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -3,8 +3,6 @@
 import enum
 import itertools
 
-import torch
-
 from moefleet.cluster.sampling_params import SamplingParams
 
 
@@ -18,19 +16,25 @@ _arrival = itertools.count()
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
+    """`resumed_token_ids`: outputs this request already produced on a replica that was lost. They
+    count as outputs (max_tokens, stop checks, repetition penalty, the seed's draw number) and are
+    prefilled with the prompt; only the tokens after them are new."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 resumed_token_ids: list[int] = ()):
         self.request_id, self.prompt, self.params = request_id, prompt, params
         self.prompt_token_ids = list(prompt_token_ids)
-        self.output_token_ids: list[int] = []
-        self.token_ids = list(prompt_token_ids)  # prompt + output
+        self.num_resumed = len(resumed_token_ids)
+        self.output_token_ids: list[int] = list(resumed_token_ids)
+        self.token_ids = self.prompt_token_ids + self.output_token_ids  # prompt + output
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks registered so far
         self.num_computed_tokens = 0  # tokens whose keys/values are in the cache
         self.num_cached_prompt_tokens = 0  # served from the prefix cache at first admission
         self.arrival = next(_arrival)
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # Resumed tokens' logprobs were delivered by the lost replica: placeholders keep positions aligned.
+        self.logprobs: list[dict[int, float]] | None = [{}] * self.num_resumed if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.output_text = ""
         self.finish_reason: str | None = None
