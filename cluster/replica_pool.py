@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from moefleet.cluster.error_codes import unwrap
 from moefleet.cluster.errors import DrainingError, OverloadedError, ReplicaLostError
 from moefleet.cluster.router import ReplicaLoad, choose_replica, prefix_key
 
@@ -105,7 +106,7 @@ class ReplicaPool:
         If the replica dies mid-request, the request resumes on another replica from the tokens
         already delivered (`resume_token_ids`): the caller sees no duplicate and no gap."""
         delivered: list[int] = []
-        losses = 0
+        losses = refusals = 0
         while True:
             attempt = dict(request, resume_token_ids=list(delivered)) if delivered else request
             handle = self.pick(attempt)
@@ -116,6 +117,11 @@ class ReplicaPool:
                     yield delta
                 return
             except Exception as error:
+                if isinstance(unwrap(error), DrainingError) and refusals < len(self.handles):
+                    # a replica started draining before this gateway heard of it: another takes the request
+                    refusals += 1
+                    self.draining.add(handle.replica_id)
+                    continue
                 if not is_replica_loss(error):
                     raise
                 losses += 1

@@ -140,6 +140,7 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
         return results
 
     results = asyncio.run(run())
+    print("soak operations (name, seconds, tokens produced by then):", log)
     failures = [(i, repr(r)) for i, r in enumerate(results) if isinstance(r, BaseException)]
     assert failures == [], failures[:5]
     mismatched = [i for i, (got, want) in enumerate(zip(results, expected)) if got != want]
@@ -148,7 +149,9 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     total = sum(map(len, expected))
     assert all(at < total for _, _, at in log), log
     state = ray.get(ctrl.state.remote())
-    assert state["shards"] == 3 and state["generation"] >= 7
+    # commits: start, scale, rebalance, one shard replacement (however many replicas reported it),
+    # scale, rebalance — the restarted controller carried the generation on from Redis
+    assert state["shards"] == 3 and state["generation"] == 6, state["events"]
     assert any("recovered" in e for e in state["events"]) or state["recovered"]
 
 
