@@ -13,6 +13,7 @@ With `expert_shards` = 0 the replicas keep their experts in process and placemen
 on each replica (Replica.scale_shards / rebalance); with N > 0 the controller owns N shard actors
 that every replica reaches by actor calls."""
 
+import functools
 import logging
 import threading
 import time
@@ -72,6 +73,7 @@ class Controller:
         self.engine_config = EngineConfig(**self.config.engine)
         self.store = store_from_url(self.config.state_store, self.config.store_prefix)
         self.lock = threading.RLock()  # one control change at a time
+        self._refill_lock = threading.Lock()  # one standby refill at a time
         self.placement: Placement | None = None
         self.generation = 0
         self.shards: list = []
@@ -175,14 +177,15 @@ class Controller:
                 names = [_new_shard_name() for _ in range(placement.num_shards)]
                 actors = self._start_shards(names, range(placement.num_shards), placement)
                 self._commit(placement, actors, names)
-            if self.config.expert_shards:
-                self._refill_standby()
             self.target_replicas = max(self.target_replicas, replicas)
             missing = replicas - len([r for r in self._replicas if r not in self.draining])
             started = self._start_replicas(missing) if missing > 0 else []
             self._save_deployment()
-            return started
+        if self.config.expert_shards:
+            self._refill_standby()
+        return started
 
+    @functools.cache
     def _model_shape(self) -> tuple[list[int], int]:
         from moefleet.models.spec import load_spec
 
@@ -203,16 +206,20 @@ class Controller:
             threading.Thread(target=self._refill_standby, daemon=True).start()
 
     def _refill_standby(self) -> None:
-        with self.lock:
+        """Start standby shards up to the configured count. The starts (seconds each) run outside
+        the lock, so control changes do not wait for them."""
+        with self._refill_lock:
             missing = self.config.standby_shards - len(self.standby)
             if missing <= 0:
                 return
             names = [_new_shard_name() for _ in range(missing)]
-            self.standby += list(zip(names, self._start_shards(names, range(missing), None)))
-            try:
-                self._save_deployment()
-            except ControlUnavailableError:
-                pass
+            started = list(zip(names, self._start_shards(names, range(missing), None)))
+            with self.lock:
+                self.standby += started
+                try:
+                    self._save_deployment()
+                except ControlUnavailableError:
+                    pass
 
     def _start_shards(self, names: list[str], indices, placement: Placement | None) -> list:
         from moefleet.cluster.expert_backend import start_shard_actors
