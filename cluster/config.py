@@ -28,6 +28,11 @@ class EngineConfig(BaseModel):
     shard_num_threads: int = Field(1, gt=0, description="torch threads inside each shard actor.")
     shard_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a shard's reply before the step fails (retryable).")
     shard_start_timeout_s: float = Field(300.0, gt=0, description="Longest wait for shard actors to load their experts.")
+    expert_source: Literal["checkpoint", "peer"] = Field(
+        "checkpoint", description="Where a shard gets the experts a new placement epoch gives it: read from the "
+                                  "checkpoint (every shard can read it; no work for the serving shards), or copied from a "
+                                  "peer shard that holds them (for nodes whose checkpoint storage is slow); experts no "
+                                  "live shard holds always come from the checkpoint.")
     shard_recovery_attempts: int = Field(
         2, ge=0, description="Servers (AsyncEngine) replace lost shards and retry the failed step this many times before failing its requests.")
     overlap_microbatches: bool = Field(False, description="Split each step into two micro-batches so shards compute one while the replica runs attention for the other.")

@@ -360,7 +360,7 @@ class Controller:
         started = time.monotonic()
         try:
             reports = stage_remote(old_actors, actors, old_placement, placement, self.engine_config.shard_start_timeout_s,
-                                   lost)
+                                   lost, from_peers=self.engine_config.expert_source == "peer")
             self._commit(placement, actors, names)
         except BaseException:
             for actor, name in zip(actors, names):

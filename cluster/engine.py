@@ -12,7 +12,7 @@ from moefleet.cluster.block_manager import BlockManager
 from moefleet.cluster.config import EngineConfig
 from moefleet.cluster.dispatcher import Dispatcher
 from moefleet.cluster.errors import InvalidRequestError
-from moefleet.cluster.expert_backend import attach_backend, build_expert_backend, named_actors, prepare_next
+from moefleet.cluster.expert_backend import attach_backend, build_expert_backend, named_actors, prepare_next, shard_infos
 from moefleet.cluster.load_counters import ExpertLoadCounters
 from moefleet.cluster.model_runner import ModelRunner
 from moefleet.cluster.outputs import CompletionOutput, RequestOutput
@@ -37,9 +37,10 @@ class LLMEngine:
         self.spec = spec = load_spec(config.model)
         reader = CheckpointReader(config.model, spec, _DTYPES[config.dtype])
         self.reader = reader
+        self._attached: dict[str, tuple] = {}  # shard actor name -> (handle, info), for the controller's shards
         if config.attach_shards:
-            self.placement = placement_from_dict(config.attach_placement)
-            self.experts = attach_backend(config, named_actors(config.attach_shards))
+            self.placement, self.experts = self.attached_backend_for(
+                {"placement": config.attach_placement, "shards": config.attach_shards})
         else:
             self.placement = round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts,
                                                    max(1, config.expert_shards), config.replicate_experts)
@@ -176,8 +177,16 @@ class LLMEngine:
         old.retire(backend, placement.epoch)
 
     def attached_backend_for(self, record: dict):
-        """(placement, backend) of a controller's epoch record; any thread."""
-        return placement_from_dict(record["placement"]), attach_backend(self.config, named_actors(record["shards"]))
+        """(placement, backend) of a controller's epoch record; any thread. Shards already known
+        are not looked up again (an epoch switch should cost the serving process nothing)."""
+        names = record["shards"]
+        new = [n for n in names if n not in self._attached]
+        if new:
+            actors = named_actors(new)
+            self._attached.update(zip(new, zip(actors, shard_infos(actors, self.config.shard_timeout_s))))
+        self._attached = {n: self._attached[n] for n in names}
+        actors, info = zip(*(self._attached[n] for n in names))
+        return placement_from_dict(record["placement"]), attach_backend(self.config, list(actors), list(info))
 
     def install_record(self, record: dict) -> bool:
         """Switch to a controller's epoch now (engine thread, between steps); False if already there."""

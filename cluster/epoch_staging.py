@@ -36,12 +36,13 @@ def peer_sources(old: Placement | None, new: Placement, lost: set[int] = frozens
 
 
 def stage_remote(old_actors: list, new_actors: list, old: Placement | None, new: Placement, timeout_s: float,
-                 lost: set[int] = frozenset()) -> list[dict]:
+                 lost: set[int] = frozenset(), from_peers: bool = True) -> list[dict]:
     """Stage `new` on shard actors (new_actors[i] serves index i). Returns each shard's report
-    (experts loaded from the checkpoint and from peers, seconds)."""
+    (experts loaded from the checkpoint and from peers, seconds). Without `from_peers` every
+    expert a shard lacks is read from the checkpoint."""
     import ray
 
-    sources = peer_sources(old, new, lost)
+    sources = peer_sources(old, new, lost) if from_peers else {}
     calls = []
     for target, actor in enumerate(new_actors):
         exports = [control(old_actors[source], "export").remote(keys)

@@ -167,10 +167,10 @@ def named_actors(names: list[str]) -> list:
     return [ray.get_actor(name) for name in names]
 
 
-def attach_backend(config: EngineConfig, actors: list) -> ExpertBackend:
+def attach_backend(config: EngineConfig, actors: list, info: list[dict] | None = None) -> ExpertBackend:
     """A backend over shard actors someone else (the controller) owns and has staged: actor calls,
     because a compiled graph would bind the shared actors to this one replica."""
-    info = shard_infos(actors, config.shard_timeout_s)
+    info = info if info is not None else shard_infos(actors, config.shard_timeout_s)
     return _remote_backend(config, actors, info, "actor", deferred=False, owned=False)
 
 
@@ -187,7 +187,8 @@ def prepare_next(config: EngineConfig, reader, current: ExpertBackend, old: Plac
     fresh = dict(zip(fresh_indices, start_shard_actors(config, fresh_indices, None, new.epoch)))
     actors = [current.actors[i] if i in kept else fresh[i] for i in range(new.num_shards)]
     try:
-        stage_remote(current.actors, actors, old, new, config.shard_start_timeout_s, lost)
+        stage_remote(current.actors, actors, old, new, config.shard_start_timeout_s, lost,
+                     from_peers=config.expert_source == "peer")
         info = shard_infos(actors, config.shard_timeout_s)
     except Exception:
         import ray

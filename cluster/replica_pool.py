@@ -73,6 +73,7 @@ class ReplicaPool:
         self.outstanding: dict[str, int] = {h.replica_id: 0 for h in handles}
         self.draining: set[str] = set()
         self.lost: set[str] = set()  # replicas whose process died under a request; never routed to again
+        self.failover_wait_s = 10.0  # how long a request that lost its replica waits for another to serve
         self.max_outstanding_tokens = max_outstanding_tokens
         self.locality = locality  # optional replica_id -> score in [0, 1] (speculative scheduling hook)
         self.refreshed_at = 0.0
@@ -101,6 +102,18 @@ class ReplicaPool:
                                   retry_after_s=1.0)
         return self.handles[ids[chosen]]
 
+    async def _pick_for_retry(self, request: dict, wait_s: float):
+        """A replica for a request that lost its own: membership may lag a loss or a drain by a
+        refresh, so wait up to `wait_s` for one to serve before giving up."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.pick(request)
+            except DrainingError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
     async def stream(self, request: dict, cost: int, max_replica_losses: int = 2) -> AsyncIterator:
         """Route and stream one request; `cost` (prompt + max tokens) is held against the replica.
         If the replica dies mid-request, the request resumes on another replica from the tokens
@@ -109,7 +122,8 @@ class ReplicaPool:
         losses = refusals = 0
         while True:
             attempt = dict(request, resume_token_ids=list(delivered)) if delivered else request
-            handle = self.pick(attempt)
+            retrying = losses or refusals
+            handle = await self._pick_for_retry(attempt, self.failover_wait_s) if retrying else self.pick(attempt)
             self.outstanding[handle.replica_id] = self.outstanding.get(handle.replica_id, 0) + cost
             try:
                 async for delta in handle.stream(attempt):

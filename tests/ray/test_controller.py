@@ -55,11 +55,23 @@ def _pool_following(controller_actor):
 
     pool = ReplicaPool([])
 
-    def refresh():
-        replicas = ray.get(controller_actor.replicas.remote(), timeout=30)
+    def adopt(replicas):
         pool.set_handles([RayReplicaHandle(actor, rid) for rid, actor, _ in replicas])
         pool.draining |= {rid for rid, _, draining in replicas if draining}
 
+    def refresh():
+        adopt(ray.get(controller_actor.replicas.remote(), timeout=30))
+
+    async def refresh_forever(every_s: float = 0.5):
+        """On the pool's own event loop, as the gateway does (cluster/gateway.py)."""
+        while True:
+            try:
+                adopt(await controller_actor.replicas.remote())
+            except Exception:  # the controller is restarting: keep the last view
+                pass
+            await asyncio.sleep(every_s)
+
+    pool.refresh_forever = refresh_forever
     return pool, refresh
 
 
@@ -122,7 +134,6 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
         replicas = ray.get(ctrl.replicas.remote())
         op("kill replica", lambda: ray.kill(replicas[0][1]))
         op("drain replica", lambda: ray.get(ctrl.drain_replica.remote(replicas[1][0]), timeout=60))
-        refresh()
 
     async def one(i):
         tokens = []
@@ -134,9 +145,11 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
         return tokens
 
     async def run():
+        refresher = asyncio.create_task(pool.refresh_forever())
         ops = asyncio.get_running_loop().run_in_executor(None, operations)
         results = await asyncio.gather(*(one(i) for i in range(200)), return_exceptions=True)
         await ops
+        refresher.cancel()
         return results
 
     results = asyncio.run(run())
