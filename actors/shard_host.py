@@ -4,7 +4,6 @@ costs 3-10x a numpy array per Ray hop on CPU). A plain class: `remote_shard_clas
 Ray shell late."""
 
 import os
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,15 +38,6 @@ class ShardReply:
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def lower_this_thread_priority(niceness: int = 10) -> None:
-    """Staging the next epoch shares the cores with the epoch serving now; on Linux a thread can
-    be niced on its own, so control work yields to compute (measured: see docs/benchmarks.md)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
-        pass
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -96,7 +86,6 @@ class ExpertShardHost:
         """Make `epoch`'s slots ready: experts handed over by peers (`from_peers`: what their
         `export` returned) are taken as they are, the rest this shard lacks are read from the
         checkpoint; experts it already holds are reused in place."""
-        lower_this_thread_priority()
         start = time.perf_counter()
         peers = 0
         handed_over = {key: value for exported in from_peers for key, value in exported.items()}
@@ -111,7 +100,6 @@ class ExpertShardHost:
 
     def export(self, keys: list[tuple[int, int]]) -> dict:
         """Weights of (layer, expert) pairs as numpy arrays, for a peer's `stage`."""
-        lower_this_thread_priority()
         out = {}
         for layer, expert in keys:
             w13, w2 = self.shard.export_expert(layer, expert)
