@@ -81,7 +81,8 @@ def _serve(args) -> int:
 
     config = load_serve_config(args.config, {
         "model": args.model, "host": args.host, "grpc_port": args.grpc_port, "http_port": args.http_port,
-        "replicas": args.replicas, "gateways": args.gateways, "admin_token_file": args.admin_token_file,
+        "replicas": args.replicas, "gateways": args.gateways, "expert_shards": args.expert_shards,
+        "state_store": args.state_store, "admin_token_file": args.admin_token_file,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key})
     return run_serve(config)
 
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0: any free port)")
     serve.add_argument("--replicas", type=int, help="model replicas (default 1)")
     serve.add_argument("--gateways", type=int, help="gateway processes sharing the ports (default 2)")
+    serve.add_argument("--expert-shards", type=int,
+                       help="expert-shard actors shared by the replicas, scaled and rebalanced while serving "
+                            "(default 0: experts inside each replica)")
+    serve.add_argument("--state-store", help="redis://HOST:PORT/DB for the controller's state (default: in memory)")
     serve.add_argument("--admin-token-file", help="file with admin tokens (else MOEFLEET_ADMIN_TOKEN, else one is made)")
     serve.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key): TLS on both ports")
     serve.add_argument("--tls-key", help="PEM private key")

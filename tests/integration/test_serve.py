@@ -14,23 +14,29 @@ import pytest
 from moefleet.client import Client
 
 
-@pytest.mark.timeout(300)
-def test_serve_end_to_end_and_clean_sigterm(model_dir):
+def start_serve(*flags: str) -> tuple[subprocess.Popen, str]:
+    """`moefleet serve` with flags, as a user starts it; returns the process and what it printed."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MOEFLEET_ADMIN_TOKEN": ""}
     env.pop("MOEFLEET_ADMIN_TOKEN")
-    proc = subprocess.Popen([sys.executable, "-m", "moefleet.cli", "serve", "--model", model_dir("qwen3_moe"),
-                             "--grpc-port", "0", "--http-port", "0", "--gateways", "2", "--replicas", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "moefleet.cli", "serve", "--grpc-port", "0", "--http-port", "0", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
     lines = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"serve exited early: {lines}")
+        lines.append(line)
+        if line.startswith("Press Ctrl-C"):
+            break
+    return proc, "".join(lines)
+
+
+@pytest.mark.timeout(300)
+def test_serve_end_to_end_and_clean_sigterm(model_dir):
+    proc, text = start_serve("--model", model_dir("qwen3_moe"), "--gateways", "2", "--replicas", "2")
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, f"serve exited early: {lines}"
-            lines.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        text = "".join(lines)
         grpc_address = re.search(r"gRPC:\s+(\S+)", text).group(1)
         http_url = re.search(r"HTTP:\s+(\S+)", text).group(1)
         token = re.search(r"admin token \(generated for this run\): (\S+)", text).group(1)
@@ -65,6 +71,30 @@ def test_serve_end_to_end_and_clean_sigterm(model_dir):
         assert proc.wait(timeout=120) == 0
         gone, alive = psutil.wait_procs([p for p in descendants if p.is_running()], timeout=30)
         assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_serve_with_controller_owned_shards_scales_them_while_serving(model_dir):
+    """--expert-shards: the controller owns the shards; the Admin API's ScaleShards and Rebalance
+    go to it, and generation goes on with identical greedy tokens."""
+    proc, text = start_serve("--model", model_dir("mixtral"), "--gateways", "1", "--replicas", "1",
+                             "--expert-shards", "2")
+    try:
+        grpc_address = re.search(r"gRPC:\s+(\S+)", text).group(1)
+        token = re.search(r"admin token \(generated for this run\): (\S+)", text).group(1)
+        with Client(grpc_address, token=token, timeout=120) as client:
+            before = client.generate("shards", temperature=0, max_tokens=12, ignore_eos=True).token_ids
+            scaled = client.scale_shards(3)
+            assert scaled.accepted and "3 expert shards; placement epoch 1 serving" in scaled.message
+            assert "placement epoch 2" in client.rebalance().message
+            assert client.generate("shards", temperature=0, max_tokens=12, ignore_eos=True).token_ids == before
+            state = client.cluster_state()
+            assert state.placement_epoch == 2 and len(state.replicas[0].shards) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
