@@ -91,7 +91,7 @@ def main() -> None:
     try:
         host, grpc_port, _ = deployment.addresses
         address = f"{host}:{grpc_port}"
-        actor = ray.get(deployment.manager.replicas.remote())[0][1]
+        actor = ray.get(deployment.controller.replicas.remote())[0][1]
         asyncio.run(direct_latencies(actor, 20))  # warm-up both paths
         gateway_latencies(address, 20)
         direct = asyncio.run(direct_latencies(actor, args.requests))

@@ -37,9 +37,9 @@ class GatewayAdmin:
     async def ScaleReplicas(self, request):  # noqa: N802
         if request.replicas < 1:
             raise InvalidRequestError("replicas", f"must be >= 1, got {request.replicas}")
-        if self.gateway.manager is None:
+        if self.gateway.controller is None:
             raise NotImplementedError("this gateway has no controller to start replicas")
-        message = await self.gateway.manager.scale_replicas.remote(request.replicas)
+        message = await self.gateway.controller.scale_replicas.remote(request.replicas)
         await self.gateway.refresh_replicas()
         return admin_pb2.OperationResult(accepted=True, message=message)
 
@@ -50,15 +50,15 @@ class GatewayAdmin:
                                                     f"replicas: {sorted(self.gateway.pool.handles)}")
         await handle.call("drain")
         self.gateway.pool.mark_draining(request.replica_id)
-        if self.gateway.manager is not None:
-            await self.gateway.manager.mark_draining.remote(request.replica_id)
+        if self.gateway.controller is not None:
+            await self.gateway.controller.mark_draining.remote(request.replica_id)
         return admin_pb2.OperationResult(accepted=True, message=f"replica {request.replica_id} is draining")
 
     async def ScaleShards(self, request):  # noqa: N802
         if request.shards < 1:
             raise InvalidRequestError("shards", f"must be >= 1, got {request.shards}")
         if await self._controller_owns_shards():
-            done = await self.gateway.manager.scale_shards.remote(request.shards)
+            done = await self.gateway.controller.scale_shards.remote(request.shards)
             return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards; placement epoch "
                                                                     f"{done['epoch']} serving")
         epochs = await asyncio.gather(*(h.call("scale_shards", request.shards) for h in self.gateway.pool.handles.values()))
@@ -67,15 +67,15 @@ class GatewayAdmin:
 
     async def Rebalance(self, request):  # noqa: N802
         if await self._controller_owns_shards():
-            done = await self.gateway.manager.rebalance.remote()
+            done = await self.gateway.controller.rebalance.remote()
             return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epoch {done['epoch']}")
         epochs = await asyncio.gather(*(h.call("rebalance") for h in self.gateway.pool.handles.values()))
         return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epochs {sorted(set(epochs))}")
 
     async def _controller_owns_shards(self) -> bool:
-        if self.gateway.manager is None:
+        if self.gateway.controller is None:
             return False
-        return (await self.gateway.manager.health.remote())["shards"] > 0
+        return (await self.gateway.controller.health.remote())["shards"] > 0
 
     async def GetAutoscalingPolicy(self, request):  # noqa: N802
         raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy")
@@ -87,9 +87,9 @@ class GatewayAdmin:
 class Gateway:
     def __init__(self, handles: list, model_id: str, auth: TokenAuth, grpc_address: str = "127.0.0.1:0",
                  http_host: str = "127.0.0.1", http_port: int | None = 0, tls: tuple[bytes, bytes] | None = None,
-                 manager=None, num_gateways: int = 1, max_outstanding_tokens: int = 1 << 20):
+                 controller=None, num_gateways: int = 1, max_outstanding_tokens: int = 1 << 20):
         self.pool = ReplicaPool(handles, max_outstanding_tokens)
-        self.model_id, self.auth, self.manager, self.num_gateways = model_id, auth, manager, num_gateways
+        self.model_id, self.auth, self.controller, self.num_gateways = model_id, auth, controller, num_gateways
         self.grpc_address, self.http_host, self.http_port, self.tls = grpc_address, http_host, http_port, tls
         self.admin = GatewayAdmin(self)
         self.draining = False
@@ -108,9 +108,9 @@ class Gateway:
         return self._model_info
 
     async def refresh_replicas(self) -> None:
-        if self.manager is None:
+        if self.controller is None:
             return
-        replicas = await self.manager.replicas.remote()
+        replicas = await self.controller.replicas.remote()
         self.pool.set_handles([RayReplicaHandle(actor, rid) for rid, actor, _ in replicas])
         for rid, _, draining in replicas:
             if draining:
@@ -119,10 +119,10 @@ class Gateway:
     async def control_health(self) -> dict | None:
         """The controller's health (store reachable? epoch?), or why it cannot be had; None
         without a controller."""
-        if self.manager is None:
+        if self.controller is None:
             return None
         try:
-            return await asyncio.wait_for(self.manager.health.remote(), timeout=2.0)
+            return await asyncio.wait_for(self.controller.health.remote(), timeout=2.0)
         except Exception as e:
             return {"ok": False, "store": "unknown", "error": f"controller unreachable: {type(e).__name__}"}
 
@@ -156,7 +156,7 @@ class Gateway:
             site = web.TCPSite(self.http_runner, self.http_host, self.http_port, reuse_port=True, ssl_context=ssl_context)
             await site.start()
             http_port = site._server.sockets[0].getsockname()[1]
-        if self.manager is not None:
+        if self.controller is not None:
             self._refresher = asyncio.ensure_future(self._refresh_forever())
         return grpc_port, http_port
 
@@ -165,7 +165,7 @@ class Gateway:
             await asyncio.sleep(every_s)
             try:
                 await self.refresh_replicas()
-            except Exception:  # the manager is restarting; keep the last known replicas
+            except Exception:  # the controller is restarting; keep the last known replicas
                 pass
 
     async def drain(self, grace_s: float = 30.0) -> None:
@@ -210,15 +210,15 @@ class Gateway:
 
 
 class GatewayHost:
-    """Inside a gateway actor: a Gateway over the manager's replicas."""
+    """Inside a gateway actor: a Gateway over the controller's replicas."""
 
-    def __init__(self, manager_name: str, model_id: str, auth: TokenAuth, grpc_address: str, http_host: str,
+    def __init__(self, controller_name: str, model_id: str, auth: TokenAuth, grpc_address: str, http_host: str,
                  http_port: int | None, tls, num_gateways: int):
         import ray
 
-        manager = ray.get_actor(manager_name)
-        handles = [RayReplicaHandle(actor, rid) for rid, actor, _ in ray.get(manager.replicas.remote())]
-        self.gateway = Gateway(handles, model_id, auth, grpc_address, http_host, http_port, tls, manager, num_gateways)
+        controller = ray.get_actor(controller_name)
+        handles = [RayReplicaHandle(actor, rid) for rid, actor, _ in ray.get(controller.replicas.remote())]
+        self.gateway = Gateway(handles, model_id, auth, grpc_address, http_host, http_port, tls, controller, num_gateways)
         self.ports = self.gateway.start()
 
     def ports_bound(self) -> tuple[int, int | None]:

@@ -46,11 +46,11 @@ class LocalDeployment:
                      log_to_driver=False)
         cores = len(os.sched_getaffinity(0))
         engine = {"num_threads": max(1, cores // config.replicas), **config.engine, "model": model}
-        self.manager = remote_controller_class().options(name=CONTROLLER_NAME).remote({
+        self.controller = remote_controller_class().options(name=CONTROLLER_NAME).remote({
             "engine": engine, "model_id": self.model_id, "max_waiting": config.max_waiting_per_replica,
             "expert_shards": config.expert_shards, "state_store": config.state_store,
             "auto_rebalance": config.auto_rebalance.model_dump()})
-        ray.get(self.manager.start.remote(config.replicas))
+        ray.get(self.controller.start.remote(config.replicas))
         gateway_class, tls = remote_gateway_class(), _tls(config)
         first = gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{config.grpc_port}",
                                      config.host, config.http_port, tls, config.gateways)
@@ -66,7 +66,7 @@ class LocalDeployment:
         """Text one replica generates for `prompt` (greedy): shows at start-up that the model serves."""
         import ray
 
-        _, actor, _ = ray.get(self.manager.replicas.remote())[0]
+        _, actor, _ = ray.get(self.controller.replicas.remote())[0]
         reply = ray.get(actor.generate.remote({"prompt": prompt, "sampling": {"temperature": 0, "max_tokens": max_tokens}}),
                         timeout=120)
         return reply.text_delta
@@ -80,10 +80,10 @@ class LocalDeployment:
         except Exception as e:  # keep stopping whatever else runs
             print(f"moefleet: gateway drain: {e}", file=sys.stderr)
         try:
-            ray.get(self.manager.shutdown.remote(), timeout=60)
+            ray.get(self.controller.shutdown.remote(), timeout=60)
         except Exception as e:
             print(f"moefleet: replica shutdown: {e}", file=sys.stderr)
-        for actor in [*self.gateways, self.manager]:
+        for actor in [*self.gateways, self.controller]:
             ray.kill(actor)
         if self.started_ray:
             ray.shutdown()

@@ -42,7 +42,7 @@ def test_serve_end_to_end_and_clean_sigterm(model_dir):
         token = re.search(r"admin token \(generated for this run\): (\S+)", text).group(1)
         assert re.search(r"sample: 'Once upon a time' -> '.+'", text), text  # it generates text at once
         descendants = psutil.Process(proc.pid).children(recursive=True)
-        assert len(descendants) > 4  # raylet, GCS, workers for the manager, replicas, gateways
+        assert len(descendants) > 4  # raylet, GCS, workers for the controller, replicas, gateways
 
         with Client(grpc_address, token=token, timeout=120) as client:
             replies = [client.generate(f"prompt {i}", temperature=0, max_tokens=6, ignore_eos=True) for i in range(6)]
