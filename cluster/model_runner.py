@@ -31,14 +31,11 @@ class ModelRunner:
     def _batches(self, chunks: list[ScheduledChunk], num_decodes: int, slot_mapping: torch.Tensor) -> dict:
         """Attention metadata, one per distinct sliding window among the layers."""
         decode_seqs = [c.seq for c in chunks[:num_decodes]]
-        context_lens = torch.tensor([s.num_computed_tokens + 1 for s in decode_seqs], dtype=torch.long)
-        if num_decodes:
-            longest = int(context_lens.max())
-            width = -(-longest // self.block_size)
-            tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decode_seqs])
-            decode_slots = (tables.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).view(num_decodes, -1)
-            decode_slots = decode_slots[:, :longest]
-            key_pos = torch.arange(longest).unsqueeze(0)
+        lens = [s.num_computed_tokens + 1 for s in decode_seqs]
+        width = -(-max(lens, default=0) // self.block_size)
+        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decode_seqs],
+                              dtype=torch.long).view(num_decodes, width)
+        context_lens = torch.tensor(lens, dtype=torch.long)
         prefill_parts = []
         q_start = num_decodes
         for c in chunks[num_decodes:]:
@@ -47,13 +44,6 @@ class ModelRunner:
             q_start += c.num_tokens
         batches = {}
         for window in self.windows:
-            if num_decodes:
-                mask = key_pos < context_lens.unsqueeze(1)
-                if window is not None:
-                    mask &= key_pos > (context_lens.unsqueeze(1) - 1 - window)
-                decode_mask = mask.view(num_decodes, 1, 1, -1)
-            else:
-                decode_slots, decode_mask = torch.empty(0, 0, dtype=torch.long), torch.empty(0, 1, 1, 0, dtype=torch.bool)
             prefills = []
             for q0, q_len, ctx, slots in prefill_parts:
                 q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
@@ -62,7 +52,8 @@ class ModelRunner:
                 if window is not None:
                     causal &= k_pos > q_pos - window
                 prefills.append(PrefillChunk(q0, q_len, ctx, slots, causal))
-            batches[window] = AttentionBatch(slot_mapping, num_decodes, decode_slots, decode_mask, tuple(prefills))
+            batches[window] = AttentionBatch(slot_mapping, num_decodes, self.block_size, window, tables, context_lens,
+                                             tuple(prefills))
         return batches
 
     def prepare(self, chunks: list[ScheduledChunk], all_rows: bool = False) -> StepInputs:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moefleet.kernels.cpu_extension import cpu_ops
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
@@ -31,8 +33,10 @@ class AttentionBatch:
 
     slot_mapping: torch.Tensor  # [T] cache slot written by each new token
     num_decodes: int  # the first num_decodes rows are single-token decodes
-    decode_slots: torch.Tensor  # [num_decodes, Lmax] context slots, padded with slot 0
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, Lmax] True for real (and in-window) positions
+    block_size: int
+    window: int | None  # sliding window of the layers this batch serves (None: full context)
+    decode_block_tables: torch.Tensor  # [num_decodes, W] int64 block ids, padded with block 0
+    decode_context_lens: torch.Tensor  # [num_decodes] int64 positions cached, the new token included
     prefills: tuple[PrefillChunk, ...]
 
 
@@ -43,21 +47,46 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
         v_cache.index_copy_(0, slot_mapping, v)
 
 
+def decode_slots_and_mask(batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode rows' context as cache slots [B, Lmax] (padded with slot 0) and the mask
+    [B, 1, 1, Lmax] of real, in-window positions: the torch reference gathers through these."""
+    lens, bs = batch.decode_context_lens, batch.block_size
+    longest = int(lens.max())
+    slots = (batch.decode_block_tables.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)[:, :longest]
+    key_pos = torch.arange(longest).unsqueeze(0)
+    mask = key_pos < lens.unsqueeze(1)
+    if batch.window is not None:
+        mask &= key_pos > (lens.unsqueeze(1) - 1 - batch.window)
+    return slots, mask.view(len(lens), 1, 1, longest)
+
+
+def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
+                      scale: float, gqa: bool) -> torch.Tensor:
+    slots, mask = decode_slots_and_mask(batch)
+    keys = k_cache[slots].transpose(1, 2)  # [B, G, L, dk]
+    values = v_cache[slots].transpose(1, 2)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                          enable_gqa=gqa).squeeze(2)
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
     """q: [T, H, dk] -> [T, H, dv], attending to each sequence's cached context (the new tokens
-    must already be written). Heads share key/value heads in groups (GQA/MQA)."""
+    must already be written). Heads share key/value heads in groups (GQA/MQA). Decode rows go
+    through the compiled kernel when it is loaded (it reads the cache in place), else through
+    the torch reference (gather, then SDPA)."""
     num_tokens, num_heads, _ = q.shape
     out = q.new_empty(num_tokens, num_heads, v_cache.shape[-1])
     gqa = num_heads != k_cache.shape[1]
     nd = batch.num_decodes
     if nd:
-        keys = k_cache[batch.decode_slots].transpose(1, 2)  # [B, G, L, dk]
-        values = v_cache[batch.decode_slots].transpose(1, 2)
-        out[:nd] = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
-        ).squeeze(2)
+        ops = cpu_ops() if q.device.type == "cpu" else None
+        if ops is not None:
+            out[:nd] = ops.paged_decode_attention(q[:nd], k_cache, v_cache, batch.decode_block_tables,
+                                                  batch.decode_context_lens, batch.block_size, scale, batch.window or 0)
+        else:
+            out[:nd] = _decode_reference(q[:nd], k_cache, v_cache, batch, scale, gqa)
     for chunk in batch.prefills:
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         keys = k_cache[chunk.context_slots].transpose(0, 1)  # [G, L, dk]

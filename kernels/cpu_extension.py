@@ -1,0 +1,74 @@
+"""Compiled CPU fast paths (kernels/csrc/cpu_ops.cpp), built on first use and cached.
+
+The ops register as torch.ops.moefleet.*; callers ask `cpu_ops()` and use the plain torch
+reference when it returns None (no compiler, a failed build, MOEFLEET_CPU_KERNELS=0, or a
+machine that is not x86/ARM Linux). The build takes ~20 s once per machine and torch version;
+it is cached under $MOEFLEET_CACHE/kernels/<key>, keyed by the source, torch's version and the
+CPU's flags (the code is built for this CPU's vector units, so another CPU rebuilds).
+"""
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_ops.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops": the loaded namespace or None, "why": why not
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build_dir() -> str:
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    root = os.environ.get("MOEFLEET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moefleet"))
+    path = os.path.join(root, "kernels", key)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _load():
+    if os.environ.get("MOEFLEET_CPU_KERNELS", "1") == "0":
+        return None, "disabled by MOEFLEET_CPU_KERNELS=0"
+    if platform.system() != "Linux":
+        return None, f"built only on Linux (this is {platform.system()})"
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is inlined from ATen's headers as an OpenMP region; without it the
+    # ops would run on one thread.
+    load(name="moefleet_cpu_ops", sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=_build_dir(),
+         is_python_module=False, verbose=False)
+    return torch.ops.moefleet, ""
+
+
+def cpu_ops():
+    """torch.ops.moefleet once the extension is loaded (building it if needed), else None."""
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                try:
+                    _state["ops"], _state["why"] = _load()
+                except Exception as exc:  # no compiler, no ninja, a compile error: the references serve
+                    _state["ops"], _state["why"] = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    log.warning("moefleet CPU kernels unavailable, using the torch references (%s)", _state["why"])
+    return _state["ops"]
+
+
+def unavailable_reason() -> str:
+    """Why cpu_ops() is None ('' when the kernels are loaded)."""
+    cpu_ops()
+    return str(_state["why"])

@@ -1,0 +1,73 @@
+"""The compiled CPU kernels (kernels/csrc/cpu_ops.cpp) against their torch references.
+
+A machine with a C++ compiler must build them: the engine's decode attention runs through
+them by default, so a silent fallback would leave the fast path untested."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moefleet.kernels.attention import AttentionBatch, _decode_reference
+from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason
+
+
+def test_kernels_build_where_a_compiler_exists():
+    if shutil.which("c++") is None:
+        pytest.fail("no C++ compiler on PATH: the CPU kernels cannot be built (install g++)")
+    assert cpu_ops() is not None, unavailable_reason()
+
+
+def _paged_case(num_seqs, num_heads, num_kv_heads, dk, dv, block_size, lens, dtype, values_in_keys, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 64
+    keys = torch.randn(num_blocks * block_size, num_kv_heads, dk, generator=gen).to(dtype)
+    values = keys[..., :dv] if values_in_keys else torch.randn(num_blocks * block_size, num_kv_heads, dv, generator=gen).to(dtype)
+    width = max(-(-n // block_size) for n in lens)
+    # Each sequence gets distinct, shuffled blocks, as the block manager hands them out.
+    order = torch.randperm(num_blocks, generator=gen)[: num_seqs * width].view(num_seqs, width)
+    q = torch.randn(num_seqs, num_heads, dk, generator=gen).to(dtype)
+    return q, keys, values, order, torch.tensor(lens, dtype=torch.long)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,dk,dv,values_in_keys", [
+    (8, 4, 32, 32, False),   # GQA
+    (4, 4, 16, 16, False),   # MHA
+    (6, 1, 48, 32, True),    # MLA-style MQA: values are a view of the first dv key entries
+])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_matches_the_reference(num_heads, num_kv_heads, dk, dv, values_in_keys, window, dtype):
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    block_size, lens = 4, [1, 3, 4, 9, 17, 30]
+    q, keys, values, tables, context_lens = _paged_case(len(lens), num_heads, num_kv_heads, dk, dv, block_size, lens,
+                                                        dtype, values_in_keys, seed=num_heads + dk)
+    batch = AttentionBatch(torch.empty(0, dtype=torch.long), len(lens), block_size, window, tables, context_lens, ())
+    scale = dk**-0.5
+    expected = _decode_reference(q.float(), keys.float(), values.float(), batch, scale, num_heads != num_kv_heads)
+    got = ops.paged_decode_attention(q, keys, values, tables, context_lens, block_size, scale, window or 0)
+    assert got.shape == (len(lens), num_heads, dv) and got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_paged_decode_attention_rejects_bad_shapes_with_a_message():
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    q, keys, values, tables, lens = _paged_case(2, 6, 4, 8, 8, 4, [3, 5], torch.float32, False, seed=0)
+    with pytest.raises(RuntimeError, match="not a multiple of kv heads"):
+        ops.paged_decode_attention(q, keys, values, tables, lens, 4, 1.0, 0)
+    q, keys, values, tables, lens = _paged_case(2, 4, 4, 8, 8, 4, [3, 5], torch.float32, False, seed=0)
+    with pytest.raises(RuntimeError, match="does not fit the block table"):
+        ops.paged_decode_attention(q, keys, values, tables, torch.tensor([3, 99]), 4, 1.0, 0)
+
+
+def test_kernels_can_be_turned_off():
+    code = ("from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason;"
+            "assert cpu_ops() is None; print(unavailable_reason())")
+    out = subprocess.run([sys.executable, "-c", code], env={"MOEFLEET_CPU_KERNELS": "0", "PATH": ""},
+                         capture_output=True, text=True, check=True).stdout
+    assert "MOEFLEET_CPU_KERNELS=0" in out
