@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moefleet.kernels.expert_ffn import grouped_swiglu
+from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu
 from moefleet.kernels.linear import Linear
 
 ExpertKey = tuple[int, int]  # (layer, logical expert)
@@ -22,6 +22,7 @@ ExpertKey = tuple[int, int]  # (layer, logical expert)
 class _LayerSlots:
     local_slot: torch.Tensor  # [E] local slot of each logical expert, -1 if absent
     pairs: list[tuple[Linear, Linear]]  # per local slot (gate_up, down)
+    weight_lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None  # the same, for the compiled kernel
 
 
 class ExpertShard:
@@ -71,7 +72,8 @@ class ExpertShard:
         for layer, experts in experts_by_layer.items():
             slots = torch.full((self.num_experts,), -1, dtype=torch.long)
             slots[list(experts)] = torch.arange(len(experts))
-            layers[layer] = _LayerSlots(slots, [self.weights[(layer, e)] for e in experts])
+            pairs = [self.weights[(layer, e)] for e in experts]
+            layers[layer] = _LayerSlots(slots, pairs, expert_weight_lists(pairs))
         self.epochs[epoch] = layers
 
     @property
@@ -121,7 +123,8 @@ class ExpertShard:
         if bool((slots < 0).any()):
             missing = sorted(set(experts[slots < 0].tolist()))
             raise KeyError(f"shard {self.shard_id} holds no copy of layer {layer} experts {missing}")
-        return grouped_swiglu(rows, row_index, slots, weights, slots_of_layer.pairs, rows.shape[0])
+        return grouped_swiglu(rows, row_index, slots, weights, slots_of_layer.pairs, rows.shape[0],
+                              slots_of_layer.weight_lists)
 
     def nbytes(self) -> int:
         return sum(lin.nbytes for pair in self.weights.values() for lin in pair)

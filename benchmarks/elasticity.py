@@ -137,7 +137,7 @@ async def measure(args) -> dict:
     model = default_model_dir("mixtral", args.size)
     fresh = await changes_while_serving(args, model, standby=0, changes=1)
     standby = await changes_while_serving(args, model, standby=args.changes, changes=args.changes,
-                                          rebalances=args.changes)
+                                          rebalances=args.rebalances)
     cold_s = await cold_restart(args, model)
     return {"fresh": fresh, "standby": standby, "cold_restart_s": cold_s}
 
@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--steady-s", type=float, default=4.0)
     parser.add_argument("--after-s", type=float, default=1.5, help="serving after each change, before the next window")
     parser.add_argument("--changes", type=int, default=3, help="add-shard changes in a row with standby shards")
+    parser.add_argument("--rebalances", type=int, default=6,
+                        help="rebalances after the add-shard changes (a change lasts ~2 steps: pool several)")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

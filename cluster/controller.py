@@ -19,13 +19,14 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from moefleet.actors.shard_host import control
 from moefleet.cluster.config import EngineConfig
-from moefleet.cluster.epoch_staging import stage_remote
+from moefleet.cluster.epoch_staging import layout_epochs, stage_remote
 from moefleet.cluster.errors import ControlUnavailableError, InvalidRequestError
 from moefleet.cluster.placement import Placement, placement_to_dict, round_robin_placement
 from moefleet.cluster.placement_planner import imbalance, plan_placement, scale_limits
@@ -357,6 +358,8 @@ class Controller:
         import ray
 
         old_actors, old_names, old_placement = self.shards, self.shard_names, self.placement
+        placement = replace(placement, shard_epochs=layout_epochs(old_placement, old_names, placement, names, lost))
+        restaged = [a for s, a in enumerate(actors) if placement.layout_epoch(s) == placement.epoch]
         started = time.monotonic()
         try:
             reports = stage_remote(old_actors, actors, old_placement, placement, self.engine_config.shard_start_timeout_s,
@@ -370,7 +373,7 @@ class Controller:
         staged = time.monotonic()
         record = self._epoch_record()
         removed = [a for a, n in zip(old_actors, old_names) if n not in names and a is not None]
-        summary = {"epoch": placement.epoch, "reason": reason, "shards": len(names),
+        summary = {"epoch": placement.epoch, "reason": reason, "shards": len(names), "shards_staged": len(restaged),
                    "from_checkpoint": sum(r["from_checkpoint"] for r in reports),
                    "from_peers": sum(r["from_peers"] for r in reports), "stage_s": round(staged - started, 3)}
 
@@ -379,8 +382,8 @@ class Controller:
             summary.update(acks=acks, switch_s=round(time.monotonic() - staged, 3))
             for actor in removed:
                 ray.kill(actor)
-            try:  # free the slots of older epochs (every replica has moved on)
-                ray.get([control(a, "retire_before").remote(placement.epoch) for a in actors], timeout=30)
+            try:  # free the slots of older epochs (every replica has moved on); unstaged shards have none
+                ray.get([control(a, "retire_before").remote(placement.epoch) for a in restaged], timeout=30)
             except Exception as e:
                 log.warning("retiring before epoch %s: %s", placement.epoch, e)
             self._log("epoch-committed", **summary)

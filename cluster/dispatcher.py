@@ -69,7 +69,7 @@ class Dispatcher:
         flat_ids, flat_weights = ids.flatten(), weights.flatten()
         if self.num_shards == 1:
             self.fanout[1] += num_tokens
-            work = [ShardWork(0, layer, hidden, token_index, flat_ids, flat_weights, self.placement.epoch)]
+            work = [ShardWork(0, layer, hidden, token_index, flat_ids, flat_weights, self.placement.layout_epoch(0))]
             return PendingCombine(self.transport.send(work), [None], hidden)
         pair_shard = self.owner[layer][flat_ids]
         if self.replicas[layer]:
@@ -82,7 +82,7 @@ class Dispatcher:
                 continue
             unique_tokens, row_index = torch.unique(token_index[mask], return_inverse=True)
             work.append(ShardWork(shard, layer, hidden[unique_tokens], row_index, flat_ids[mask], flat_weights[mask],
-                                  self.placement.epoch))
+                                  self.placement.layout_epoch(shard)))
             tokens.append(unique_tokens)
         return PendingCombine(self.transport.send(work), tokens, hidden)
 

@@ -4,7 +4,11 @@ store, never through the caller) or else from the checkpoint — and installs th
 slots. Experts a shard already holds stay where they are, untouched.
 
 Shard indices are identities: index i of the new placement is the same shard as index i of the
-old one unless it is listed in `lost` (then a fresh shard takes its place and it is no source)."""
+old one unless it is listed in `lost` (then a fresh shard takes its place and it is no source).
+
+A shard whose experts and slots do not change keeps the slot maps it has (`layout_epochs`), so
+an epoch change calls only the shards it changes: on a busy machine every control call takes
+CPU from serving."""
 
 from collections import defaultdict
 
@@ -35,16 +39,34 @@ def peer_sources(old: Placement | None, new: Placement, lost: set[int] = frozens
     return {t: dict(by_source) for t, by_source in out.items()}
 
 
+def layout_epochs(old: Placement | None, old_names: list[str], new: Placement, new_names: list[str],
+                  lost: set[int] = frozenset()) -> tuple[int, ...]:
+    """Per shard of `new` (named new_names[i]): the epoch of the slot maps it serves `new` with.
+    A shard that served `old` (same name, not lost) with the same experts in the same slots keeps
+    its old layout epoch; any other shard must be staged, under new.epoch."""
+    index_in_old = {name: i for i, name in enumerate(old_names)} if old is not None else {}
+    epochs = []
+    for shard, name in enumerate(new_names):
+        before = index_in_old.get(name)
+        unchanged = (before is not None and before not in lost
+                     and old.experts_of_shard(before) == new.experts_of_shard(shard))
+        epochs.append(old.layout_epoch(before) if unchanged else new.epoch)
+    return tuple(epochs)
+
+
 def stage_remote(old_actors: list, new_actors: list, old: Placement | None, new: Placement, timeout_s: float,
                  lost: set[int] = frozenset(), from_peers: bool = True) -> list[dict]:
-    """Stage `new` on shard actors (new_actors[i] serves index i). Returns each shard's report
-    (experts loaded from the checkpoint and from peers, seconds). Without `from_peers` every
-    expert a shard lacks is read from the checkpoint."""
+    """Stage `new` on the shard actors it changes (new_actors[i] serves index i; a shard whose
+    layout epoch is older than new.epoch keeps its slot maps and is not called). Returns each
+    staged shard's report (experts loaded from the checkpoint and from peers, seconds). Without
+    `from_peers` every expert a shard lacks is read from the checkpoint."""
     import ray
 
     sources = peer_sources(old, new, lost) if from_peers else {}
     calls = []
     for target, actor in enumerate(new_actors):
+        if new.layout_epoch(target) != new.epoch:
+            continue
         exports = [control(old_actors[source], "export").remote(keys)
                    for source, keys in sources.get(target, {}).items()]
         calls.append(control(actor, "stage").remote(new.epoch, new.experts_of_shard(target), *exports))

@@ -10,11 +10,19 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Placement:
     """shard_experts[layer][shard] is the tuple of logical experts that shard holds for that MoE
-    layer, in the order of its physical slots."""
+    layer, in the order of its physical slots. shard_epochs[shard], when given, is the epoch
+    whose slot maps that shard serves this placement with: a shard whose experts did not change
+    keeps the slot maps it already has, so an epoch change need not touch it (None: every shard
+    uses `epoch`)."""
 
     epoch: int
     num_experts: int
     shard_experts: dict[int, tuple[tuple[int, ...], ...]]
+    shard_epochs: tuple[int, ...] | None = None
+
+    def layout_epoch(self, shard: int) -> int:
+        """The epoch of the slot maps requests to `shard` name."""
+        return self.epoch if self.shard_epochs is None else self.shard_epochs[shard]
 
     @property
     def num_shards(self) -> int:
@@ -28,6 +36,10 @@ class Placement:
         return {layer: per_shard[shard] for layer, per_shard in self.shard_experts.items()}
 
     def validate(self) -> None:
+        if self.shard_epochs is not None and (len(self.shard_epochs) != self.num_shards
+                                              or any(e > self.epoch for e in self.shard_epochs)):
+            raise ValueError(f"placement epoch {self.epoch}: shard_epochs {self.shard_epochs} must give each of "
+                             f"{self.num_shards} shards an epoch <= {self.epoch}")
         for layer, per_shard in self.shard_experts.items():
             held = set().union(*map(set, per_shard))
             missing = set(range(self.num_experts)) - held
@@ -58,11 +70,15 @@ def round_robin_placement(
 
 def placement_to_dict(placement: Placement) -> dict:
     """Plain JSON-able form (layer keys become strings in JSON)."""
-    return {"epoch": placement.epoch, "num_experts": placement.num_experts,
+    data = {"epoch": placement.epoch, "num_experts": placement.num_experts,
             "shard_experts": {str(layer): [list(x) for x in shards] for layer, shards in placement.shard_experts.items()}}
+    if placement.shard_epochs is not None:
+        data["shard_epochs"] = list(placement.shard_epochs)
+    return data
 
 
 def placement_from_dict(data: dict) -> Placement:
     return Placement(epoch=int(data["epoch"]), num_experts=int(data["num_experts"]),
                      shard_experts={int(layer): tuple(tuple(x) for x in shards)
-                                    for layer, shards in data["shard_experts"].items()})
+                                    for layer, shards in data["shard_experts"].items()},
+                     shard_epochs=tuple(int(e) for e in data["shard_epochs"]) if data.get("shard_epochs") else None)

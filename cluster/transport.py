@@ -26,7 +26,7 @@ class ShardWork:
     row_index: torch.Tensor
     experts: torch.Tensor
     weights: torch.Tensor
-    epoch: int = 0  # the placement epoch the step was planned under; shards compute with its slots
+    epoch: int = 0  # the epoch of the slot maps this shard serves the step's placement with (layout_epoch)
 
 
 class ShardTraffic:

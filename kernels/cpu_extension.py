@@ -63,7 +63,9 @@ def cpu_ops():
                 try:
                     _state["ops"], _state["why"] = _load()
                 except Exception as exc:  # no compiler, no ninja, a compile error: the references serve
-                    _state["ops"], _state["why"] = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    lines = str(exc).splitlines() or [""]
+                    errors = [line.strip() for line in lines if "error" in line.lower()][-1:]  # the compiler's own words
+                    _state["ops"], _state["why"] = None, f"{type(exc).__name__}: {' / '.join([lines[0][:200]] + errors)}"
                     log.warning("moefleet CPU kernels unavailable, using the torch references (%s)", _state["why"])
     return _state["ops"]
 

@@ -6,6 +6,7 @@ An expert is a pair of linears: gate_up (w13 [2I, D]: gate rows then up rows) an
 import torch
 import torch.nn.functional as F
 
+from moefleet.kernels.cpu_extension import cpu_ops
 from moefleet.kernels.linear import Linear
 
 
@@ -28,6 +29,7 @@ def grouped_swiglu(
     weights: torch.Tensor,
     experts: list[tuple[Linear, Linear]],
     num_tokens: int,
+    weight_lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Weighted sum of expert outputs per token, for a set of (token, expert) pairs.
 
@@ -35,7 +37,14 @@ def grouped_swiglu(
     expert_ids index `experts`). Returns [num_tokens, D]: the pre-reduced partial sum each token
     receives from these experts (unpermute fused with the weighted combine). Each busy expert
     reads its weights once for all its rows.
+
+    `weight_lists` (every expert's gate_up and down weights, none with a bias: see
+    `expert_weight_lists`) lets the compiled CPU kernel run the whole thing in one call.
     """
+    if weight_lists is not None and hidden.device.type == "cpu":
+        ops = cpu_ops()
+        if ops is not None:
+            return ops.grouped_swiglu(hidden, token_index, expert_ids, weights, weight_lists[0], weight_lists[1], num_tokens)
     out = hidden.new_zeros(num_tokens, hidden.shape[-1])
     if expert_ids.numel() == 0:
         return out
@@ -50,3 +59,11 @@ def grouped_swiglu(
     expert_out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     out.index_add_(0, sorted_tokens, expert_out * weights[order].to(hidden.dtype).unsqueeze(-1))
     return out
+
+
+def expert_weight_lists(experts: list[tuple[Linear, Linear]]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The experts' (gate_up, down) weights as two lists for the compiled kernel; None when one
+    has a bias (the kernel computes bias-free experts, as every supported architecture has)."""
+    if any(linear.bias is not None for pair in experts for linear in pair):
+        return None
+    return [gate_up.weight for gate_up, _ in experts], [down.weight for _, down in experts]

@@ -6,13 +6,14 @@
 // Why C++ here: on a CPU, a decode step of a small model is bound by per-op overhead (Python
 // and dispatch, a few microseconds each) and by copies the torch formulation needs (gathering
 // every sequence's context out of the paged cache before attending). These ops read the paged
-// cache in place.
+// cache in place, and run a shard's experts for a step in one call.
 //
 // Shape legend: B sequences, H query heads, G key/value heads, S cache slots, W blocks per
 // table, T tokens, N columns.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -153,14 +154,101 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// y = x @ w.T with w either a oneDNN-prepacked weight (kernels/linear.py packs them on CPU) or a
+// plain [N, K] tensor. The packed op is reached through the dispatcher, as Python reaches it.
+at::Tensor packed_or_plain_linear(const at::Tensor& x, const at::Tensor& w) {
+  if (!w.is_mkldnn()) return at::linear(x, w);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, w, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+template <typename scalar_t>
+void scatter_weighted_rows(const at::Tensor& expert_out, const int64_t* rows, const float* row_weights,
+                           at::Tensor& out) {
+  const int64_t count = expert_out.size(0), D = expert_out.size(1);
+  const scalar_t* src = expert_out.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    // Rounded to the output dtype before the add, as `index_add_(expert_out * weight)` does.
+    const scalar_t w = static_cast<scalar_t>(row_weights[i]);
+    scalar_t* o = dst + rows[i] * D;
+    const scalar_t* e = src + i * D;
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(o[c] + static_cast<scalar_t>(e[c] * w));
+  }
+}
+
+// The experts of one shard for one step: hidden [R, D]; row_index, slots (local expert slot),
+// weights (float): [N], one per (token, expert) pair; w13[s] [2I, D] and w2[s] [D, I] per slot.
+// Returns [num_rows, D]: each row's weighted sum over its pairs' experts. Pairs are grouped by
+// slot in a stable counting sort, so every row accumulates in the order the torch reference
+// (kernels.expert_ffn.grouped_swiglu) does; each busy expert reads its weights once.
+at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index, const at::Tensor& slots,
+                          const at::Tensor& weights, at::TensorList w13, at::TensorList w2, int64_t num_rows) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be [R, D]");
+  TORCH_CHECK(w13.size() == w2.size(), "w13 and w2 need one weight per slot");
+  TORCH_CHECK(row_index.scalar_type() == at::kLong && slots.scalar_type() == at::kLong,
+              "row_index and slots must be int64");
+  const auto x = hidden.contiguous();
+  const auto rows = row_index.contiguous();
+  const auto slot = slots.contiguous();
+  const auto weight = weights.to(at::kFloat).contiguous();
+  const int64_t N = slot.numel(), E = static_cast<int64_t>(w13.size());
+  TORCH_CHECK(rows.numel() == N && weight.numel() == N, "row_index, slots and weights need one entry per pair");
+  auto out = at::zeros({num_rows, x.size(1)}, x.options());
+  if (N == 0) return out;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  const float* wp = weight.data_ptr<float>();
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < E, "slot ", sp[i], " outside [0, ", E, ")");
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < x.size(0), "row ", rp[i], " outside [0, ", x.size(0), ")");
+    ++start[sp[i] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> sorted_rows(N), fill(start.begin(), start.end() - 1);
+  std::vector<float> sorted_weights(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t at = fill[sp[i]]++;
+    sorted_rows[at] = rp[i];
+    sorted_weights[at] = wp[i];
+  }
+  const auto index = at::from_blob(sorted_rows.data(), {N}, at::kLong);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t count = start[e + 1] - start[e];
+    if (count == 0) continue;
+    const auto expert_rows = x.index_select(0, index.narrow(0, start[e], count));
+    const auto gate_up = packed_or_plain_linear(expert_rows, w13[e]);
+    const int64_t I = gate_up.size(1) / 2;
+    const auto act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));
+    const auto expert_out = packed_or_plain_linear(act, w2[e]).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "grouped_swiglu", [&] {
+      scatter_weighted_rows<scalar_t>(expert_out, sorted_rows.data() + start[e], sorted_weights.data() + start[e], out);
+    });
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace moefleet
 
 TORCH_LIBRARY(moefleet, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "int block_size, float scale, int window) -> Tensor");
+  m.def("grouped_swiglu(Tensor hidden, Tensor row_index, Tensor slots, Tensor weights, Tensor[] w13, Tensor[] w2, "
+        "int num_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moefleet, CPU, m) {
   m.impl("paged_decode_attention", &moefleet::paged_decode_attention);
+}
+
+// The expert weights are oneDNN-packed tensors (dispatch key MkldnnCPU) or plain CPU tensors:
+// one kernel for every backend key, as the op calls ATen for the backend-specific parts.
+TORCH_LIBRARY_IMPL(moefleet, CompositeExplicitAutograd, m) {
+  m.impl("grouped_swiglu", &moefleet::grouped_swiglu);
 }

@@ -12,6 +12,8 @@ import torch
 
 from moefleet.kernels.attention import AttentionBatch, _decode_reference
 from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason
+from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu
+from moefleet.kernels.linear import Linear
 
 
 def test_kernels_build_where_a_compiler_exists():
@@ -71,3 +73,32 @@ def test_kernels_can_be_turned_off():
     out = subprocess.run([sys.executable, "-c", code], env={"MOEFLEET_CPU_KERNELS": "0", "PATH": ""},
                          capture_output=True, text=True, check=True).stdout
     assert "MOEFLEET_CPU_KERNELS=0" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_pairs", [0, 1, 7, 40])
+def test_grouped_swiglu_matches_the_reference(dtype, num_pairs):
+    """The fused expert kernel (one call per shard and layer) against the torch loop, with
+    oneDNN-packed weights (as shards hold them) and experts that get no rows."""
+    assert cpu_ops() is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(num_pairs)
+    d, inter, num_slots, num_rows = 16, 24, 5, 9
+    experts = [(Linear((torch.randn(2 * inter, d, generator=gen) * 0.2).to(dtype)),
+                Linear((torch.randn(d, inter, generator=gen) * 0.2).to(dtype))) for _ in range(num_slots)]
+    hidden = torch.randn(num_rows, d, generator=gen).to(dtype)
+    rows = torch.randint(0, num_rows, (num_pairs,), generator=gen)
+    slots = torch.randint(0, num_slots - 1, (num_pairs,), generator=gen)  # the last slot stays idle
+    weights = torch.rand(num_pairs, generator=gen)
+    reference = grouped_swiglu(hidden, rows, slots, weights, experts, num_rows)
+    fused = grouped_swiglu(hidden, rows, slots, weights, experts, num_rows, expert_weight_lists(experts))
+    assert fused.dtype == dtype and fused.shape == (num_rows, d)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused, reference, atol=tolerance, rtol=tolerance)
+
+
+def test_grouped_swiglu_rejects_slots_it_does_not_hold():
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    w13, w2 = [torch.randn(8, 4)], [torch.randn(4, 4)]
+    with pytest.raises(RuntimeError, match="slot 3 outside"):
+        ops.grouped_swiglu(torch.randn(2, 4), torch.tensor([0]), torch.tensor([3]), torch.tensor([1.0]), w13, w2, 2)
