@@ -67,11 +67,18 @@ def _plan_layer(load: np.ndarray, current: tuple[tuple[int, ...], ...] | None, l
             holders.setdefault(e, []).append(s)
     # One pass, heaviest copy first: stay on a shard that already holds the expert while that
     # shard keeps within the target load; otherwise the least loaded shard with a free slot
-    # (longest-processing-time packing).
+    # (longest-processing-time packing). An extra copy never takes a slot that an expert with no
+    # copy yet still needs, and is dropped when only shards already holding its expert have room
+    # (greedy packing can end there): every expert always gets a slot.
+    without_copy, free_slots = set(range(num_experts)), sum(slots)
     for weight, e in items:
         free = [s for s in range(num_shards) if len(held[s]) < slots[s] and e not in held[s]]
+        if e not in without_copy and (not free or free_slots - 1 < len(without_copy)):
+            continue
         if not free:
             raise ValueError(f"no shard has a free slot for expert {e}: slots {slots} for {num_experts} experts")
+        without_copy.discard(e)
+        free_slots -= 1
         staying = [s for s in holders.get(e, []) if s in free and shard_load[s] + weight <= target + 1e-9]
         s = staying[0] if staying else min(free, key=lambda c: (shard_load[c], len(held[c]), c))
         if s in holders.get(e, []):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moefleet.cluster.placement import Placement, round_robin_placement
-from moefleet.cluster.placement_planner import ExpertMove, PlacementLimits, diff, imbalance, plan_placement
+from moefleet.cluster.placement_planner import ExpertMove, PlacementLimits, diff, imbalance, plan_placement, scale_limits
 
 
 def test_balanced_packing_golden():
@@ -49,3 +49,16 @@ def test_diff_golden_scale_out_loads_from_peers_then_frees():
     new = Placement(epoch=1, num_experts=4, shard_experts={0: ((0, 1), (2, 3))})
     assert diff(old, new) == [ExpertMove(0, 2, 1, "load", 0), ExpertMove(0, 3, 1, "load", 0),
                               ExpertMove(0, 2, 0, "free"), ExpertMove(0, 3, 0, "free")]
+
+
+def test_greedy_dead_end_drops_an_extra_copy_instead_of_failing():
+    """Found by the soak test: with 3 shards of 4 slots, heaviest-first packing reached expert 6's
+    second copy when only the shard holding its first copy had room. The extra copy is dropped;
+    every expert keeps a slot."""
+    current = round_robin_placement([0], 8, 3)
+    load = np.array([[808, 928, 943, 373, 381, 464, 624, 346]])
+    placed = plan_placement(load, current, [0], scale_limits(8, 3, spare_per_shard=1))
+    per_shard = placed.shard_experts[0]
+    assert all(len(experts) <= 4 for experts in per_shard)
+    assert set().union(*map(set, per_shard)) == set(range(8))
+    assert [len(placed.holders(0, e)) for e in (1, 2)] == [2, 2]  # the hottest still get their copies
