@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moefleet.kernels.cpu_extension import cpu_ops
+from moefleet.kernels.rotary import apply_rotary
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,20 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
     k_cache.index_copy_(0, slot_mapping, k)
     if v_cache.data_ptr() != k_cache.data_ptr():
         v_cache.index_copy_(0, slot_mapping, v)
+
+
+def rotate_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotary on q [T, H, d] and k [T, G, d], then k and v [T, G, dv] into their cache slots.
+    Returns the rotated q. One compiled call on CPU for the rotate-half layout."""
+    ops = cpu_ops() if q.device.type == "cpu" and not interleaved else None
+    if ops is not None:
+        ops.rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        return q
+    q, k = apply_rotary(q, cos, sin, interleaved), apply_rotary(k, cos, sin, interleaved)
+    write_kv(k_cache, v_cache, slot_mapping, k, v)
+    return q
 
 
 def decode_slots_and_mask(batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moefleet.kernels.attention import AttentionBatch, paged_attention, write_kv
+from moefleet.kernels.attention import AttentionBatch, paged_attention, rotate_and_write_kv, write_kv
 from moefleet.kernels.linear import Linear
 from moefleet.kernels.norms import rms_norm
 from moefleet.kernels.rotary import apply_rotary
@@ -79,8 +79,7 @@ class GQAAttention:
         q, k, v = q.view(t, self.h, self.hd), k.view(t, self.g, self.hd), v.view(t, self.g, self.hd)
         if self.qk_norm == "per_head":
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        q, k = apply_rotary(q, cos, sin, self.interleaved), apply_rotary(k, cos, sin, self.interleaved)
-        write_kv(k_cache, v_cache, batch.slot_mapping, k, v)
+        q = rotate_and_write_kv(q, k, v, cos, sin, self.interleaved, k_cache, v_cache, batch.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, batch, self.scale)
         return self.o(out.reshape(t, -1))
 

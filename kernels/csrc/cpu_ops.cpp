@@ -154,6 +154,67 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// Rotate-half ("neox") rotary on one head vector, rounded op by op as the torch reference
+// (x * cos + rotate_half(x) * sin) rounds it, so float32 and bf16 results match it.
+template <typename scalar_t>
+inline void rotate_half(const scalar_t* x, const scalar_t* cos, const scalar_t* sin, scalar_t* out, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t c = 0; c < d; ++c) {
+    const scalar_t rotated = c < half ? static_cast<scalar_t>(-x[c + half]) : x[c - half];
+    const scalar_t a = static_cast<scalar_t>(x[c] * cos[c]);
+    const scalar_t b = static_cast<scalar_t>(rotated * sin[c]);
+    out[c] = static_cast<scalar_t>(a + b);
+  }
+}
+
+// One step's new tokens: q [T, H, d] rotated in place; k [T, G, d] rotated and v [T, G, dv]
+// copied into the cache slots slot_mapping [T] of k_cache [S, G, d] and v_cache [S, G, dv].
+// cos, sin: [T, d] (or [T, 1, d]) in q's dtype. Replaces ~14 small ops per layer.
+void rotary_and_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& slot_mapping) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [T, heads, dim]");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && k_cache.stride(2) == 1 &&
+                  v_cache.stride(2) == 1, "the last dim of q, k, v and the caches must be contiguous");
+  const int64_t T = q.size(0), H = q.size(1), d = q.size(2), G = k.size(1), dv = v.size(2);
+  TORCH_CHECK(d % 2 == 0 && k.size(2) == d, "q and k need the same even head dim");
+  TORCH_CHECK(k_cache.size(1) == G && k_cache.size(2) == d && v_cache.size(1) == G && v_cache.size(2) == dv,
+              "cache shapes do not match k and v");
+  const auto c = cos.contiguous().view({T, d});
+  const auto s = sin.contiguous().view({T, d});
+  const auto slots = slot_mapping.contiguous();
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == T, "slot_mapping must be int64 [T]");
+  TORCH_CHECK(c.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type() &&
+                  k_cache.scalar_type() == q.scalar_type(), "q, k, cos, sin and the cache must share a dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_and_write_kv", [&] {
+    scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t num_slots = k_cache.size(0);
+    std::vector<scalar_t> head(d);
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "cache slot ", slot[t], " outside [0, ", num_slots, ")");
+      const scalar_t* ct = cp + t * d;
+      const scalar_t* st = sp + t * d;
+      for (int64_t h = 0; h < H; ++h) {
+        scalar_t* x = qp + t * q.stride(0) + h * q.stride(1);
+        rotate_half(x, ct, st, head.data(), d);
+        std::copy(head.begin(), head.end(), x);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        rotate_half(kp + t * k.stride(0) + g * k.stride(1), ct, st, kc + slot[t] * k_cache.stride(0) + g * k_cache.stride(1), d);
+        const scalar_t* vs = vp + t * v.stride(0) + g * v.stride(1);
+        std::copy(vs, vs + dv, vc + slot[t] * v_cache.stride(0) + g * v_cache.stride(1));
+      }
+    }
+  });
+}
+
 // y = x @ w.T with w either a oneDNN-prepacked weight (kernels/linear.py packs them on CPU) or a
 // plain [N, K] tensor. The packed op is reached through the dispatcher, as Python reaches it.
 at::Tensor packed_or_plain_linear(const at::Tensor& x, const at::Tensor& w) {
@@ -239,12 +300,15 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
 TORCH_LIBRARY(moefleet, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "int block_size, float scale, int window) -> Tensor");
+  m.def("rotary_and_write_kv(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
   m.def("grouped_swiglu(Tensor hidden, Tensor row_index, Tensor slots, Tensor weights, Tensor[] w13, Tensor[] w2, "
         "int num_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moefleet, CPU, m) {
   m.impl("paged_decode_attention", &moefleet::paged_decode_attention);
+  m.impl("rotary_and_write_kv", &moefleet::rotary_and_write_kv);
 }
 
 // The expert weights are oneDNN-packed tensors (dispatch key MkldnnCPU) or plain CPU tensors:

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from moefleet.kernels.attention import AttentionBatch, _decode_reference
+from moefleet.kernels.attention import AttentionBatch, _decode_reference, rotate_and_write_kv, write_kv
+from moefleet.kernels.rotary import apply_rotary
 from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason
 from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu
 from moefleet.kernels.linear import Linear
@@ -102,3 +103,29 @@ def test_grouped_swiglu_rejects_slots_it_does_not_hold():
     w13, w2 = [torch.randn(8, 4)], [torch.randn(4, 4)]
     with pytest.raises(RuntimeError, match="slot 3 outside"):
         ops.grouped_swiglu(torch.randn(2, 4), torch.tensor([0]), torch.tensor([3]), torch.tensor([1.0]), w13, w2, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_and_cache_write_match_the_reference(dtype):
+    """One call rotates q in place and writes rotated k and v into their slots, as apply_rotary
+    and write_kv do; q and k are views into one fused qkv output, as the attention layer has them."""
+    assert cpu_ops() is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(1)
+    tokens, heads, kv_heads, dim, slots = 5, 4, 2, 8, 32
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    angles = torch.rand(tokens, 1, dim, generator=gen) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slot_mapping = torch.tensor([3, 17, 0, 31, 8])
+    results = []
+    for use_reference in (True, False):
+        q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+        caches = torch.zeros(slots, kv_heads, dim, dtype=dtype), torch.zeros(slots, kv_heads, dim, dtype=dtype)
+        if use_reference:
+            q, k = apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
+            write_kv(*caches, slot_mapping, k, v)
+        else:
+            q = rotate_and_write_kv(q, k, v, cos, sin, False, *caches, slot_mapping)
+        results.append((q.clone(), *caches))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
