@@ -2,7 +2,12 @@
 
 A full block is identified by a hash chained over all tokens up to its end, so two sequences
 with the same prefix share the same physical blocks. Freed blocks keep their hash and stay
-reusable until they are handed out again (least recently freed first)."""
+reusable until they are handed out again (least recently freed first).
+
+New blocks come first from the freed blocks that carry no prefix (most recently freed first:
+their memory is mapped and warm in cache), then from the cached prefixes, oldest first. The KV
+cache's pages are mapped by the OS on first touch, and writing a never-used block faulted ~10x
+slower than a reused one here (164 us against 16 us for one step's 64 tokens)."""
 
 from collections import OrderedDict
 
@@ -16,11 +21,12 @@ class BlockManager:
         self.ref_count = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # chained hash -> block id
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.free_plain: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() is the next block
+        self.free_cached: OrderedDict[int, None] = OrderedDict()  # free blocks still holding a prefix, by age
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free_plain) + len(self.free_cached)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -30,8 +36,9 @@ class BlockManager:
         return hash((previous, tuple(tokens)))
 
     def _take_new(self) -> int:
-        """The least recently freed block; a prefix-cache entry it still carried is forgotten."""
-        block, _ = self.free.popitem(last=False)
+        """The most recently freed block without a prefix, else the least recently freed cached
+        prefix block (its prefix-cache entry is forgotten)."""
+        block = self.free_plain.pop() if self.free_plain else self.free_cached.popitem(last=False)[0]
         old = self.block_hash[block]
         if old is not None and self.cached.get(old) == block:
             del self.cached[old]
@@ -65,7 +72,7 @@ class BlockManager:
             return False
         for block in hits:
             if self.ref_count[block] == 0:
-                del self.free[block]
+                del self.free_cached[block]
             self.ref_count[block] += 1
         seq.block_table = hits + [self._take_new() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
         seq.block_hashes = []
@@ -99,7 +106,10 @@ class BlockManager:
         for block in reversed(seq.block_table):
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
-                self.free[block] = None
+                if self.block_hash[block] is None:
+                    self.free_plain.append(block)
+                else:
+                    self.free_cached[block] = None
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0

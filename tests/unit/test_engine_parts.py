@@ -33,6 +33,28 @@ def test_block_manager_shares_prefix_blocks_and_frees_them():
     assert c.num_computed_tokens == 4 and c.block_table[0] == first_block
 
 
+def test_block_manager_reuses_warm_blocks_before_cached_prefixes():
+    """Blocks without a prefix come back most recently freed first (their pages are mapped and
+    warm); cached prefix blocks are taken last, oldest first, and forget their prefix."""
+    blocks = BlockManager(num_blocks=6, block_size=2)
+    a = Sequence("a", None, [1, 2, 3, 4, 5], SamplingParams())  # 3 blocks: two full, one partial
+    blocks.allocate(a)
+    assert a.block_table == [0, 1, 2]
+    a.num_computed_tokens = 5
+    blocks.register_full_blocks(a)
+    blocks.free_sequence(a)  # blocks 0 and 1 keep the prefix; block 2 holds none
+    b = Sequence("b", None, [9, 8, 7, 6, 5, 4, 3], SamplingParams())  # 4 blocks
+    blocks.allocate(b)
+    assert b.block_table == [2, 3, 4, 5]  # the warm block first, never-used ones next, prefixes kept
+    c = Sequence("c", None, [7, 7, 7], SamplingParams())  # 2 blocks: only the prefix blocks are left
+    blocks.allocate(c)
+    assert c.block_table == [1, 0] and c.num_computed_tokens == 0  # a prefix's tail goes before its head
+    blocks.free_sequence(c)
+    d = Sequence("d", None, [1, 2, 3, 4, 5], SamplingParams())
+    blocks.allocate(d)
+    assert d.num_computed_tokens == 0  # a's prefix was forgotten when its blocks were taken
+
+
 def test_placement_rejects_lost_experts():
     with pytest.raises(ValueError, match="layer 0 has no shard for experts \\[3\\]"):
         Placement(epoch=1, num_experts=4, shard_experts={0: ((0, 1), (2,))}).validate()
