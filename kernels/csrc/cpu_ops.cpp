@@ -279,16 +279,48 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
     sorted_weights[at] = wp[i];
   }
   const auto index = at::from_blob(sorted_rows.data(), {N}, at::kLong);
+  std::vector<int64_t> busy;
+  int64_t most = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t count = start[e + 1] - start[e];
-    if (count == 0) continue;
-    const auto expert_rows = x.index_select(0, index.narrow(0, start[e], count));
+    if (count > 0) busy.push_back(e);
+    most = std::max(most, count);
+  }
+  std::vector<at::Tensor> outputs(E);
+  auto run_expert = [&](int64_t e) {
+    const auto expert_rows = x.index_select(0, index.narrow(0, start[e], start[e + 1] - start[e]));
     const auto gate_up = packed_or_plain_linear(expert_rows, w13[e]);
     const int64_t I = gate_up.size(1) / 2;
     const auto act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));
-    const auto expert_out = packed_or_plain_linear(act, w2[e]).contiguous();
+    outputs[e] = packed_or_plain_linear(act, w2[e]).contiguous();
+  };
+  // Decode steps give each expert a few rows: splitting each small matmul over the threads costs
+  // a barrier per matmul, so the threads take whole experts instead (longest first, each to the
+  // least loaded thread), unless one expert outweighs a thread's fair share of the rows.
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(busy.size()));
+  if (threads > 1 && most * threads <= N) {
+    std::sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) {
+      return start[a + 1] - start[a] > start[b + 1] - start[b];
+    });
+    std::vector<std::vector<int64_t>> share(threads);
+    std::vector<int64_t> rows_of(threads, 0);
+    for (const int64_t e : busy) {
+      const auto t = std::min_element(rows_of.begin(), rows_of.end()) - rows_of.begin();
+      share[t].push_back(e);
+      rows_of[t] += start[e + 1] - start[e];
+    }
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (const int64_t e : share[t]) run_expert(e);
+    });
+  } else {
+    for (const int64_t e : busy) run_expert(e);
+  }
+  // Summed in slot order, as the reference does, whichever thread computed an expert.
+  for (int64_t e = 0; e < E; ++e) {
+    if (!outputs[e].defined()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "grouped_swiglu", [&] {
-      scatter_weighted_rows<scalar_t>(expert_out, sorted_rows.data() + start[e], sorted_weights.data() + start[e], out);
+      scatter_weighted_rows<scalar_t>(outputs[e], sorted_rows.data() + start[e], sorted_weights.data() + start[e], out);
     });
   }
   return out;

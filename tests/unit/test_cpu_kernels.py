@@ -76,9 +76,18 @@ def test_kernels_can_be_turned_off():
     assert "MOEFLEET_CPU_KERNELS=0" in out
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """With 2 threads the kernel hands whole experts to threads; with 1 it runs them in turn."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_pairs", [0, 1, 7, 40])
-def test_grouped_swiglu_matches_the_reference(dtype, num_pairs):
+def test_grouped_swiglu_matches_the_reference(dtype, num_pairs, torch_threads):
     """The fused expert kernel (one call per shard and layer) against the torch loop, with
     oneDNN-packed weights (as shards hold them) and experts that get no rows."""
     assert cpu_ops() is not None, unavailable_reason()
