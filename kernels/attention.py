@@ -102,7 +102,10 @@ def paged_attention(
                                                   batch.decode_context_lens, batch.block_size, scale, batch.window or 0)
         else:
             out[:nd] = _decode_reference(q[:nd], k_cache, v_cache, batch, scale, gqa)
-    for chunk in batch.prefills:
+    whole, partial = _whole_prompt_groups(batch)
+    for chunks in whole:
+        _attend_whole_prompts(q, k_cache, v_cache, chunks, scale, gqa, out)
+    for chunk in partial:
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         keys = k_cache[chunk.context_slots].transpose(0, 1)  # [G, L, dk]
         values = v_cache[chunk.context_slots].transpose(0, 1)
@@ -110,3 +113,28 @@ def paged_attention(
             q[rows].transpose(0, 1), keys, values, attn_mask=chunk.causal_mask, scale=scale, enable_gqa=gqa
         ).transpose(0, 1)
     return out
+
+
+def _whole_prompt_groups(batch: AttentionBatch) -> tuple[list[list[PrefillChunk]], list[PrefillChunk]]:
+    """Prefill chunks that are whole prompts (nothing cached before them, no window cutting into
+    them), grouped by length; and the rest. A group attends in one causal SDPA call: batched, and
+    on torch's flash path, where a chunk with an explicit mask takes the math path on its own."""
+    groups: dict[int, list[PrefillChunk]] = {}
+    partial = []
+    for chunk in batch.prefills:
+        if chunk.q_len == chunk.context_len and (batch.window is None or chunk.q_len <= batch.window):
+            groups.setdefault(chunk.q_len, []).append(chunk)
+        else:
+            partial.append(chunk)
+    return list(groups.values()), partial
+
+
+def _attend_whole_prompts(q, k_cache, v_cache, chunks: list[PrefillChunk], scale: float, gqa: bool, out) -> None:
+    length = chunks[0].q_len
+    rows = torch.cat([torch.arange(c.q_start, c.q_start + length) for c in chunks])  # [B * L]
+    slots = torch.stack([c.context_slots for c in chunks])  # [B, L]
+    queries = q[rows].view(len(chunks), length, *q.shape[1:]).transpose(1, 2)  # [B, H, L, dk]
+    keys = k_cache[slots].transpose(1, 2)  # [B, G, L, dk]
+    values = v_cache[slots].transpose(1, 2)
+    attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    out[rows] = attended.transpose(1, 2).reshape(len(chunks) * length, *out.shape[1:])

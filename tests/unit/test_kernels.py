@@ -74,3 +74,32 @@ def test_interleaved_rotary_is_a_rotation_of_pairs():
         y = apply_rotary(x, cos, sin, interleaved)
         assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # rotations keep norms
     assert torch.allclose(apply_rotary(x[:1], cos[:1], sin[:1], False), x[:1])  # position 0 is the identity
+
+
+def test_whole_prompts_attend_in_one_causal_call_like_masked_chunks():
+    """Prefill chunks that are whole prompts share one causal SDPA call per length; the result
+    equals attending each chunk alone with its explicit mask (partial chunks keep that path)."""
+    from moefleet.kernels.attention import AttentionBatch, PrefillChunk, paged_attention
+
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, slots = 4, 2, 8, 64
+    k_cache, v_cache = torch.randn(slots, kv_heads, dim, generator=gen), torch.randn(slots, kv_heads, dim, generator=gen)
+    layout = [(0, 5, 5), (5, 5, 5), (10, 3, 3), (13, 2, 6), (15, 5, 5)]  # (q_start, q_len, context_len)
+    chunks, used = [], 0
+    for q_start, q_len, ctx in layout:
+        context = torch.arange(used, used + ctx)
+        used += ctx
+        q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
+        chunks.append(PrefillChunk(q_start, q_len, ctx, context, torch.arange(ctx).unsqueeze(0) <= q_pos))
+    q = torch.randn(20, heads, dim, generator=gen)
+    empty = torch.empty(0, 0, dtype=torch.long)
+    batch = AttentionBatch(torch.empty(0, dtype=torch.long), 0, 4, None, empty, torch.empty(0, dtype=torch.long), tuple(chunks))
+    got = paged_attention(q, k_cache, v_cache, batch, 0.3)
+    for chunk in chunks:
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        # The same chunk with one extra, masked-out key is no whole prompt: the explicit-mask path.
+        masked = PrefillChunk(chunk.q_start, chunk.q_len, chunk.context_len + 1, torch.cat([chunk.context_slots, torch.tensor([63])]),
+                              torch.cat([chunk.causal_mask, torch.zeros(chunk.q_len, 1, dtype=torch.bool)], dim=1))
+        expected = paged_attention(q, k_cache, v_cache, AttentionBatch(batch.slot_mapping, 0, 4, None, empty,
+                                                                       batch.decode_context_lens, (masked,)), 0.3)
+        torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
