@@ -215,6 +215,41 @@ void rotary_and_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Ten
   });
 }
 
+// RMSNorm as the references compute it: in float32, rounded to x's dtype, then times the
+// weight in that dtype. x [..., D], weight [D] -> x's shape. One call instead of ~8 small ops;
+// torch's own rms_norm took 10 us for one row of 256 and ~80 us for 16 rows of 768 here.
+template <typename scalar_t>
+void rms_norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t rows, int64_t D, float eps) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const scalar_t* xt = x + t * D;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < D; ++c) sum += to_float(xt[c]) * to_float(xt[c]);
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+    scalar_t* ot = out + t * D;
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) ot[c] = static_cast<scalar_t>(w[c] * static_cast<scalar_t>(to_float(xt[c]) * inv));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.size(-1) == weight.numel(), "rms_norm: weight has ", weight.numel(), " entries for rows of ", x.size(-1));
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
+  const auto xc = x.contiguous();
+  const auto wc = weight.contiguous();
+  auto out = at::empty_like(xc);
+  const int64_t D = x.size(-1), rows = D ? xc.numel() / D : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* wp = wc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+      rms_norm_rows(xp + begin * D, wp, op + begin * D, end - begin, D, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
 // y = x @ w.T with w either a oneDNN-prepacked weight (kernels/linear.py packs them on CPU) or a
 // plain [N, K] tensor. The packed op is reached through the dispatcher, as Python reaches it.
 at::Tensor packed_or_plain_linear(const at::Tensor& x, const at::Tensor& w) {
@@ -332,6 +367,7 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
 TORCH_LIBRARY(moefleet, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "int block_size, float scale, int window) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotary_and_write_kv(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
   m.def("grouped_swiglu(Tensor hidden, Tensor row_index, Tensor slots, Tensor weights, Tensor[] w13, Tensor[] w2, "
@@ -341,6 +377,7 @@ TORCH_LIBRARY(moefleet, m) {
 TORCH_LIBRARY_IMPL(moefleet, CPU, m) {
   m.impl("paged_decode_attention", &moefleet::paged_decode_attention);
   m.impl("rotary_and_write_kv", &moefleet::rotary_and_write_kv);
+  m.impl("rms_norm", &moefleet::rms_norm);
 }
 
 // The expert weights are oneDNN-packed tensors (dispatch key MkldnnCPU) or plain CPU tensors:

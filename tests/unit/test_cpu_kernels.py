@@ -15,6 +15,7 @@ from moefleet.kernels.rotary import apply_rotary
 from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason
 from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu
 from moefleet.kernels.linear import Linear
+from moefleet.kernels.norms import rms_norm, rms_norm_reference
 
 
 def test_kernels_build_where_a_compiler_exists():
@@ -138,3 +139,15 @@ def test_rotary_and_cache_write_match_the_reference(dtype):
         results.append((q.clone(), *caches))
     for expected, got in zip(*results):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 256), (16, 768), (3, 4, 32)])
+def test_rms_norm_matches_the_reference(dtype, shape, torch_threads):
+    assert cpu_ops() is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(shape[0])
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    weight = torch.rand(shape[-1], generator=gen).to(dtype)
+    got = rms_norm(x, weight, 1e-6)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, rms_norm_reference(x, weight, 1e-6), atol=tolerance, rtol=tolerance)
