@@ -30,10 +30,18 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+# -fopenmp: at::parallel_for is inlined from ATen's headers as an OpenMP region; without it the
+# ops would run on one thread.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_LDFLAGS = ["-fopenmp"]
+_LIBRARY = "moefleet_cpu_ops"
+
+
 def _build_dir() -> str:
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key_parts = [source, torch.__version__.encode(), _cpu_flags().encode(), " ".join(_CFLAGS + _LDFLAGS).encode()]
+    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     root = os.environ.get("MOEFLEET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moefleet"))
     path = os.path.join(root, "kernels", key)
     os.makedirs(path, exist_ok=True)
@@ -45,13 +53,19 @@ def _load():
         return None, "disabled by MOEFLEET_CPU_KERNELS=0"
     if platform.system() != "Linux":
         return None, f"built only on Linux (this is {platform.system()})"
-    from torch.utils.cpp_extension import load
+    build_dir = _build_dir()
+    # A finished build is loaded directly: torch's loader re-runs ninja under a file lock even
+    # when nothing changed, which took seconds when a replica and its shards started together.
+    finished = os.path.join(build_dir, "finished")
+    if os.path.exists(finished):
+        torch.ops.load_library(os.path.join(build_dir, f"{_LIBRARY}.so"))
+    else:
+        from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
-    # -fopenmp: at::parallel_for is inlined from ATen's headers as an OpenMP region; without it the
-    # ops would run on one thread.
-    load(name="moefleet_cpu_ops", sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=_build_dir(),
-         is_python_module=False, verbose=False)
+        load(name=_LIBRARY, sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir,
+             is_python_module=False, verbose=False)
+        with open(finished, "w") as f:  # after the link: the library is whole
+            f.write(torch.__version__)
     return torch.ops.moefleet, ""
 
 
