@@ -112,7 +112,8 @@ async def changes_while_serving(args, model: str, standby: int, changes: int, re
                         "during_tokens": during_tokens,
                         "steady_p99_s": steady_p99, "during_p99_s": during_p99, "during_steps": during_steps,
                         "stage_s": summary["stage_s"], "switch_s": summary["switch_s"],
-                        "from_peers": summary["from_peers"], "from_checkpoint": summary["from_checkpoint"]})
+                        "from_peers": summary["from_peers"], "from_checkpoint": summary["from_checkpoint"],
+                        "shards_staged": summary["shards_staged"]})
     return results
 
 
@@ -171,21 +172,22 @@ def main() -> None:
             name, vs_cold = f"rebalance {m['shards']} shards", "-"
         rows.append([name, f"{m['add_shard_s']:.3f}", vs_cold, ratio(m["during_tps"]), m["during_steps"],
                      ratio(m["first_second_tps"]), f"{m['steady_p99_s'] * 1000:.1f}", f"{m['during_p99_s'] * 1000:.1f}",
-                     f"{m['from_peers']} / {m['from_checkpoint']}"])
+                     f"{m['shards_staged']} of {m['shards']}", f"{m['from_peers']} / {m['from_checkpoint']}"])
     for kind in ("add shard", "rebalance"):  # all standby-path changes of a kind, pooled
         ms = [m for m in r["standby"] if m["change"] == kind]
         seconds = sum(m["add_shard_s"] for m in ms)
         expected = sum(m["steady_tps"] * m["add_shard_s"] for m in ms)
         rows.append([f"**all {len(ms)} {kind} changes above (standby path), pooled**", f"{seconds:.3f}", "-",
                      f"**{sum(m['during_tokens'] for m in ms) / expected:.2f}**" if expected else "-",
-                     sum(m["during_steps"] for m in ms), "-", "-", "-", "-"])
+                     sum(m["during_steps"] for m in ms), "-", "-", "-", "-", "-"])
     table = markdown_table(["change", "change s", "cold restart / add", "throughput during / before", "steps during",
                             "throughput 1 s from the request / before", "p99 step ms before",
-                            "p99 step ms during", "experts from peers / checkpoint"], rows)
+                            "p99 step ms during", "shards staged", "experts from peers / checkpoint"], rows)
     note = (f"mixtral-{args.size}, one replica under the controller, shard actors reached by actor calls, "
             f"{args.streams} greedy streams running throughout; steady state {r['fresh'][0]['steady_tps']:.0f} tokens/s "
             f"before the first change. Cold restart: {r['cold_restart_s']:.2f} s. "
-            f"The new epoch is staged in place: the kept shards keep their experts, a shard reads only the experts it "
+            f"The new epoch is staged in place, on the shards whose slots it changes only (the others keep their slot "
+            f"maps and are not called): the kept shards keep their experts, a shard reads only the experts it "
             f"gains from the memory-mapped checkpoint (expert_source=checkpoint; copying them from peers through the "
             f"object store took 0.25-0.36 s per change in an earlier run here), and the replica switches between two "
             f"steps. "
