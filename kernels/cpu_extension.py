@@ -1,10 +1,10 @@
 """Compiled CPU fast paths (kernels/csrc/cpu_ops.cpp), built on first use and cached.
 
 The ops register as torch.ops.moefleet.*; callers ask `cpu_ops()` and use the plain torch
-reference when it returns None (no compiler, a failed build, MOEFLEET_CPU_KERNELS=0, or a
-machine that is not x86/ARM Linux). The build takes ~20 s once per machine and torch version;
-it is cached under $MOEFLEET_CACHE/kernels/<key>, keyed by the source, torch's version and the
-CPU's flags (the code is built for this CPU's vector units, so another CPU rebuilds).
+reference when it returns None (no compiler, a failed build, MOEFLEET_CPU_KERNELS=0, or not
+Linux). The build takes ~12-20 s once; it is cached under $MOEFLEET_CACHE/kernels/<key>, keyed
+by the source, torch's version, the CPU's flags and the compile flags (the code is built for
+this CPU's vector units, so another CPU builds its own).
 """
 
 import hashlib
