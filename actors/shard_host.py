@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from moefleet.actors.expert_shard import ExpertShard
+from moefleet.kernels.cpu_extension import cpu_ops
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class ExpertShardHost:
         self.dtype = dtype
         self.reader = CheckpointReader(model_dir, spec, _TORCH_DTYPES[dtype])
         self.shard = ExpertShard.from_checkpoint(shard_id, self.reader, experts_by_layer, epoch)
+        cpu_ops()  # build or load the CPU kernels at start, not inside the first compute call
         self.injected_failure: str | None = None
 
     def info(self) -> dict:

@@ -22,6 +22,7 @@ from moefleet.cluster.sampling_params import SamplingParams
 from moefleet.cluster.scheduler import Scheduler
 from moefleet.cluster.sequence import Sequence
 from moefleet.cluster.tokenizer import Tokenizer
+from moefleet.kernels.cpu_extension import cpu_ops
 from moefleet.models.checkpoint import CheckpointReader
 from moefleet.models.decoder import MoEDecoder
 from moefleet.models.spec import load_spec
@@ -53,6 +54,7 @@ class LLMEngine:
         self.dispatcher = Dispatcher(self.placement, self.experts.transport, self.load)
         self.model = MoEDecoder(reader, spec, self.dispatcher)
         self.tokenizer = Tokenizer(config.model)
+        cpu_ops()  # build or load the CPU kernels now, not inside the first request
         self.eos_token_ids = set(spec.eos_token_ids) | self.tokenizer.eos_token_ids
         self.max_model_len = config.max_model_len or min(spec.max_position_embeddings, 4096)
         num_blocks = config.kv_cache_blocks or max(

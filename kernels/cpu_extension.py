@@ -62,6 +62,7 @@ def _load():
     else:
         from torch.utils.cpp_extension import load
 
+        log.warning("building moefleet's CPU kernels for this machine (once; ~15 s) in %s", build_dir)
         load(name=_LIBRARY, sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir,
              is_python_module=False, verbose=False)
         with open(finished, "w") as f:  # after the link: the library is whole

@@ -12,6 +12,15 @@ ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """Build (or load) the CPU kernels once, before any test: on a fresh machine the build takes
+    ~15 s, which must not land inside a test that times a request."""
+    from moefleet.kernels.cpu_extension import cpu_ops
+
+    cpu_ops()
+
+
 @pytest.fixture(scope="session")
 def model_dir():
     from moefleet.models.init_model import default_model_dir
