@@ -22,8 +22,11 @@ def test_stop_token_ids_and_eos(engines):
 def test_stop_strings_truncate_text(engines):
     llm = engines("olmoe")
     full = llm.generate("Hello there", GREEDY)[0].outputs[0]
-    needle = full.text[6:9]
-    assert needle.strip(), full.text
+    # A 3-character stop string from the output, clear of whitespace (the tokenizer is trained
+    # afresh on each machine, so which text comes out is not fixed).
+    start = next((i for i in range(3, len(full.text) - 2) if not any(c.isspace() for c in full.text[i:i + 3])), None)
+    assert start is not None, full.text
+    needle = full.text[start:start + 3]
     out = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[needle]))[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == needle
     assert out.text == full.text[: full.text.index(needle)]
