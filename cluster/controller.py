@@ -359,7 +359,7 @@ class Controller:
 
         old_actors, old_names, old_placement = self.shards, self.shard_names, self.placement
         placement = replace(placement, shard_epochs=layout_epochs(old_placement, old_names, placement, names, lost))
-        restaged = [a for s, a in enumerate(actors) if placement.layout_epoch(s) == placement.epoch]
+        restaged = [actors[s] for s in placement.restaged_shards()]
         started = time.monotonic()
         try:
             reports = stage_remote(old_actors, actors, old_placement, placement, self.engine_config.shard_start_timeout_s,

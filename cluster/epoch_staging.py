@@ -64,9 +64,8 @@ def stage_remote(old_actors: list, new_actors: list, old: Placement | None, new:
 
     sources = peer_sources(old, new, lost) if from_peers else {}
     calls = []
-    for target, actor in enumerate(new_actors):
-        if new.layout_epoch(target) != new.epoch:
-            continue
+    for target in new.restaged_shards():
+        actor = new_actors[target]
         exports = [control(old_actors[source], "export").remote(keys)
                    for source, keys in sources.get(target, {}).items()]
         calls.append(control(actor, "stage").remote(new.epoch, new.experts_of_shard(target), *exports))

@@ -29,32 +29,22 @@ class ModelRunner:
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _batches(self, chunks: list[ScheduledChunk], num_decodes: int, slot_mapping: torch.Tensor) -> dict:
-        """Attention metadata, one per distinct sliding window among the layers."""
+        """Attention metadata, one per distinct sliding window among the layers (the masks each
+        window implies are derived where attention runs, and only for the rows that need one)."""
         decode_seqs = [c.seq for c in chunks[:num_decodes]]
         lens = [s.num_computed_tokens + 1 for s in decode_seqs]
         width = -(-max(lens, default=0) // self.block_size)
         tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decode_seqs],
                               dtype=torch.long).view(num_decodes, width)
         context_lens = torch.tensor(lens, dtype=torch.long)
-        prefill_parts = []
+        prefills = []
         q_start = num_decodes
         for c in chunks[num_decodes:]:
             end = c.seq.num_computed_tokens + c.num_tokens
-            prefill_parts.append((q_start, c.num_tokens, end, torch.tensor(self._slots(c.seq.block_table, 0, end))))
+            prefills.append(PrefillChunk(q_start, c.num_tokens, end, torch.tensor(self._slots(c.seq.block_table, 0, end))))
             q_start += c.num_tokens
-        batches = {}
-        for window in self.windows:
-            prefills = []
-            for q0, q_len, ctx, slots in prefill_parts:
-                q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
-                k_pos = torch.arange(ctx).unsqueeze(0)
-                causal = k_pos <= q_pos
-                if window is not None:
-                    causal &= k_pos > q_pos - window
-                prefills.append(PrefillChunk(q0, q_len, ctx, slots, causal))
-            batches[window] = AttentionBatch(slot_mapping, num_decodes, self.block_size, window, tables, context_lens,
-                                             tuple(prefills))
-        return batches
+        return {window: AttentionBatch(slot_mapping, num_decodes, self.block_size, window, tables, context_lens,
+                                       tuple(prefills)) for window in self.windows}
 
     def prepare(self, chunks: list[ScheduledChunk], all_rows: bool = False) -> StepInputs:
         """Flat inputs of one forward. Leading single-token chunks are attended as one padded

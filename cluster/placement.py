@@ -24,6 +24,10 @@ class Placement:
         """The epoch of the slot maps requests to `shard` name."""
         return self.epoch if self.shard_epochs is None else self.shard_epochs[shard]
 
+    def restaged_shards(self) -> list[int]:
+        """Shards whose slot maps are this epoch's own: staged for it, retired after it."""
+        return [s for s in range(self.num_shards) if self.layout_epoch(s) == self.epoch]
+
     @property
     def num_shards(self) -> int:
         return len(next(iter(self.shard_experts.values()))) if self.shard_experts else 0

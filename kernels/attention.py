@@ -25,7 +25,6 @@ class PrefillChunk:
     q_len: int
     context_len: int
     context_slots: torch.Tensor  # [context_len] cache slots of positions 0..context_len-1
-    causal_mask: torch.Tensor  # [q_len, context_len] True where attention is allowed
 
 
 @dataclass(frozen=True)
@@ -110,15 +109,27 @@ def paged_attention(
         keys = k_cache[chunk.context_slots].transpose(0, 1)  # [G, L, dk]
         values = v_cache[chunk.context_slots].transpose(0, 1)
         out[rows] = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1), keys, values, attn_mask=chunk.causal_mask, scale=scale, enable_gqa=gqa
+            q[rows].transpose(0, 1), keys, values, attn_mask=causal_mask(chunk, batch.window), scale=scale, enable_gqa=gqa
         ).transpose(0, 1)
     return out
+
+
+def causal_mask(chunk: PrefillChunk, window: int | None) -> torch.Tensor:
+    """[q_len, context_len], True where a query of the chunk may attend: causal, offset by the
+    tokens cached before the chunk, and within the sliding window if there is one."""
+    q_pos = torch.arange(chunk.context_len - chunk.q_len, chunk.context_len).unsqueeze(1)
+    k_pos = torch.arange(chunk.context_len).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
 
 
 def _whole_prompt_groups(batch: AttentionBatch) -> tuple[list[list[PrefillChunk]], list[PrefillChunk]]:
     """Prefill chunks that are whole prompts (nothing cached before them, no window cutting into
     them), grouped by length; and the rest. A group attends in one causal SDPA call: batched, and
-    on torch's flash path, where a chunk with an explicit mask takes the math path on its own."""
+    on torch's flash path, where a chunk with an explicit mask (`causal_mask`) takes the math path
+    on its own."""
     groups: dict[int, list[PrefillChunk]] = {}
     partial = []
     for chunk in batch.prefills:

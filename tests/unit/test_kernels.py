@@ -76,9 +76,13 @@ def test_interleaved_rotary_is_a_rotation_of_pairs():
     assert torch.allclose(apply_rotary(x[:1], cos[:1], sin[:1], False), x[:1])  # position 0 is the identity
 
 
-def test_whole_prompts_attend_in_one_causal_call_like_masked_chunks():
-    """Prefill chunks that are whole prompts share one causal SDPA call per length; the result
-    equals attending each chunk alone with its explicit mask (partial chunks keep that path)."""
+@pytest.mark.parametrize("window", [None, 4])
+def test_whole_prompts_attend_in_one_causal_call_like_masked_chunks(window):
+    """Prefill chunks that are whole prompts share one causal SDPA call per length; chunks with
+    tokens cached before them (or cut by the window) attend alone under a derived mask. Both
+    equal each chunk attended on its own with an explicit causal (and window) mask."""
+    import torch.nn.functional as F
+
     from moefleet.kernels.attention import AttentionBatch, PrefillChunk, paged_attention
 
     gen = torch.Generator().manual_seed(3)
@@ -87,19 +91,18 @@ def test_whole_prompts_attend_in_one_causal_call_like_masked_chunks():
     layout = [(0, 5, 5), (5, 5, 5), (10, 3, 3), (13, 2, 6), (15, 5, 5)]  # (q_start, q_len, context_len)
     chunks, used = [], 0
     for q_start, q_len, ctx in layout:
-        context = torch.arange(used, used + ctx)
+        chunks.append(PrefillChunk(q_start, q_len, ctx, torch.arange(used, used + ctx)))
         used += ctx
-        q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
-        chunks.append(PrefillChunk(q_start, q_len, ctx, context, torch.arange(ctx).unsqueeze(0) <= q_pos))
     q = torch.randn(20, heads, dim, generator=gen)
-    empty = torch.empty(0, 0, dtype=torch.long)
-    batch = AttentionBatch(torch.empty(0, dtype=torch.long), 0, 4, None, empty, torch.empty(0, dtype=torch.long), tuple(chunks))
+    empty = torch.empty(0, dtype=torch.long)
+    batch = AttentionBatch(empty, 0, 4, window, empty.view(0, 0), empty, tuple(chunks))
     got = paged_attention(q, k_cache, v_cache, batch, 0.3)
     for chunk in chunks:
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-        # The same chunk with one extra, masked-out key is no whole prompt: the explicit-mask path.
-        masked = PrefillChunk(chunk.q_start, chunk.q_len, chunk.context_len + 1, torch.cat([chunk.context_slots, torch.tensor([63])]),
-                              torch.cat([chunk.causal_mask, torch.zeros(chunk.q_len, 1, dtype=torch.bool)], dim=1))
-        expected = paged_attention(q, k_cache, v_cache, AttentionBatch(batch.slot_mapping, 0, 4, None, empty,
-                                                                       batch.decode_context_lens, (masked,)), 0.3)
-        torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
+        q_pos = torch.arange(chunk.context_len - chunk.q_len, chunk.context_len).unsqueeze(1)
+        k_pos = torch.arange(chunk.context_len).unsqueeze(0)
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - (window or chunk.context_len))
+        expected = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), k_cache[chunk.context_slots].transpose(0, 1),
+            v_cache[chunk.context_slots].transpose(0, 1), attn_mask=mask, scale=0.3, enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(got[rows], expected, atol=1e-5, rtol=1e-5)

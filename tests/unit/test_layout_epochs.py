@@ -54,7 +54,7 @@ def test_requests_name_each_shards_layout_epoch():
     # Epoch 2 moves expert 1 to a new slot order on shard 0 only; shard 1 keeps epoch 1's maps.
     second = Placement(2, e, {0: ((1, 0), (2, 3))})
     second = Placement(2, e, second.shard_experts, layout_epochs(first, ["s0", "s1"], second, ["s0", "s1"]))
-    assert second.shard_epochs == (2, 1)
+    assert second.shard_epochs == (2, 1) and second.restaged_shards() == [0]
     shards[0].install_epoch(2, second.experts_of_shard(0))
     hidden = torch.randn(5, d)
     ids = torch.tensor([[0, 2], [1, 3], [3, 0], [2, 1], [0, 1]])
