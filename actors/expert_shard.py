@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu
-from moefleet.kernels.linear import Linear
+from moefleet.kernels.expert_ffn import ExpertPair, expert_weight_lists, grouped_swiglu, swiglu_linears
 
 ExpertKey = tuple[int, int]  # (layer, logical expert)
 
@@ -21,7 +20,7 @@ ExpertKey = tuple[int, int]  # (layer, logical expert)
 @dataclass
 class _LayerSlots:
     local_slot: torch.Tensor  # [E] local slot of each logical expert, -1 if absent
-    pairs: list[tuple[Linear, Linear]]  # per local slot (gate_up, down)
+    pairs: list[ExpertPair]  # per local slot (gate_up, down)
     weight_lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None  # the same, for the compiled kernel
 
 
@@ -29,7 +28,7 @@ class ExpertShard:
     def __init__(self, shard_id: int, num_experts: int):
         self.shard_id = shard_id
         self.num_experts = num_experts
-        self.weights: dict[ExpertKey, tuple[Linear, Linear]] = {}
+        self.weights: dict[ExpertKey, ExpertPair] = {}
         self.epochs: dict[int, dict[int, _LayerSlots]] = {}  # epoch -> MoE layer -> its slots
 
     @classmethod
@@ -55,7 +54,7 @@ class ExpertShard:
 
     def put_expert(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """w13 [2I, D], w2 [D, I] in checkpoint layout."""
-        self.weights[(layer, expert)] = (Linear(w13), Linear(w2))
+        self.weights[(layer, expert)] = swiglu_linears(w13, w2)
 
     def export_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert's weights in checkpoint layout, for a peer shard to take over."""

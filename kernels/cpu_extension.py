@@ -1,9 +1,9 @@
-"""Compiled CPU fast paths (kernels/csrc/cpu_ops.cpp), built on first use and cached.
+"""Compiled CPU fast paths (kernels/csrc/*.cpp), built on first use and cached.
 
 The ops register as torch.ops.moefleet.*; callers ask `cpu_ops()` and use the plain torch
 reference when it returns None (no compiler, a failed build, MOEFLEET_CPU_KERNELS=0, or not
-Linux). The build takes ~12-20 s once; it is cached under $MOEFLEET_CACHE/kernels/<key>, keyed
-by the source, torch's version, the CPU's flags and the compile flags (the code is built for
+Linux). The build takes ~15-25 s once; it is cached under $MOEFLEET_CACHE/kernels/<key>, keyed
+by the sources, torch's version, the CPU's flags and the compile flags (the code is built for
 this CPU's vector units, so another CPU builds its own).
 """
 
@@ -17,7 +17,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_ops.cpp")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops": the loaded namespace or None, "why": why not
 
@@ -37,9 +37,15 @@ _LDFLAGS = ["-fopenmp"]
 _LIBRARY = "moefleet_cpu_ops"
 
 
+def _sources() -> list[str]:
+    return sorted(os.path.join(_CSRC, name) for name in os.listdir(_CSRC) if name.endswith(".cpp"))
+
+
 def _build_dir() -> str:
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for name in sorted(os.listdir(_CSRC)):  # headers too: a change to one must rebuild
+        with open(os.path.join(_CSRC, name), "rb") as f:
+            source += name.encode() + b"\0" + f.read()
     key_parts = [source, torch.__version__.encode(), _cpu_flags().encode(), " ".join(_CFLAGS + _LDFLAGS).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     root = os.environ.get("MOEFLEET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moefleet"))
@@ -63,7 +69,7 @@ def _load():
         from torch.utils.cpp_extension import load
 
         log.warning("building moefleet's CPU kernels for this machine (once; ~15 s) in %s", build_dir)
-        load(name=_LIBRARY, sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir,
+        load(name=_LIBRARY, sources=_sources(), extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir,
              is_python_module=False, verbose=False)
         with open(finished, "w") as f:  # after the link: the library is whole
             f.write(torch.__version__)

@@ -1,17 +1,29 @@
 """Token permutation and the grouped SwiGLU expert FFN.
 
-An expert is a pair of linears: gate_up (w13 [2I, D]: gate rows then up rows) and down
-(w2 [D, I]), each a kernels.linear.Linear (oneDNN-prepacked on CPU)."""
+An expert is a pair from `swiglu_linears`: gate_up (w13 [2I, D]: gate rows then up rows) and
+down (w2 [D, I]), kernels.linear.Linear each, except that the gate_up projection is a
+GateUpPanels (SwiGLU fused) where column panels serve."""
 
 import torch
 import torch.nn.functional as F
 
 from moefleet.kernels.cpu_extension import cpu_ops
 from moefleet.kernels.linear import Linear
+from moefleet.kernels.panel_linear import GateUpPanels, panels_usable
+
+ExpertPair = tuple[Linear | GateUpPanels, Linear]  # (gate_up, down)
 
 
-def swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
+def swiglu_linears(w13: torch.Tensor, w2: torch.Tensor) -> ExpertPair:
+    """(gate_up, down) for a SwiGLU MLP or expert; the gate_up projection has SwiGLU fused into
+    it where column panels serve (float32 on CPU with the compiled kernels)."""
+    return (GateUpPanels(w13) if panels_usable(w13) else Linear(w13)), Linear(w2)
+
+
+def swiglu(x: torch.Tensor, gate_up: Linear | GateUpPanels, down: Linear) -> torch.Tensor:
     """SwiGLU MLP. x: [T, D] -> [T, D]."""
+    if isinstance(gate_up, GateUpPanels):
+        return down(gate_up.activation(x))
     gate, up = gate_up(x).chunk(2, dim=-1)
     return down(F.silu(gate) * up)
 
@@ -27,7 +39,7 @@ def grouped_swiglu(
     token_index: torch.Tensor,
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
-    experts: list[tuple[Linear, Linear]],
+    experts: list[ExpertPair],
     num_tokens: int,
     weight_lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
@@ -61,9 +73,12 @@ def grouped_swiglu(
     return out
 
 
-def expert_weight_lists(experts: list[tuple[Linear, Linear]]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+def expert_weight_lists(experts: list[ExpertPair]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """The experts' (gate_up, down) weights as two lists for the compiled kernel; None when one
-    has a bias (the kernel computes bias-free experts, as every supported architecture has)."""
+    has a bias (the kernel computes bias-free experts, as every supported architecture has) or a
+    gate_up in plain column panels (the kernel reads 3-d gate_up weights as GateUpPanels)."""
     if any(linear.bias is not None for pair in experts for linear in pair):
+        return None
+    if any(isinstance(gate_up, Linear) and gate_up.layout == "panels" for gate_up, _ in experts):
         return None
     return [gate_up.weight for gate_up, _ in experts], [down.weight for _, down in experts]

@@ -1,18 +1,23 @@
-"""Linear layers with weights prepacked for oneDNN on CPU.
+"""Linear layers with weights stored in the layout the CPU multiplies fastest.
 
-Decode batches are small (a few rows per expert), where MKL's GEMM reads weights at 8-17 GB/s
-here and oneDNN with a prepacked weight at 26-30 GB/s (measured on this 2-core EPYC: 8 experts
-768x3072, M=4: 9.1 ms per-expert F.linear, 4.5 ms one bmm, 2.6 ms packed). Elsewhere (no oneDNN,
-GPU tensors, other dtypes) it is plain F.linear."""
+- float32 on CPU with the compiled kernels: column panels (kernels/panel_linear.py), streamed once
+  per multiply whatever the batch; 1.7-2.9x faster than oneDNN at one row and at parity from
+  ~64 rows here (2-core EPYC; docs/benchmarks.md).
+- other CPU dtypes (bf16): oneDNN-prepacked. Decode batches are small (a few rows per expert),
+  where MKL's GEMM reads weights at 8-17 GB/s here and oneDNN with a prepacked weight at 26-30
+  GB/s (8 experts 768x3072, M=4: 9.1 ms per-expert F.linear, 4.5 ms one bmm, 2.6 ms packed).
+- elsewhere (GPU tensors, no oneDNN, float16): plain F.linear."""
 
 import torch
 import torch.nn.functional as F
 
-_PACKABLE = (torch.float32, torch.bfloat16)
+from moefleet.kernels.panel_linear import pack_panels, panels_usable, unpack_panels
+
+_ONEDNN_PACKABLE = (torch.float32, torch.bfloat16)
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
+def _onednn_packable(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype in _ONEDNN_PACKABLE and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
@@ -23,16 +28,31 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() * weight.element_size()
         self.bias = bias
-        self.packed = _can_pack(weight)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if self.packed else weight
+        if panels_usable(weight):
+            self.layout, self.weight = "panels", pack_panels(weight)
+        elif _onednn_packable(weight):
+            self.layout, self.weight = "onednn", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        else:
+            self.layout, self.weight = "plain", weight
 
     def dense_weight(self) -> torch.Tensor:
         """The weight in checkpoint layout [N, K] (unpacked), e.g. to hand an expert to a peer."""
-        return self.weight.to_dense() if self.packed else self.weight
+        if self.layout == "panels":
+            return unpack_panels(self.weight, self.out_features)
+        return self.weight.to_dense() if self.layout == "onednn" else self.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed:
+        if self.layout == "plain":
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 0:
-            return x.new_empty(0, self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        if self.layout == "panels":
+            from moefleet.kernels.cpu_extension import cpu_ops
+
+            y = cpu_ops().panel_linear(rows, self.weight, self.out_features, False)
+            if self.bias is not None:
+                y.add_(self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)

@@ -5,8 +5,7 @@ SwiGLU MLP used by non-MoE layers."""
 import torch
 import torch.nn.functional as F
 
-from moefleet.kernels.expert_ffn import swiglu
-from moefleet.kernels.linear import Linear
+from moefleet.kernels.expert_ffn import swiglu, swiglu_linears
 from moefleet.kernels.routing import sigmoid_grouped_topk, softmax_topk
 from moefleet.models.checkpoint import CheckpointReader
 from moefleet.models.spec import ModelSpec
@@ -15,7 +14,7 @@ from moefleet.models.spec import ModelSpec
 class DenseMLP:
     def __init__(self, reader: CheckpointReader, spec: ModelSpec, layer: int):
         w13, w2 = reader.mlp_pair(f"model.layers.{layer}.mlp", spec.dense_intermediate_size)
-        self.gate_up, self.down = Linear(w13), Linear(w2)
+        self.gate_up, self.down = swiglu_linears(w13, w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.gate_up, self.down)
@@ -38,7 +37,7 @@ class MoELayer:
         if moe.shared_intermediate_size:
             name = "shared_expert" if moe.shared_expert_gate else "shared_experts"
             w13, w2 = reader.mlp_pair(f"{p}.{name}", moe.shared_intermediate_size)
-            self.shared = (Linear(w13), Linear(w2))
+            self.shared = swiglu_linears(w13, w2)
         self.shared_gate = reader.tensor(f"{p}.shared_expert_gate.weight", (1, d)) if moe.shared_expert_gate else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "panel_gemm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -278,7 +280,9 @@ void scatter_weighted_rows(const at::Tensor& expert_out, const int64_t* rows, co
 }
 
 // The experts of one shard for one step: hidden [R, D]; row_index, slots (local expert slot),
-// weights (float): [N], one per (token, expert) pair; w13[s] [2I, D] and w2[s] [D, I] per slot.
+// weights (float): [N], one per (token, expert) pair; w13[s] [2I, D] and w2[s] [D, I] per slot
+// (oneDNN-packed or plain), or float32 column panels [ceil(I/16), D, 32] and [ceil(D/32), I, 32]
+// (kernels/panel_linear.py).
 // Returns [num_rows, D]: each row's weighted sum over its pairs' experts. Pairs are grouped by
 // slot in a stable counting sort, so every row accumulates in the order the torch reference
 // (kernels.expert_ffn.grouped_swiglu) does; each busy expert reads its weights once.
@@ -324,6 +328,19 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
   std::vector<at::Tensor> outputs(E);
   auto run_expert = [&](int64_t e) {
     const auto expert_rows = x.index_select(0, index.narrow(0, start[e], start[e + 1] - start[e]));
+    if (w13[e].dim() == 3) {  // column panels (kernels/panel_linear.py): SwiGLU fused into the gate_up pass
+      const int64_t M = expert_rows.size(0), D = x.size(1), I = w2[e].size(1);
+      TORCH_CHECK(x.scalar_type() == at::kFloat && w2[e].dim() == 3 && w13[e].size(1) == D && w13[e].size(0) * 16 >= I &&
+                      w2[e].size(0) * kPanelWidth >= D,
+                  "expert slot ", e, ": panels ", w13[e].sizes(), " / ", w2[e].sizes(), " do not fit hidden size ", D);
+      auto act = at::empty({M, I}, x.options());
+      outputs[e] = at::empty({M, D}, x.options());
+      panel_gemm_parallel(expert_rows.data_ptr<float>(), D, M, w13[e].data_ptr<float>(), w13[e].size(0), D,
+                          act.data_ptr<float>(), I, I, /*swiglu=*/true);
+      panel_gemm_parallel(act.data_ptr<float>(), I, M, w2[e].data_ptr<float>(), w2[e].size(0), I,
+                          outputs[e].data_ptr<float>(), D, D, /*swiglu=*/false);
+      return;
+    }
     const auto gate_up = packed_or_plain_linear(expert_rows, w13[e]);
     const int64_t I = gate_up.size(1) / 2;
     const auto act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));

@@ -3,18 +3,21 @@
 A machine with a C++ compiler must build them: the engine's decode attention runs through
 them by default, so a silent fallback would leave the fast path untested."""
 
+import functools
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moefleet.kernels.attention import AttentionBatch, _decode_reference, rotate_and_write_kv, write_kv
 from moefleet.kernels.rotary import apply_rotary
 from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason
-from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu
+from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu, swiglu, swiglu_linears
 from moefleet.kernels.linear import Linear
+from moefleet.kernels.panel_linear import GateUpPanels, pack_gate_up_panels, pack_panels, unpack_gate_up_panels, unpack_panels
 from moefleet.kernels.norms import rms_norm, rms_norm_reference
 
 
@@ -89,18 +92,22 @@ def torch_threads(request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_pairs", [0, 1, 7, 40])
 def test_grouped_swiglu_matches_the_reference(dtype, num_pairs, torch_threads):
-    """The fused expert kernel (one call per shard and layer) against the torch loop, with
-    oneDNN-packed weights (as shards hold them) and experts that get no rows."""
+    """The fused expert kernel (one call per shard and layer) against the torch loop, with the
+    weights as shards hold them (column panels for float32, oneDNN-packed for bf16) and experts
+    that get no rows."""
     assert cpu_ops() is not None, unavailable_reason()
     gen = torch.Generator().manual_seed(num_pairs)
     d, inter, num_slots, num_rows = 16, 24, 5, 9
-    experts = [(Linear((torch.randn(2 * inter, d, generator=gen) * 0.2).to(dtype)),
-                Linear((torch.randn(d, inter, generator=gen) * 0.2).to(dtype))) for _ in range(num_slots)]
+    dense = [((torch.randn(2 * inter, d, generator=gen) * 0.2).to(dtype), (torch.randn(d, inter, generator=gen) * 0.2).to(dtype))
+             for _ in range(num_slots)]
+    experts = [swiglu_linears(w13, w2) for w13, w2 in dense]
     hidden = torch.randn(num_rows, d, generator=gen).to(dtype)
     rows = torch.randint(0, num_rows, (num_pairs,), generator=gen)
     slots = torch.randint(0, num_slots - 1, (num_pairs,), generator=gen)  # the last slot stays idle
     weights = torch.rand(num_pairs, generator=gen)
-    reference = grouped_swiglu(hidden, rows, slots, weights, experts, num_rows)
+    # The torch loop over the checkpoint-layout weights (F.linear), independent of any packing.
+    plain = [(functools.partial(F.linear, weight=w13), functools.partial(F.linear, weight=w2)) for w13, w2 in dense]
+    reference = grouped_swiglu(hidden, rows, slots, weights, plain, num_rows)
     fused = grouped_swiglu(hidden, rows, slots, weights, experts, num_rows, expert_weight_lists(experts))
     assert fused.dtype == dtype and fused.shape == (num_rows, d)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
@@ -151,3 +158,50 @@ def test_rms_norm_matches_the_reference(dtype, shape, torch_threads):
     got = rms_norm(x, weight, 1e-6)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, rms_norm_reference(x, weight, 1e-6), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 17, 70])
+@pytest.mark.parametrize("out_features", [1, 32, 45, 96])
+def test_linear_over_column_panels_matches_f_linear(rows, out_features, torch_threads):
+    """Row counts around the 8-row register block, widths around the 32-column panel, a bias."""
+    assert cpu_ops() is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(rows * 100 + out_features)
+    weight, bias = torch.randn(out_features, 40, generator=gen), torch.randn(out_features, generator=gen)
+    x = torch.randn(2, rows, 40, generator=gen)
+    linear = Linear(weight, bias)
+    assert linear.layout == "panels"
+    torch.testing.assert_close(linear(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    assert torch.equal(linear.dense_weight(), weight)
+
+
+@pytest.mark.parametrize("intermediate", [1, 16, 21, 48])
+def test_gate_up_panels_fuse_swiglu(intermediate, torch_threads):
+    assert cpu_ops() is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(intermediate)
+    w13, w2 = torch.randn(2 * intermediate, 24, generator=gen), torch.randn(24, intermediate, generator=gen)
+    x = torch.randn(11, 24, generator=gen)
+    gate_up, down = swiglu_linears(w13, w2)
+    assert isinstance(gate_up, GateUpPanels)
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    torch.testing.assert_close(gate_up.activation(x), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(swiglu(x, gate_up, down), F.linear(F.silu(gate) * up, w2), atol=1e-4, rtol=1e-5)
+    assert torch.equal(gate_up.dense_weight(), w13)
+
+
+def test_panel_packing_round_trips_and_pads_with_zeros():
+    weight = torch.arange(50 * 3, dtype=torch.float32).reshape(50, 3)
+    panels = pack_panels(weight)
+    assert panels.shape == (2, 3, 32) and panels[1, :, 18:].abs().sum() == 0
+    assert torch.equal(unpack_panels(panels, 50), weight)
+    gate_up = pack_gate_up_panels(torch.cat([weight[:20], weight[20:40]]))  # I = 20: two panels, the second half empty
+    assert gate_up.shape == (2, 3, 32) and gate_up[1, :, 4:16].abs().sum() == 0 and gate_up[1, :, 20:].abs().sum() == 0
+    assert torch.equal(unpack_gate_up_panels(gate_up, 20), weight[:40])
+
+
+def test_expert_kernel_is_not_handed_plain_panels_as_gate_up():
+    """A 3-d gate_up weight means GateUpPanels to the kernel; a Linear in plain panels has the
+    same shape, so such experts go the torch way instead of being misread."""
+    assert cpu_ops() is not None, unavailable_reason()
+    experts = [(Linear(torch.randn(8, 4)), Linear(torch.randn(4, 4)))]
+    assert expert_weight_lists(experts) is None
+    assert expert_weight_lists([swiglu_linears(torch.randn(8, 4), torch.randn(4, 4))]) is not None

@@ -1,0 +1,107 @@
+// See panel_gemm.h. Written with GCC/Clang vector extensions rather than intrinsics: a 16-lane
+// float vector is one AVX-512 register or two AVX2 ones, whichever -march=native gives.
+
+#include "panel_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace moefleet {
+namespace {
+
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+constexpr int kMaxRows = 8;  // rows per register block: 8 x 2 accumulators of 16 lanes
+
+inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+
+// acc[m] = x[m, :] @ panel for `rows` (1..kMaxRows, a template parameter so the loops unroll).
+template <int rows>
+inline void multiply_block(const float* x, int64_t ldx, const float* panel, int64_t K, vec16 (&lo)[kMaxRows],
+                           vec16 (&hi)[kMaxRows]) {
+  for (int m = 0; m < rows; ++m) lo[m] = hi[m] = vec16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const vec16 w_lo = load16(panel + k * kPanelWidth), w_hi = load16(panel + k * kPanelWidth + 16);
+    for (int m = 0; m < rows; ++m) {
+      const float v = x[m * ldx + k];
+      lo[m] += v * w_lo;
+      hi[m] += v * w_hi;
+    }
+  }
+}
+
+template <int rows>
+void run_block(const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy, int64_t n,
+               bool swiglu, int64_t p) {
+  vec16 lo[kMaxRows], hi[kMaxRows];
+  multiply_block<rows>(x, ldx, panel, K, lo, hi);
+  for (int m = 0; m < rows; ++m) {
+    float* out = y + m * ldy;
+    if (swiglu) {
+      const int64_t first = p * 16, count = std::min<int64_t>(16, n - first);
+      for (int64_t j = 0; j < count; ++j) {
+        const float gate = lo[m][j];
+        out[first + j] = gate / (1.f + std::exp(-gate)) * hi[m][j];  // silu(gate) * up, as F.silu computes it
+      }
+    } else {
+      const int64_t first = p * kPanelWidth, count = std::min<int64_t>(kPanelWidth, n - first);
+      for (int64_t j = 0; j < count; ++j) out[first + j] = j < 16 ? lo[m][j] : hi[m][j - 16];
+    }
+  }
+}
+
+using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t);
+constexpr BlockFn kBlocks[kMaxRows + 1] = {nullptr,       run_block<1>, run_block<2>, run_block<3>, run_block<4>,
+                                           run_block<5>, run_block<6>, run_block<7>, run_block<8>};
+
+}  // namespace
+
+void panel_gemm(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t K, float* y, int64_t ldy,
+                int64_t n, bool swiglu, int64_t panel_begin, int64_t panel_end) {
+  // Panel outer, rows inner: a panel (K x 32 floats) stays in L1/L2 while every row block reads it.
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    const float* panel = panels + p * K * kPanelWidth;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+      kBlocks[rows](x + m0 * ldx, ldx, panel, K, y + m0 * ldy, ldy, n, swiglu, p);
+    }
+  }
+}
+
+void panel_gemm_parallel(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t P, int64_t K, float* y,
+                         int64_t ldy, int64_t n, bool swiglu) {
+  // ~64k multiply-adds per task: below that a thread's wake-up costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, M * K * kPanelWidth));
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+    panel_gemm(x, ldx, M, panels, K, y, ldy, n, swiglu, begin, end);
+  });
+}
+
+namespace {
+
+// torch.ops.moefleet.panel_linear(x [M, K], panels [P, K, 32], n, swiglu) -> [M, n]
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, bool swiglu) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a float32 [M, K] tensor");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanelWidth && panels.scalar_type() == at::kFloat &&
+                  panels.is_contiguous(),
+              "panels must be a contiguous float32 [P, K, 32] tensor");
+  TORCH_CHECK(x.size(1) == panels.size(1), "x has ", x.size(1), " columns, the panels ", panels.size(1));
+  TORCH_CHECK(n > 0 && n <= panels.size(0) * (swiglu ? 16 : kPanelWidth), "n = ", n, " does not fit the panels");
+  const auto input = x.contiguous();
+  auto out = at::empty({x.size(0), n}, x.options());
+  if (x.size(0) > 0)
+    panel_gemm_parallel(input.data_ptr<float>(), input.size(1), input.size(0), panels.data_ptr<float>(),
+                        panels.size(0), panels.size(1), out.data_ptr<float>(), n, n, swiglu);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moefleet, m) { m.def("panel_linear(Tensor x, Tensor panels, int n, bool swiglu) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(moefleet, CPU, m) { m.impl("panel_linear", &panel_linear); }
+
+}  // namespace moefleet

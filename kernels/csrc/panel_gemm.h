@@ -1,0 +1,27 @@
+// Small-batch matrix multiply over weights packed in column panels (kernels/panel_linear.py
+// packs them): y = x @ W.T for W [N, K] stored as [P, K, 32], panel p holding output columns
+// 32p..32p+31 for every k, so that one pass streams each weight once, in order, whatever the
+// number of rows. Decode steps give an expert 1-16 rows, where oneDNN's packed GEMM read
+// weights at ~24 GB/s here; this layout lets the row loop sit inside the weight stream.
+#pragma once
+
+#include <cstdint>
+
+namespace moefleet {
+
+constexpr int64_t kPanelWidth = 32;
+
+// y[m, c] for rows [0, M) and panels [panel_begin, panel_end). x: [M, K] with row stride ldx;
+// y: row stride ldy, n valid columns (panels are zero-padded past n).
+// swiglu=false: panel p gives columns 32p..32p+31 of x @ W.T.
+// swiglu=true: the gate_up layout (lanes 0-15 gate columns 16p..16p+15, lanes 16-31 the same up
+// columns); y gets silu(gate) * up, n = the intermediate size.
+void panel_gemm(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t K, float* y, int64_t ldy,
+                int64_t n, bool swiglu, int64_t panel_begin, int64_t panel_end);
+
+// The same over all panels, split over ATen's threads when the work is large enough (run inline
+// when called from inside a parallel region).
+void panel_gemm_parallel(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t P, int64_t K, float* y,
+                         int64_t ldy, int64_t n, bool swiglu);
+
+}  // namespace moefleet
