@@ -1,10 +1,19 @@
 """Placement planning, pure functions over plain data (numpy only; no Ray, Redis or clock).
 
-plan_placement(load, current, num_shards, limits) -> Placement
+plan_placement(load, current, moe_layers, limits) -> Placement
     load: [L, E] tokens per expert per MoE layer over the load window (row i is moe_layers[i]).
-    Balanced packing of expert copies into shard slots by observed load; spare slots hold extra
-    copies of the hottest experts; experts stay where they are when that keeps the balance;
-    per-shard slot limits (memory) are respected.
+    Without a current placement (or for a layer it lacks): balanced packing from scratch, heaviest
+    copy first onto the least loaded shard; spare slots hold extra copies of the hottest experts.
+    With one: a move-minimising repair of the current layout. Every shard touched costs control
+    calls that steal CPU from serving, so the planner changes only what it must: it keeps the
+    current layout (shards beyond the new shard count dropped, new shards empty), makes it
+    feasible (every expert held, no shard above its slot limit, no expert above max_copies), then,
+    while the most loaded shard is above (1 + tolerance) x the mean shard load, applies the single
+    action that best lowers it (move, swap, add a copy, drop a copy). A feasible layer whose shards
+    are all within tolerance is returned unchanged. When this local search stalls further than the
+    tolerance from what packing afresh achieves (rare: a hot expert that only a copy plus several
+    moves at once would split), that layer is packed afresh. Per-shard slot limits (memory) are
+    always respected.
 diff(old, new) -> list[ExpertMove]
     What must load where (from a peer that already holds the expert when one exists, else from
     the checkpoint) and what can be freed, to go from `old` to `new`.
@@ -15,13 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from moefleet.cluster.placement import Placement
+from moefleet.cluster.placement_repair import Layout, improve, make_feasible
 
 
 @dataclass(frozen=True)
 class PlacementLimits:
     """slots_per_shard[s]: experts shard s can hold per MoE layer (its memory limit).
-    tolerance: a shard may carry up to (1 + tolerance) x the mean load before an expert that
-    already lives there is moved away. max_copies: copies of one expert at most."""
+    tolerance: when planning from a current placement, a shard whose load is within
+    (1 + tolerance) x the mean shard load is left alone, and only shards above it are relieved
+    (when a layer has to be packed afresh, an expert stays on its current shard while that shard
+    is within the same bound). max_copies: copies of one expert at most."""
 
     slots_per_shard: tuple[int, ...]
     tolerance: float = 0.1
@@ -52,7 +64,9 @@ def _copies(load: np.ndarray, spare: int, max_copies: int, num_shards: int) -> n
     return copies
 
 
-def _plan_layer(load: np.ndarray, current: tuple[tuple[int, ...], ...] | None, limits: PlacementLimits) -> tuple[tuple[int, ...], ...]:
+def pack_layer(load: np.ndarray, current: tuple[tuple[int, ...], ...] | None, limits: PlacementLimits) -> tuple[tuple[int, ...], ...]:
+    """One layer packed afresh: the plan without a current layout, and the repair's fallback
+    (then `current` is given: an expert stays on a shard that holds it while it fits the target)."""
     slots = limits.slots_per_shard
     num_shards, num_experts = len(slots), len(load)
     copies = _copies(load.astype(np.float64), sum(slots) - num_experts, limits.max_copies, num_shards)
@@ -88,17 +102,57 @@ def _plan_layer(load: np.ndarray, current: tuple[tuple[int, ...], ...] | None, l
     return tuple(tuple(sorted(h)) for h in held)
 
 
+def _peak_load(load: np.ndarray, layer: tuple[tuple[int, ...], ...], slots: tuple[int, ...]) -> float:
+    return max(Layout(load, layer, slots).shard_load)
+
+
+def _repair_layer(load: np.ndarray, current: tuple[tuple[int, ...], ...], limits: PlacementLimits,
+                  touched: set[int]) -> tuple[tuple[int, ...], ...]:
+    """The current layout, changed only as far as the limits and the tolerance require; the
+    shards it changes are added to `touched`. A shard whose experts did not change keeps its tuple
+    as it was (same slot order, so it is not restaged).
+
+    The repair is a local search: one action at a time, each lowering the most loaded shard. When
+    it ends above the target and further than the tolerance from what a fresh packing achieves
+    (a very hot expert that needs a copy and several moves at once to split it, say), the layer
+    is packed afresh instead: warm (experts stay where the packing allows) when that is as good,
+    else from scratch. So a layer is never worse than (1 + tolerance) x the fresh packing's peak,
+    nor worse than the target."""
+    slots = limits.slots_per_shard
+    before = [set(current[s]) if s < len(current) else set() for s in range(len(slots))]
+    layout = Layout(load, current, slots)
+    make_feasible(layout, limits.max_copies)
+    improve(layout, limits.tolerance, limits.max_copies,
+            touched | {s for s, experts in enumerate(layout.held) if experts != before[s]})
+    held = layout.held
+    total = float(np.sum(load))
+    eps = 1e-9 * max(1.0, total)
+    if max(layout.shard_load) > total / len(slots) * (1 + limits.tolerance) + eps:
+        fresh = pack_layer(load, None, limits)
+        bar = (1 + limits.tolerance) * _peak_load(load, fresh, slots) + eps
+        if max(layout.shard_load) > bar:
+            warm = pack_layer(load, current[:len(slots)], limits)
+            held = [set(experts) for experts in (warm if _peak_load(load, warm, slots) <= bar else fresh)]
+    touched |= {s for s, experts in enumerate(held) if experts != before[s]}
+    return tuple(tuple(current[s]) if s < len(current) and experts == before[s] else tuple(sorted(experts))
+                 for s, experts in enumerate(held))
+
+
 def plan_placement(load: np.ndarray, current: Placement | None, moe_layers: list[int], limits: PlacementLimits) -> Placement:
-    """load: [L, E] with row i for moe_layers[i]. Returns the next epoch's placement."""
+    """load: [L, E] with row i for moe_layers[i]. Returns the next epoch's placement: packed from
+    scratch without `current`, else `current` repaired with as few changes as possible."""
     load = np.asarray(load, dtype=np.float64)
     num_experts = load.shape[1]
     if sum(limits.slots_per_shard) < num_experts:
         raise ValueError(f"{sum(limits.slots_per_shard)} slots in all (per shard {limits.slots_per_shard}) "
                          f"cannot hold {num_experts} experts")
-    layout = {}
+    layout, touched = {}, set()
     for row, layer in enumerate(moe_layers):
         previous = current.shard_experts.get(layer) if current is not None else None
-        layout[layer] = _plan_layer(load[row], previous, limits)
+        if previous is None:
+            layout[layer] = pack_layer(load[row], None, limits)
+        else:
+            layout[layer] = _repair_layer(load[row], previous, limits, touched)
     placement = Placement(epoch=(current.epoch + 1) if current is not None else 0, num_experts=num_experts,
                           shard_experts=layout)
     placement.validate()
