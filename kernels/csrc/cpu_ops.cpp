@@ -326,47 +326,57 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
     most = std::max(most, count);
   }
   std::vector<at::Tensor> outputs(E);
-  auto run_expert = [&](int64_t e) {
-    const auto expert_rows = x.index_select(0, index.narrow(0, start[e], start[e + 1] - start[e]));
-    if (w13[e].dim() == 3) {  // column panels (kernels/panel_linear.py): SwiGLU fused into the gate_up pass
-      const int64_t M = expert_rows.size(0), D = x.size(1), I = w2[e].size(1);
-      TORCH_CHECK(x.scalar_type() == at::kFloat && w2[e].dim() == 3 && w13[e].size(1) == D && w13[e].size(0) * 16 >= I &&
-                      w2[e].size(0) * kPanelWidth >= D,
-                  "expert slot ", e, ": panels ", w13[e].sizes(), " / ", w2[e].sizes(), " do not fit hidden size ", D);
-      auto act = at::empty({M, I}, x.options());
-      outputs[e] = at::empty({M, D}, x.options());
-      panel_gemm_parallel(expert_rows.data_ptr<float>(), D, M, w13[e].data_ptr<float>(), w13[e].size(0), D,
-                          act.data_ptr<float>(), I, I, /*swiglu=*/true);
-      panel_gemm_parallel(act.data_ptr<float>(), I, M, w2[e].data_ptr<float>(), w2[e].size(0), I,
-                          outputs[e].data_ptr<float>(), D, D, /*swiglu=*/false);
-      return;
-    }
-    const auto gate_up = packed_or_plain_linear(expert_rows, w13[e]);
-    const int64_t I = gate_up.size(1) / 2;
-    const auto act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));
-    outputs[e] = packed_or_plain_linear(act, w2[e]).contiguous();
-  };
-  // Decode steps give each expert a few rows: splitting each small matmul over the threads costs
-  // a barrier per matmul, so the threads take whole experts instead (longest first, each to the
-  // least loaded thread), unless one expert outweighs a thread's fair share of the rows.
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(busy.size()));
-  if (threads > 1 && most * threads <= N) {
-    std::sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) {
-      return start[a + 1] - start[a] > start[b + 1] - start[b];
-    });
-    std::vector<std::vector<int64_t>> share(threads);
-    std::vector<int64_t> rows_of(threads, 0);
+  if (std::all_of(busy.begin(), busy.end(), [&](int64_t e) { return w13[e].dim() == 3; })) {
+    // Column panels (kernels/panel_linear.py): every busy expert's gate_up (SwiGLU fused), then
+    // every down projection, each pass one pool of tasks split evenly over the threads.
+    const int64_t D = x.size(1);
+    std::vector<at::Tensor> inputs(E), acts(E);
+    std::vector<PanelMultiply> gate_up, down;
     for (const int64_t e : busy) {
-      const auto t = std::min_element(rows_of.begin(), rows_of.end()) - rows_of.begin();
-      share[t].push_back(e);
-      rows_of[t] += start[e + 1] - start[e];
+      const int64_t M = start[e + 1] - start[e], I = w2[e].size(1);
+      TORCH_CHECK(x.scalar_type() == at::kFloat && w2[e].dim() == 3 && w13[e].size(1) == D &&
+                      w13[e].size(0) * 16 >= I && w2[e].size(0) * kPanelWidth >= D,
+                  "expert slot ", e, ": panels ", w13[e].sizes(), " / ", w2[e].sizes(), " do not fit hidden size ", D);
+      inputs[e] = x.index_select(0, index.narrow(0, start[e], M));
+      acts[e] = at::empty({M, I}, x.options());
+      outputs[e] = at::empty({M, D}, x.options());
+      gate_up.push_back({inputs[e].data_ptr<float>(), D, M, w13[e].data_ptr<float>(), w13[e].size(0), D,
+                         acts[e].data_ptr<float>(), I, I, /*swiglu=*/true});
+      down.push_back({acts[e].data_ptr<float>(), I, M, w2[e].data_ptr<float>(), w2[e].size(0), I,
+                      outputs[e].data_ptr<float>(), D, D, /*swiglu=*/false});
     }
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (const int64_t e : share[t]) run_expert(e);
-    });
+    panel_gemm_batch(gate_up);
+    panel_gemm_batch(down);
   } else {
-    for (const int64_t e : busy) run_expert(e);
+    auto run_expert = [&](int64_t e) {
+      const auto expert_rows = x.index_select(0, index.narrow(0, start[e], start[e + 1] - start[e]));
+      const auto gate_up = packed_or_plain_linear(expert_rows, w13[e]);
+      const int64_t I = gate_up.size(1) / 2;
+      const auto act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));
+      outputs[e] = packed_or_plain_linear(act, w2[e]).contiguous();
+    };
+    // Decode steps give each expert a few rows: splitting each small matmul over the threads costs
+    // a barrier per matmul, so the threads take whole experts instead (longest first, each to the
+    // least loaded thread), unless one expert outweighs a thread's fair share of the rows.
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(busy.size()));
+    if (threads > 1 && most * threads <= N) {
+      std::sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) {
+        return start[a + 1] - start[a] > start[b + 1] - start[b];
+      });
+      std::vector<std::vector<int64_t>> share(threads);
+      std::vector<int64_t> rows_of(threads, 0);
+      for (const int64_t e : busy) {
+        const auto t = std::min_element(rows_of.begin(), rows_of.end()) - rows_of.begin();
+        share[t].push_back(e);
+        rows_of[t] += start[e + 1] - start[e];
+      }
+      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t)
+          for (const int64_t e : share[t]) run_expert(e);
+      });
+    } else {
+      for (const int64_t e : busy) run_expert(e);
+    }
   }
   // Summed in slot order, as the reference does, whichever thread computed an expert.
   for (int64_t e = 0; e < E; ++e) {

@@ -71,25 +71,46 @@ void panel_gemm(const float* x, int64_t ldx, int64_t M, const float* panels, int
   }
 }
 
-void panel_gemm_parallel(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t P, int64_t K, float* y,
-                         int64_t ldy, int64_t n, bool swiglu) {
+void panel_gemm_batch(const std::vector<PanelMultiply>& multiplies) {
   // Many rows (a prefill) are taken in chunks of ~256 KB of x, so that a chunk stays in L2 while
   // every panel passes over it; without this each panel re-streamed all of x from memory (a
   // 64-prompt prefill ran 2.5x slower than oneDNN). A decode step's rows are one chunk.
-  const int64_t chunk_rows = std::max<int64_t>(kMaxRows, (262144 / 4 / std::max<int64_t>(1, K)) / kMaxRows * kMaxRows);
-  const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
-  // ~64k multiply-adds per task: below that a thread's wake-up costs more than it saves.
-  const int64_t rows_per_task = std::min(M, chunk_rows);
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows_per_task * K * kPanelWidth));
-  // Task t = (chunk t / P, panel t % P): a thread's consecutive tasks share a chunk.
-  at::parallel_for(0, chunks * P, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end;) {
-      const int64_t chunk = t / P, first_panel = t % P, last_panel = std::min(P, first_panel + (end - t));
-      const int64_t row = chunk * chunk_rows, rows = std::min(chunk_rows, M - row);
-      panel_gemm(x + row * ldx, ldx, rows, panels, K, y + row * ldy, ldy, n, swiglu, first_panel, last_panel);
-      t += last_panel - first_panel;
+  struct Task {
+    int64_t multiply, row, rows, first_panel, last_panel;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> work_before{0};  // prefix sums of rows x K
+  for (int64_t i = 0; i < static_cast<int64_t>(multiplies.size()); ++i) {
+    const auto& mm = multiplies[i];
+    const int64_t chunk = std::max<int64_t>(kMaxRows, (262144 / 4 / std::max<int64_t>(1, mm.K)) / kMaxRows * kMaxRows);
+    for (int64_t row = 0; row < mm.rows; row += chunk)
+      for (int64_t p = 0; p < mm.num_panels; ++p) {
+        const int64_t rows = std::min(chunk, mm.rows - row);
+        tasks.push_back({i, row, rows, p, p + 1});
+        work_before.push_back(work_before.back() + rows * mm.K);
+      }
+  }
+  const int64_t total = work_before.back();
+  // ~64k multiply-adds per thread at least: below that a thread's wake-up costs more than it saves.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total * kPanelWidth >> 16));
+  auto run = [&](int64_t thread) {
+    // Thread t takes the tasks whose work starts in [t, t + 1) x total / threads.
+    const auto first = std::lower_bound(work_before.begin(), work_before.end() - 1, thread * total / threads);
+    const auto last = std::lower_bound(work_before.begin(), work_before.end() - 1, (thread + 1) * total / threads);
+    for (auto t = first - work_before.begin(); t < last - work_before.begin(); ++t) {
+      const Task& task = tasks[t];
+      const auto& mm = multiplies[task.multiply];
+      panel_gemm(mm.x + task.row * mm.ldx, mm.ldx, task.rows, mm.panels, mm.K, mm.y + task.row * mm.ldy, mm.ldy, mm.n,
+                 mm.swiglu, task.first_panel, task.last_panel);
     }
-  });
+  };
+  if (threads == 1) {
+    run(0);
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) run(t);
+    });
+  }
 }
 
 namespace {
@@ -105,8 +126,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n
   const auto input = x.contiguous();
   auto out = at::empty({x.size(0), n}, x.options());
   if (x.size(0) > 0)
-    panel_gemm_parallel(input.data_ptr<float>(), input.size(1), input.size(0), panels.data_ptr<float>(),
-                        panels.size(0), panels.size(1), out.data_ptr<float>(), n, n, swiglu);
+    panel_gemm_batch({{input.data_ptr<float>(), input.size(1), input.size(0), panels.data_ptr<float>(), panels.size(0),
+                       panels.size(1), out.data_ptr<float>(), n, n, swiglu}});
   return out;
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace moefleet {
 
@@ -19,9 +20,20 @@ constexpr int64_t kPanelWidth = 32;
 void panel_gemm(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t K, float* y, int64_t ldy,
                 int64_t n, bool swiglu, int64_t panel_begin, int64_t panel_end);
 
-// The same over all panels, split over ATen's threads when the work is large enough (run inline
-// when called from inside a parallel region).
-void panel_gemm_parallel(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t P, int64_t K, float* y,
-                         int64_t ldy, int64_t n, bool swiglu);
+// One multiply of a batch of them: y = x @ W.T (or SwiGLU, as above) for `rows` rows.
+struct PanelMultiply {
+  const float* x;
+  int64_t ldx, rows;
+  const float* panels;
+  int64_t num_panels, K;
+  float* y;
+  int64_t ldy, n;
+  bool swiglu;
+};
+
+// Independent multiplies (a step's experts) as one pool of (multiply, row chunk, panel) tasks,
+// split over ATen's threads in contiguous runs of equal work (rows x K): one barrier for all of
+// them, and no thread idles while another finishes a busy expert.
+void panel_gemm_batch(const std::vector<PanelMultiply>& multiplies);
 
 }  // namespace moefleet
