@@ -15,10 +15,16 @@ PANEL_WIDTH = 32
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N / 32), K, 32], columns past N zero."""
+    """[N, K] -> [ceil(N / 32), K, 32], columns past N zero. One strided copy (experts are packed
+    on a shard while it serves, so every copy here takes CPU from serving)."""
     n, k = weight.shape
-    padded = F.pad(weight, (0, 0, 0, -n % PANEL_WIDTH))
-    return padded.reshape(-1, PANEL_WIDTH, k).transpose(1, 2).contiguous()
+    panels = torch.empty(-(-n // PANEL_WIDTH), k, PANEL_WIDTH, dtype=weight.dtype)
+    full = n // PANEL_WIDTH
+    panels[:full].copy_(weight[: full * PANEL_WIDTH].view(full, PANEL_WIDTH, k).transpose(1, 2))
+    if full < panels.shape[0]:
+        panels[full].zero_()
+        panels[full, :, : n - full * PANEL_WIDTH].copy_(weight[full * PANEL_WIDTH:].t())
+    return panels
 
 
 def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
@@ -28,12 +34,17 @@ def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
 
 def pack_gate_up_panels(w13: torch.Tensor) -> torch.Tensor:
     """gate_up [2I, K] (gate rows, then up rows) -> [ceil(I / 16), K, 32]: lanes 0-15 gate
-    columns 16p..16p+15, lanes 16-31 the same up columns."""
-    gate, up = w13.chunk(2, dim=0)
+    columns 16p..16p+15, lanes 16-31 the same up columns (past I zero)."""
     half = PANEL_WIDTH // 2
-    pad = -gate.shape[0] % half
-    gate, up = (F.pad(w, (0, 0, 0, pad)).reshape(-1, half, w.shape[1]) for w in (gate, up))
-    return torch.cat([gate, up], dim=1).transpose(1, 2).contiguous()
+    inter, k = w13.shape[0] // 2, w13.shape[1]
+    panels = torch.empty(-(-inter // half), k, PANEL_WIDTH, dtype=w13.dtype)
+    full = inter // half
+    for lanes, rows in ((slice(0, half), w13[:inter]), (slice(half, PANEL_WIDTH), w13[inter:])):
+        panels[:full, :, lanes].copy_(rows[: full * half].view(full, half, k).transpose(1, 2))
+        if full < panels.shape[0]:
+            panels[full, :, lanes].zero_()
+            panels[full, :, lanes.start : lanes.start + inter - full * half].copy_(rows[full * half:].t())
+    return panels
 
 
 def unpack_gate_up_panels(panels: torch.Tensor, intermediate: int) -> torch.Tensor:
