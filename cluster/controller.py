@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moefleet.actors.shard_host import control
 from moefleet.cluster.config import EngineConfig
-from moefleet.cluster.epoch_staging import layout_epochs, stage_remote
+from moefleet.cluster.epoch_staging import layout_epochs, paced, stage_remote
 from moefleet.cluster.errors import ControlUnavailableError, InvalidRequestError
 from moefleet.cluster.placement import Placement, placement_to_dict, round_robin_placement
 from moefleet.cluster.placement_planner import imbalance, plan_placement, scale_limits
@@ -53,6 +53,9 @@ class ControllerConfig(BaseModel):
     store_wait_s: float = Field(10.0, ge=0, description="How long a control change waits for an unreachable store before it fails.")
     auto_rebalance: AutoRebalance = Field(default_factory=AutoRebalance)
     ack_timeout_s: float = Field(60.0, gt=0, description="Longest wait for replicas to switch to a committed epoch.")
+    stage_pace_s: float = Field(0.03, ge=0, description="Pause between staging one shard and the next, and between retiring "
+                                                        "them: a change's control calls are spread over several engine "
+                                                        "steps instead of stalling one (0: all shards at once).")
     monitor_interval_s: float = Field(1.0, gt=0, description="How often replicas are checked and load is sampled.")
     replace_lost_replicas: bool = Field(True, description="Start a new replica when one dies, to keep the count.")
 
@@ -363,7 +366,8 @@ class Controller:
         started = time.monotonic()
         try:
             reports = stage_remote(old_actors, actors, old_placement, placement, self.engine_config.shard_start_timeout_s,
-                                   lost, from_peers=self.engine_config.expert_source == "peer")
+                                   lost, from_peers=self.engine_config.expert_source == "peer",
+                                   pace_s=self.config.stage_pace_s)
             self._commit(placement, actors, names)
         except BaseException:
             for actor, name in zip(actors, names):
@@ -383,7 +387,7 @@ class Controller:
             for actor in removed:
                 ray.kill(actor)
             try:  # free the slots of older epochs (every replica has moved on); unstaged shards have none
-                ray.get([control(a, "retire_before").remote(placement.epoch) for a in restaged], timeout=30)
+                paced(lambda a: control(a, "retire_before").remote(placement.epoch), restaged, self.config.stage_pace_s, 30)
             except Exception as e:
                 log.warning("retiring before epoch %s: %s", placement.epoch, e)
             self._log("epoch-committed", **summary)

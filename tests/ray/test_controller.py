@@ -253,3 +253,27 @@ def test_automatic_rebalance_when_imbalance_persists(controller):
         worker.join(timeout=60)
     events = ray.get(ctrl.state.remote())["events"]
     assert any("rebalance (imbalance above 1.05" in e for e in events), events
+
+
+def test_paced_control_calls_run_one_after_another_in_order(ray_cluster):
+    """With a pace the controller's per-shard calls do not overlap (each starts after the previous
+    answered), so a change never lands all its control work in one engine step; without one they
+    are all in flight together. Results come back in the order of the items either way."""
+    import ray
+
+    from moefleet.cluster.epoch_staging import paced
+
+    @ray.remote(num_cpus=0)
+    class Recorder:
+        def call(self, item):
+            start = time.monotonic()
+            time.sleep(0.05)
+            return item, start, time.monotonic()
+
+    actors = [Recorder.remote() for _ in range(3)]
+    spans = paced(lambda a: a.call.remote(actors.index(a)), actors, 0.01, 30)
+    assert [item for item, _, _ in spans] == [0, 1, 2]
+    assert all(later_start >= earlier_end for (_, _, earlier_end), (_, later_start, _) in zip(spans, spans[1:]))
+    together = paced(lambda a: a.call.remote(actors.index(a)), actors, 0.0, 30)
+    assert [item for item, _, _ in together] == [0, 1, 2]
+    assert max(start for _, start, _ in together) < min(end for _, _, end in together)  # all in flight at once
