@@ -7,8 +7,10 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from moefleet.kernels.expert_ffn import swiglu
 from moefleet.models.errors import CheckpointError
 from moefleet.models.spec import load_spec
 from tests.conftest import random_prompts
@@ -60,9 +62,9 @@ def test_shard_loads_only_its_experts(model_dir):
     w13, w2 = reader.expert(0, 5)
     x = torch.randn(3, spec.hidden_size)
     gate_up, down = shard.epochs[0][0].pairs[1]  # local slot 1 holds expert 5
-    assert torch.allclose(gate_up(x), x @ w13.t(), atol=1e-5)
-    h = torch.randn(3, w2.shape[1])
-    assert torch.allclose(down(h), h @ w2.t(), atol=1e-5)
+    assert torch.equal(gate_up.dense_weight(), w13) and torch.equal(down.dense_weight(), w2)
+    gate, up = (x @ w13.t()).chunk(2, dim=-1)
+    assert torch.allclose(swiglu(x, gate_up, down), (F.silu(gate) * up) @ w2.t(), atol=1e-5)
     per_expert = w13.numel() * 4 + w2.numel() * 4
     assert shard.nbytes() == 3 * per_expert
     with pytest.raises(KeyError, match="shard 1 holds no copy of layer 0 experts \\[2\\]"):
