@@ -14,7 +14,7 @@ namespace moefleet {
 namespace {
 
 typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-constexpr int kMaxRows = 8;  // rows per register block: 8 x 2 accumulators of 16 lanes
+constexpr int kMaxRows = 12;  // rows per register block: 12 x 2 accumulators of 16 lanes
 
 inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
 
@@ -54,8 +54,9 @@ void run_block(const float* x, int64_t ldx, const float* panel, int64_t K, float
 }
 
 using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t);
-constexpr BlockFn kBlocks[kMaxRows + 1] = {nullptr,       run_block<1>, run_block<2>, run_block<3>, run_block<4>,
-                                           run_block<5>, run_block<6>, run_block<7>, run_block<8>};
+constexpr BlockFn kBlocks[kMaxRows + 1] = {nullptr,       run_block<1>,  run_block<2>,  run_block<3>, run_block<4>,
+                                           run_block<5>, run_block<6>,  run_block<7>,  run_block<8>, run_block<9>,
+                                           run_block<10>, run_block<11>, run_block<12>};
 
 }  // namespace
 
