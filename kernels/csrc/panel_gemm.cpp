@@ -13,7 +13,8 @@
 namespace moefleet {
 namespace {
 
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+// may_alias: panels are float arrays read through this type.
+typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 constexpr int kMaxRows = 12;  // rows per register block: 12 x 2 accumulators of 16 lanes
 
 inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
