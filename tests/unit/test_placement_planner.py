@@ -147,14 +147,21 @@ def _check_limits(placed: Placement, limits: PlacementLimits) -> None:
 SCALE_LOAD = np.array([[90, 70, 60, 50, 40, 30, 20, 10], [10, 20, 30, 40, 50, 60, 70, 90]], dtype=float)
 
 
-def test_scale_down_places_the_gone_shards_experts_and_keeps_the_rest():
-    current = round_robin_placement([0, 1], 8, 4)
+def _rescale_to_three_shards(current: Placement) -> tuple[Placement, Placement]:
+    """(repaired, fresh) plans of SCALE_LOAD on 3 shards; the repair within the limits and no worse
+    than the target or (1 + tolerance) x the fresh plan's imbalance."""
     limits = scale_limits(8, 3)
     placed = plan_placement(SCALE_LOAD, current, [0, 1], limits)
     _check_limits(placed, limits)
     fresh = plan_placement(SCALE_LOAD, None, [0, 1], limits)
     assert imbalance(SCALE_LOAD, placed, [0, 1]) <= max(1 + limits.tolerance,
                                                         (1 + limits.tolerance) * imbalance(SCALE_LOAD, fresh, [0, 1]))
+    return placed, fresh
+
+
+def test_scale_down_places_the_gone_shards_experts_and_keeps_the_rest():
+    current = round_robin_placement([0, 1], 8, 4)
+    placed, fresh = _rescale_to_three_shards(current)
     for layer in (0, 1):  # shards 0-2 keep what they held; shard 3's experts (3 and 7) moved in
         assert all(set(current.shard_experts[layer][s]) <= set(placed.shard_experts[layer][s]) for s in range(3))
     loads = [m for m in diff(current, placed) if m.action == "load"]
@@ -164,12 +171,7 @@ def test_scale_down_places_the_gone_shards_experts_and_keeps_the_rest():
 
 def test_scale_up_fills_the_new_shard():
     current = round_robin_placement([0, 1], 8, 2)
-    limits = scale_limits(8, 3)
-    placed = plan_placement(SCALE_LOAD, current, [0, 1], limits)
-    _check_limits(placed, limits)
-    fresh = plan_placement(SCALE_LOAD, None, [0, 1], limits)
-    assert imbalance(SCALE_LOAD, placed, [0, 1]) <= max(1 + limits.tolerance,
-                                                        (1 + limits.tolerance) * imbalance(SCALE_LOAD, fresh, [0, 1]))
+    placed, fresh = _rescale_to_three_shards(current)
     assert all(placed.shard_experts[layer][2] for layer in (0, 1))
     assert all(m.source_shard is not None for m in diff(current, placed) if m.action == "load")  # all from peers
     assert sum(m.action == "load" for m in diff(current, placed)) < sum(m.action == "load" for m in diff(current, fresh))
