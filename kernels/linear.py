@@ -11,6 +11,7 @@
 import torch
 import torch.nn.functional as F
 
+from moefleet.kernels.cpu_extension import cpu_ops
 from moefleet.kernels.panel_linear import pack_panels, panels_usable, unpack_panels
 
 _ONEDNN_PACKABLE = (torch.float32, torch.bfloat16)
@@ -48,8 +49,6 @@ class Linear:
         if rows.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
         if self.layout == "panels":
-            from moefleet.kernels.cpu_extension import cpu_ops
-
             y = cpu_ops().panel_linear(rows, self.weight, self.out_features, False)
             if self.bias is not None:
                 y.add_(self.bias)
