@@ -279,6 +279,69 @@ void scatter_weighted_rows(const at::Tensor& expert_out, const int64_t* rows, co
   }
 }
 
+// The busy experts over column panels (kernels/panel_linear.py): every expert's gate_up (SwiGLU
+// fused), then every down projection, each pass one parallel region (panel_gemm_batch).
+// outputs[e] gets expert e's rows [start[e], start[e + 1]) of `index`.
+void run_panel_experts(const at::Tensor& x, const at::Tensor& index, const std::vector<int64_t>& start,
+                       const std::vector<int64_t>& busy, at::TensorList w13, at::TensorList w2,
+                       std::vector<at::Tensor>& outputs) {
+  const int64_t D = x.size(1);
+  std::vector<at::Tensor> inputs(outputs.size()), acts(outputs.size());
+  std::vector<PanelMultiply> gate_up, down;
+  for (const int64_t e : busy) {
+    const int64_t M = start[e + 1] - start[e], I = w2[e].size(1);
+    TORCH_CHECK(x.scalar_type() == at::kFloat && w2[e].dim() == 3 && w13[e].size(1) == D &&
+                    w13[e].size(0) * 16 >= I && w2[e].size(0) * kPanelWidth >= D,
+                "expert slot ", e, ": panels ", w13[e].sizes(), " / ", w2[e].sizes(), " do not fit hidden size ", D);
+    inputs[e] = x.index_select(0, index.narrow(0, start[e], M));
+    acts[e] = at::empty({M, I}, x.options());
+    outputs[e] = at::empty({M, D}, x.options());
+    gate_up.push_back({inputs[e].data_ptr<float>(), D, M, w13[e].data_ptr<float>(), w13[e].size(0), D,
+                       acts[e].data_ptr<float>(), I, I, /*swiglu=*/true});
+    down.push_back({acts[e].data_ptr<float>(), I, M, w2[e].data_ptr<float>(), w2[e].size(0), I,
+                    outputs[e].data_ptr<float>(), D, D, /*swiglu=*/false});
+  }
+  panel_gemm_batch(gate_up);
+  panel_gemm_batch(down);
+}
+
+// The busy experts over oneDNN-packed (bf16) or plain weights, as run_panel_experts. Decode
+// steps give each expert a few rows: splitting each small matmul over the threads costs a
+// barrier per matmul, so the threads take whole experts instead (longest first, each to the
+// least loaded thread), unless one expert outweighs a thread's fair share of the rows.
+void run_packed_experts(const at::Tensor& x, const at::Tensor& index, const std::vector<int64_t>& start,
+                        std::vector<int64_t> busy, at::TensorList w13, at::TensorList w2,
+                        std::vector<at::Tensor>& outputs) {
+  auto rows_of_expert = [&](int64_t e) { return start[e + 1] - start[e]; };
+  auto run_expert = [&](int64_t e) {
+    const auto expert_rows = x.index_select(0, index.narrow(0, start[e], rows_of_expert(e)));
+    const auto gate_up = packed_or_plain_linear(expert_rows, w13[e]);
+    const int64_t I = gate_up.size(1) / 2;
+    const auto act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));
+    outputs[e] = packed_or_plain_linear(act, w2[e]).contiguous();
+  };
+  int64_t most = 0;
+  for (const int64_t e : busy) most = std::max(most, rows_of_expert(e));
+  const int64_t N = start.back();
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(busy.size()));
+  if (threads <= 1 || most * threads > N) {
+    for (const int64_t e : busy) run_expert(e);
+    return;
+  }
+  std::sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) { return rows_of_expert(a) > rows_of_expert(b); });
+  std::vector<std::vector<int64_t>> share(threads);
+  std::vector<int64_t> rows_of_thread(threads, 0);
+  for (const int64_t e : busy) {
+    const auto t = std::min_element(rows_of_thread.begin(), rows_of_thread.end()) - rows_of_thread.begin();
+    share[t].push_back(e);
+    rows_of_thread[t] += rows_of_expert(e);
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (const int64_t e : share[t]) run_expert(e);
+  });
+}
+
 // The experts of one shard for one step: hidden [R, D]; row_index, slots (local expert slot),
 // weights (float): [N], one per (token, expert) pair; w13[s] [2I, D] and w2[s] [D, I] per slot
 // (oneDNN-packed or plain), or float32 column panels [ceil(I/16), D, 32] and [ceil(D/32), I, 32]
@@ -319,65 +382,13 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
   }
   const auto index = at::from_blob(sorted_rows.data(), {N}, at::kLong);
   std::vector<int64_t> busy;
-  int64_t most = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t count = start[e + 1] - start[e];
-    if (count > 0) busy.push_back(e);
-    most = std::max(most, count);
-  }
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) busy.push_back(e);
   std::vector<at::Tensor> outputs(E);
-  if (std::all_of(busy.begin(), busy.end(), [&](int64_t e) { return w13[e].dim() == 3; })) {
-    // Column panels (kernels/panel_linear.py): every busy expert's gate_up (SwiGLU fused), then
-    // every down projection, each pass one pool of tasks split evenly over the threads.
-    const int64_t D = x.size(1);
-    std::vector<at::Tensor> inputs(E), acts(E);
-    std::vector<PanelMultiply> gate_up, down;
-    for (const int64_t e : busy) {
-      const int64_t M = start[e + 1] - start[e], I = w2[e].size(1);
-      TORCH_CHECK(x.scalar_type() == at::kFloat && w2[e].dim() == 3 && w13[e].size(1) == D &&
-                      w13[e].size(0) * 16 >= I && w2[e].size(0) * kPanelWidth >= D,
-                  "expert slot ", e, ": panels ", w13[e].sizes(), " / ", w2[e].sizes(), " do not fit hidden size ", D);
-      inputs[e] = x.index_select(0, index.narrow(0, start[e], M));
-      acts[e] = at::empty({M, I}, x.options());
-      outputs[e] = at::empty({M, D}, x.options());
-      gate_up.push_back({inputs[e].data_ptr<float>(), D, M, w13[e].data_ptr<float>(), w13[e].size(0), D,
-                         acts[e].data_ptr<float>(), I, I, /*swiglu=*/true});
-      down.push_back({acts[e].data_ptr<float>(), I, M, w2[e].data_ptr<float>(), w2[e].size(0), I,
-                      outputs[e].data_ptr<float>(), D, D, /*swiglu=*/false});
-    }
-    panel_gemm_batch(gate_up);
-    panel_gemm_batch(down);
-  } else {
-    auto run_expert = [&](int64_t e) {
-      const auto expert_rows = x.index_select(0, index.narrow(0, start[e], start[e + 1] - start[e]));
-      const auto gate_up = packed_or_plain_linear(expert_rows, w13[e]);
-      const int64_t I = gate_up.size(1) / 2;
-      const auto act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));
-      outputs[e] = packed_or_plain_linear(act, w2[e]).contiguous();
-    };
-    // Decode steps give each expert a few rows: splitting each small matmul over the threads costs
-    // a barrier per matmul, so the threads take whole experts instead (longest first, each to the
-    // least loaded thread), unless one expert outweighs a thread's fair share of the rows.
-    const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(busy.size()));
-    if (threads > 1 && most * threads <= N) {
-      std::sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) {
-        return start[a + 1] - start[a] > start[b + 1] - start[b];
-      });
-      std::vector<std::vector<int64_t>> share(threads);
-      std::vector<int64_t> rows_of(threads, 0);
-      for (const int64_t e : busy) {
-        const auto t = std::min_element(rows_of.begin(), rows_of.end()) - rows_of.begin();
-        share[t].push_back(e);
-        rows_of[t] += start[e + 1] - start[e];
-      }
-      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t)
-          for (const int64_t e : share[t]) run_expert(e);
-      });
-    } else {
-      for (const int64_t e : busy) run_expert(e);
-    }
-  }
+  if (std::all_of(busy.begin(), busy.end(), [&](int64_t e) { return w13[e].dim() == 3; }))
+    run_panel_experts(x, index, start, busy, w13, w2, outputs);
+  else
+    run_packed_experts(x, index, start, busy, w13, w2, outputs);
   // Summed in slot order, as the reference does, whichever thread computed an expert.
   for (int64_t e = 0; e < E; ++e) {
     if (!outputs[e].defined()) continue;

@@ -59,8 +59,7 @@ constexpr BlockFn kBlocks[kMaxRows + 1] = {nullptr,       run_block<1>,  run_blo
                                            run_block<5>, run_block<6>,  run_block<7>,  run_block<8>, run_block<9>,
                                            run_block<10>, run_block<11>, run_block<12>};
 
-}  // namespace
-
+// y[m, c] for rows [0, M) of x and panels [panel_begin, panel_end) (see PanelMultiply).
 void panel_gemm(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t K, float* y, int64_t ldy,
                 int64_t n, bool swiglu, int64_t panel_begin, int64_t panel_end) {
   // Panel outer, rows inner: a panel (K x 32 floats) stays in L1/L2 while every row block reads it.
@@ -72,6 +71,8 @@ void panel_gemm(const float* x, int64_t ldx, int64_t M, const float* panels, int
     }
   }
 }
+
+}  // namespace
 
 void panel_gemm_batch(const std::vector<PanelMultiply>& multiplies) {
   int64_t work = 0;  // multiply-adds / 32

@@ -12,15 +12,10 @@ namespace moefleet {
 
 constexpr int64_t kPanelWidth = 32;
 
-// y[m, c] for rows [0, M) and panels [panel_begin, panel_end). x: [M, K] with row stride ldx;
-// y: row stride ldy, n valid columns (panels are zero-padded past n).
-// swiglu=false: panel p gives columns 32p..32p+31 of x @ W.T.
+// One multiply: y = x @ W.T for `rows` rows of x (row stride ldx) into y (row stride ldy, n valid
+// columns; panels are zero-padded past n). swiglu=false: panel p gives columns 32p..32p+31.
 // swiglu=true: the gate_up layout (lanes 0-15 gate columns 16p..16p+15, lanes 16-31 the same up
 // columns); y gets silu(gate) * up, n = the intermediate size.
-void panel_gemm(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t K, float* y, int64_t ldy,
-                int64_t n, bool swiglu, int64_t panel_begin, int64_t panel_end);
-
-// One multiply of a batch of them: y = x @ W.T (or SwiGLU, as above) for `rows` rows.
 struct PanelMultiply {
   const float* x;
   int64_t ldx, rows;
@@ -31,9 +26,9 @@ struct PanelMultiply {
   bool swiglu;
 };
 
-// Independent multiplies (a step's experts) as one pool of (multiply, row chunk, panel) tasks,
-// split over ATen's threads in contiguous runs of equal work (rows x K): one barrier for all of
-// them, and no thread idles while another finishes a busy expert.
+// Independent multiplies (a step's experts) in one parallel region: each of ATen's threads takes
+// its share of every multiply's panels, so there is one barrier for all of them and the threads
+// finish together however the rows are spread over the multiplies.
 void panel_gemm_batch(const std::vector<PanelMultiply>& multiplies);
 
 }  // namespace moefleet
