@@ -52,38 +52,114 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// One (sequence, kv head) pair: the r = H / G query heads that share kv head g attend over
-// positions [start, len) of the sequence, read slot by slot through its block table.
+// q . k over n entries, q already in float. float32 keys: one 16-lane accumulator and a
+// halving reduction (the compiler's own reduction of a simd loop summed the 16 lanes one after
+// another, a chain of 16 dependent adds per score, which was most of the kernel's time).
+typedef float vec16f __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float vec8f __attribute__((vector_size(32)));
+typedef float vec4f __attribute__((vector_size(16)));
+
+inline float dot_row(const float* q, const float* k, int64_t n) {
+  vec16f acc{};
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16)
+    acc += *reinterpret_cast<const vec16f*>(q + c) * *reinterpret_cast<const vec16f*>(k + c);
+  const vec8f h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vec4f h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+  float dot = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+  for (; c < n; ++c) dot += q[c] * k[c];
+  return dot;
+}
+
 template <typename scalar_t>
-void attend_one(const scalar_t* q, int64_t q_head_stride, scalar_t* out, int64_t out_head_stride,
-                const scalar_t* k_base, int64_t k_slot_stride, const scalar_t* v_base, int64_t v_slot_stride,
-                const int64_t* table, int64_t block_size, int64_t start, int64_t len, int64_t r, int64_t dk,
-                int64_t dv, float scale, std::vector<float>& scratch) {
-  const int64_t span = len - start;
-  scratch.resize(static_cast<size_t>(r * dk + r * span + r * dv + dk * span));
-  float* qf = scratch.data();          // [r, dk] scaled queries in float
-  float* scores = qf + r * dk;         // [r, span]
-  float* acc = scores + r * span;      // [r, dv]
-  float* keys_t = acc + r * dv;        // [dk, span] this head's keys, transposed: the score
-                                       // loop then runs along positions, one vector at a time
-  for (int64_t j = 0; j < r; ++j)
-    for (int64_t c = 0; c < dk; ++c) qf[j * dk + c] = to_float(q[j * q_head_stride + c]) * scale;
-  for (int64_t p = start; p < len; ++p) {
-    const scalar_t* kp = k_base + (table[p / block_size] * block_size + p % block_size) * k_slot_stride;
-    for (int64_t c = 0; c < dk; ++c) keys_t[c * span + (p - start)] = to_float(kp[c]);
-  }
-  for (int64_t j = 0; j < r; ++j) {
-    float* s = scores + j * span;
-    std::fill(s, s + span, 0.f);
-    for (int64_t c = 0; c < dk; ++c) {
-      const float qc = qf[j * dk + c];
-      const float* kc = keys_t + c * span;
-#pragma omp simd
-      for (int64_t i = 0; i < span; ++i) s[i] += qc * kc[i];
+inline float dot_row(const float* q, const scalar_t* k, int64_t n) {
+  float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t c = 0; c < n; ++c) dot += q[c] * to_float(k[c]);
+  return dot;
+}
+
+// Where a decode row's keys and values are: the cache bases and slot strides, the block table.
+template <typename scalar_t>
+struct PagedContext {
+  const scalar_t* k;  // the kv head's first key
+  const scalar_t* v;
+  int64_t k_slot_stride, k_head_stride, v_slot_stride, v_head_stride;
+  const int64_t* table;
+  int64_t block_size;
+  // fn(slot, position - start) for each cache slot of [start, len), in order, block by block
+  // (no division per position); on_block(block's first slot, the next block's or -1) on
+  // entering each block.
+  template <typename OnBlock, typename Fn>
+  void for_each_slot(int64_t start, int64_t len, OnBlock&& on_block, Fn&& fn) const {
+    for (int64_t p = start; p < len;) {
+      const int64_t block = p / block_size, first = block * block_size;
+      const int64_t stop = std::min(len, first + block_size);
+      on_block(table[block] * block_size, stop < len ? table[block + 1] * block_size : -1);
+      const int64_t base = table[block] * block_size - first;
+      for (; p < stop; ++p) fn(base + p, p - start);
     }
   }
-  for (int64_t j = 0; j < r; ++j) {
-    float* s = scores + j * span;
+};
+
+// Prefetch `rows` rows of `bytes` bytes each, `stride` elements apart, into the cache.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* first, int64_t rows, int64_t stride, int64_t bytes) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const char* p = reinterpret_cast<const char*>(first + row * stride);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  }
+}
+
+// One sequence's kv heads [g0, g1), each with the r = H / G query heads that share it, over
+// positions [start, len). The slot loops visit each slot once for all these heads: with every
+// kv head in one item a block's keys are one contiguous run the hardware prefetcher streams,
+// where one head per item read 128 bytes out of every slot's 512 and waited on memory at each
+// (measured: most of the kernel's time was the key and value loads). Scores are direct dot
+// products along the head dim.
+template <typename scalar_t>
+void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const PagedContext<scalar_t>& ctx,
+                  int64_t g0, int64_t g1, int64_t start, int64_t len, int64_t r, int64_t dk, int64_t dv, float scale,
+                  std::vector<float>& scratch) {
+  const int64_t span = len - start, heads = (g1 - g0) * r;
+  scratch.resize(static_cast<size_t>(heads * (dk + span + dv)));
+  float* qf = scratch.data();            // [heads, dk] scaled queries in float
+  float* scores = qf + heads * dk;       // [heads, span]
+  float* acc = scores + heads * span;    // [heads, dv]
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t c = 0; c < dk; ++c) qf[h * dk + c] = to_float(q[(g0 * r + h) * q_head_stride + c]) * scale;
+  // This item's part of a slot's row: its kv heads, contiguous.
+  const int64_t k_bytes = ((g1 - g0 - 1) * ctx.k_head_stride + dk) * sizeof(scalar_t);
+  const int64_t v_bytes = ((g1 - g0 - 1) * ctx.v_head_stride + dv) * sizeof(scalar_t);
+  const scalar_t* k0 = ctx.k + g0 * ctx.k_head_stride;
+  const scalar_t* v0 = ctx.v + g0 * ctx.v_head_stride;
+  auto prefetch_keys = [&](int64_t slot) {
+    prefetch_rows(k0 + slot * ctx.k_slot_stride, ctx.block_size, ctx.k_slot_stride, k_bytes);
+  };
+  auto prefetch_values = [&](int64_t slot) {
+    prefetch_rows(v0 + slot * ctx.v_slot_stride, ctx.block_size, ctx.v_slot_stride, v_bytes);
+  };
+  // Blocks lie anywhere in the cache, and a block's rows span pages the hardware prefetcher
+  // does not cross: without these the key and value loads were most of the kernel's time.
+  // While scoring a block, fetch the next block's keys and this block's values (read after the
+  // softmax; the sequence's share of the cache stays in L2 until then).
+  prefetch_keys(ctx.table[start / ctx.block_size] * ctx.block_size);
+  auto prefetch_ahead = [&](int64_t block_slot, int64_t next_block_slot) {
+    if (next_block_slot >= 0) prefetch_keys(next_block_slot);
+    prefetch_values(block_slot);
+  };
+  auto no_prefetch = [](int64_t, int64_t) {};
+  ctx.for_each_slot(start, len, prefetch_ahead, [&](int64_t slot, int64_t i) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const scalar_t* kp = ctx.k + slot * ctx.k_slot_stride + g * ctx.k_head_stride;
+      for (int64_t h = (g - g0) * r; h < (g - g0 + 1) * r; ++h) {
+        scores[h * span + i] = dot_row(qf + h * dk, kp, dk);
+      }
+    }
+  });
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores + h * span;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < span; ++i) mx = std::max(mx, s[i]);
     float sum = 0.f;
@@ -95,19 +171,20 @@ void attend_one(const scalar_t* q, int64_t q_head_stride, scalar_t* out, int64_t
     const float inv = 1.f / sum;
     for (int64_t i = 0; i < span; ++i) s[i] *= inv;
   }
-  std::fill(acc, acc + r * dv, 0.f);
-  for (int64_t p = start; p < len; ++p) {
-    const int64_t slot = table[p / block_size] * block_size + p % block_size;
-    const scalar_t* vp = v_base + slot * v_slot_stride;
-    for (int64_t j = 0; j < r; ++j) {
-      const float w = scores[j * span + (p - start)];
-      float* a = acc + j * dv;
+  std::fill(acc, acc + heads * dv, 0.f);
+  ctx.for_each_slot(start, len, no_prefetch, [&](int64_t slot, int64_t i) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const scalar_t* vp = ctx.v + slot * ctx.v_slot_stride + g * ctx.v_head_stride;
+      for (int64_t h = (g - g0) * r; h < (g - g0 + 1) * r; ++h) {
+        const float w = scores[h * span + i];
+        float* a = acc + h * dv;
 #pragma omp simd
-      for (int64_t c = 0; c < dv; ++c) a[c] += w * to_float(vp[c]);
+        for (int64_t c = 0; c < dv; ++c) a[c] += w * to_float(vp[c]);
+      }
     }
-  }
-  for (int64_t j = 0; j < r; ++j)
-    for (int64_t c = 0; c < dv; ++c) out[j * out_head_stride + c] = static_cast<scalar_t>(acc[j * dv + c]);
+  });
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t c = 0; c < dv; ++c) out[(g0 * r + h) * dv + c] = static_cast<scalar_t>(acc[h * dv + c]);
 }
 
 // q [B, H, dk]; k_cache [S, G, dk], v_cache [S, G, dv] (any strides but a contiguous last dim:
@@ -131,25 +208,28 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const auto lens = context_lens.contiguous();
   TORCH_CHECK(tables.size(0) == B && lens.size(0) == B, "block_tables and context_lens need one row per sequence");
   const int64_t W = tables.size(1), r = H / G;
+  // A whole sequence per item where there are enough sequences to share among the threads;
+  // otherwise (a few long decodes) one kv head per item, so every thread has work.
+  const int64_t heads_per_item = B >= 2 * at::get_num_threads() ? G : 1;
+  const int64_t items_per_row = G / heads_per_item;
   auto out = at::empty({B, H, dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* tp = tables.data_ptr<int64_t>();
     const int64_t* lp = lens.data_ptr<int64_t>();
-    at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * items_per_row, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / G, g = item % G;
+        const int64_t b = item / items_per_row, g0 = item % items_per_row * heads_per_item;
         const int64_t len = lp[b];
         TORCH_CHECK(len >= 1 && len <= W * block_size, "context length ", len, " does not fit the block table");
         const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-        attend_one<scalar_t>(qp + b * q.stride(0) + g * r * q.stride(1), q.stride(1),
-                             op + (b * H + g * r) * dv, dv, kp + g * k_cache.stride(1), k_cache.stride(0),
-                             vp + g * v_cache.stride(1), v_cache.stride(0), tp + b * W, block_size, start, len, r, dk,
-                             dv, static_cast<float>(scale), scratch);
+        const PagedContext<scalar_t> ctx{k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+                                         tp + b * W, block_size};
+        attend_heads<scalar_t>(qp + b * q.stride(0), q.stride(1), op + b * H * dv, ctx, g0, g0 + heads_per_item,
+                               start, len, r, dk, dv, static_cast<float>(scale), scratch);
       }
     });
   });

@@ -43,13 +43,17 @@ def _paged_case(num_seqs, num_heads, num_kv_heads, dk, dv, block_size, lens, dty
     (8, 4, 32, 32, False),   # GQA
     (4, 4, 16, 16, False),   # MHA
     (6, 1, 48, 32, True),    # MLA-style MQA: values are a view of the first dv key entries
+    (4, 2, 20, 12, False),   # head dims that are not a multiple of the 16-lane vectors
 ])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention_matches_the_reference(num_heads, num_kv_heads, dk, dv, values_in_keys, window, dtype):
+# Six sequences take one item per sequence (every kv head); one sequence, one item per kv head.
+@pytest.mark.parametrize("lens", [[1, 3, 4, 9, 17, 30], [30]])
+def test_paged_decode_attention_matches_the_reference(num_heads, num_kv_heads, dk, dv, values_in_keys, window, dtype,
+                                                      lens):
     ops = cpu_ops()
     assert ops is not None, unavailable_reason()
-    block_size, lens = 4, [1, 3, 4, 9, 17, 30]
+    block_size = 4
     q, keys, values, tables, context_lens = _paged_case(len(lens), num_heads, num_kv_heads, dk, dv, block_size, lens,
                                                         dtype, values_in_keys, seed=num_heads + dk)
     batch = AttentionBatch(torch.empty(0, dtype=torch.long), len(lens), block_size, window, tables, context_lens, ())
