@@ -22,6 +22,9 @@ class _LayerSlots:
     local_slot: torch.Tensor  # [E] local slot of each logical expert, -1 if absent
     pairs: list[ExpertPair]  # per local slot (gate_up, down)
     weight_lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None  # the same, for the compiled kernel
+    # Every logical expert in its own slot (a shard holding the whole layer in order, as a lone
+    # in-process shard does): expert ids are slots, with nothing to map or check per step.
+    identity: bool = False
 
 
 class ExpertShard:
@@ -72,7 +75,8 @@ class ExpertShard:
             slots = torch.full((self.num_experts,), -1, dtype=torch.long)
             slots[list(experts)] = torch.arange(len(experts))
             pairs = [self.weights[(layer, e)] for e in experts]
-            layers[layer] = _LayerSlots(slots, pairs, expert_weight_lists(pairs))
+            identity = tuple(experts) == tuple(range(self.num_experts))
+            layers[layer] = _LayerSlots(slots, pairs, expert_weight_lists(pairs), identity)
         self.epochs[epoch] = layers
 
     @property
@@ -118,6 +122,9 @@ class ExpertShard:
         slots_of_layer = layers.get(layer)
         if slots_of_layer is None:
             raise KeyError(f"shard {self.shard_id} holds no experts of layer {layer} in epoch {epoch}")
+        if slots_of_layer.identity:
+            return grouped_swiglu(rows, row_index, experts, weights, slots_of_layer.pairs, rows.shape[0],
+                                  slots_of_layer.weight_lists)
         slots = slots_of_layer.local_slot[experts]
         if bool((slots < 0).any()):
             missing = sorted(set(experts[slots < 0].tolist()))

@@ -26,6 +26,7 @@ class Dispatcher:
         self.set_placement(placement)
         # fanout[n]: tokens (per MoE layer visit) whose experts lay on n distinct shards.
         self.fanout = [0] * (self.placement.num_experts + 1)
+        self._pair_tokens, self._pair_tokens_k = torch.empty(0, dtype=torch.long), 0  # see _token_of_pairs
 
     def set_placement(self, placement: Placement) -> None:
         placement.validate()
@@ -60,12 +61,20 @@ class Dispatcher:
             load[best] += 1
         pair_shard.copy_(torch.tensor(shards))
 
+    def _token_of_pairs(self, num_tokens: int, top_k: int) -> torch.Tensor:
+        """[num_tokens * top_k]: the token of each (token, expert) pair, 0 0 1 1 2 2 ... A prefix
+        of one kept tensor (grown when a step has more tokens): two ops fewer per layer."""
+        if self._pair_tokens_k != top_k or self._pair_tokens.numel() < num_tokens * top_k:
+            self._pair_tokens = torch.arange(max(num_tokens, 256)).repeat_interleave(top_k)
+            self._pair_tokens_k = top_k
+        return self._pair_tokens[: num_tokens * top_k]
+
     def start(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> PendingCombine:
         """hidden [T, D], weights/ids [T, K]: send every shard its pairs; returns at once."""
         if self.counters is not None:
             self.counters.record(layer, ids)
         num_tokens, top_k = ids.shape
-        token_index = torch.arange(num_tokens).repeat_interleave(top_k)
+        token_index = self._token_of_pairs(num_tokens, top_k)
         flat_ids, flat_weights = ids.flatten(), weights.flatten()
         if self.num_shards == 1:
             self.fanout[1] += num_tokens

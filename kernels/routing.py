@@ -6,9 +6,19 @@ Both return (weights [T, K] float32, expert ids [T, K] int64).
 
 import torch
 
+from moefleet.kernels.cpu_extension import cpu_ops
+
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits: [T, E]. Softmax over all experts, keep the top k, optionally renormalise."""
+    """router_logits: [T, E]. Softmax over all experts, keep the top k, optionally renormalise.
+    One compiled call on CPU (the same math as `softmax_topk_reference`)."""
+    ops = cpu_ops() if router_logits.device.type == "cpu" else None
+    if ops is not None:
+        return ops.softmax_topk(router_logits.float(), top_k, renormalize)
+    return softmax_topk_reference(router_logits, top_k, renormalize)
+
+
+def softmax_topk_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:

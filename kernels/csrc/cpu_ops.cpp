@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace moefleet {
@@ -314,6 +315,50 @@ void rms_norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t 
   }
 }
 
+// Softmax top-k routing as kernels.routing.softmax_topk's reference computes it: softmax over
+// all experts in float32, the k most probable (the lower id first among equal probabilities),
+// optionally renormalised over the k. logits [T, E] float32 -> (weights [T, k] float32,
+// ids [T, k] int64). One call instead of the reference's four ops per MoE layer.
+std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t k, bool renormalize) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "softmax_topk: logits must be float32 [T, E]");
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "softmax_topk: k = ", k, " for ", E, " experts");
+  const auto lc = logits.contiguous();
+  auto weights = at::empty({T, k}, lc.options());
+  auto ids = at::empty({T, k}, lc.options().dtype(at::kLong));
+  const float* lp = lc.data_ptr<float>();
+  float* wp = weights.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  std::vector<float> probs(E);
+  std::vector<char> taken(E);
+  // torch.topk's order: NaN above every number.
+  auto above = [](float a, float b) { return (std::isnan(a) && !std::isnan(b)) || a > b; };
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = lp + t * E;
+    const float mx = *std::max_element(row, row + E);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += probs[e] = std::exp(row[e] - mx);
+    for (int64_t e = 0; e < E; ++e) probs[e] /= sum;
+    float* w = wp + t * k;
+    int64_t* id = ip + t * k;
+    std::fill(taken.begin(), taken.end(), 0);
+    for (int64_t j = 0; j < k; ++j) {  // k is small (2-8): selection beats a sort
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || above(probs[e], probs[best]))) best = e;
+      w[j] = probs[best];
+      id[j] = best;
+      taken[best] = 1;
+    }
+    if (renormalize) {
+      float top = 0.f;
+      for (int64_t j = 0; j < k; ++j) top += w[j];
+      for (int64_t j = 0; j < k; ++j) w[j] /= top;
+    }
+  }
+  return {weights, ids};
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.size(-1) == weight.numel(), "rms_norm: weight has ", weight.numel(), " entries for rows of ", x.size(-1));
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
@@ -486,6 +531,7 @@ TORCH_LIBRARY(moefleet, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "int block_size, float scale, int window) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("softmax_topk(Tensor logits, int k, bool renormalize) -> (Tensor, Tensor)");
   m.def("rotary_and_write_kv(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
   m.def("grouped_swiglu(Tensor hidden, Tensor row_index, Tensor slots, Tensor weights, Tensor[] w13, Tensor[] w2, "
@@ -496,6 +542,7 @@ TORCH_LIBRARY_IMPL(moefleet, CPU, m) {
   m.impl("paged_decode_attention", &moefleet::paged_decode_attention);
   m.impl("rotary_and_write_kv", &moefleet::rotary_and_write_kv);
   m.impl("rms_norm", &moefleet::rms_norm);
+  m.impl("softmax_topk", &moefleet::softmax_topk);
 }
 
 // The expert weights are oneDNN-packed tensors (dispatch key MkldnnCPU) or plain CPU tensors:

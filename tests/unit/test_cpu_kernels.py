@@ -19,12 +19,36 @@ from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu, swi
 from moefleet.kernels.linear import Linear
 from moefleet.kernels.panel_linear import GateUpPanels, pack_gate_up_panels, pack_panels, unpack_gate_up_panels, unpack_panels
 from moefleet.kernels.norms import rms_norm, rms_norm_reference
+from moefleet.kernels.routing import softmax_topk_reference
 
 
 def test_kernels_build_where_a_compiler_exists():
     if shutil.which("c++") is None:
         pytest.fail("no C++ compiler on PATH: the CPU kernels cannot be built (install g++)")
     assert cpu_ops() is not None, unavailable_reason()
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (60, 4), (4, 4), (16, 1)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_topk_matches_the_reference(num_experts, top_k, renormalize):
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    logits = torch.randn(37, num_experts, generator=torch.Generator().manual_seed(num_experts)) * 3
+    weights, ids = ops.softmax_topk(logits, top_k, renormalize)
+    ref_weights, ref_ids = softmax_topk_reference(logits, top_k, renormalize)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-6)
+    empty_weights, empty_ids = ops.softmax_topk(logits[:0], top_k, renormalize)
+    assert empty_weights.shape == (0, top_k) and empty_ids.shape == (0, top_k)
+
+
+def test_softmax_topk_rejects_bad_input_with_a_message():
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    with pytest.raises(RuntimeError, match="k = 9 for 8 experts"):
+        ops.softmax_topk(torch.randn(2, 8), 9, True)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.softmax_topk(torch.randn(2, 8).double(), 2, True)
 
 
 def _paged_case(num_seqs, num_heads, num_kv_heads, dk, dv, block_size, lens, dtype, values_in_keys, seed):
