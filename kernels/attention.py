@@ -91,11 +91,14 @@ def paged_attention(
     through the compiled kernel when it is loaded (it reads the cache in place), else through
     the torch reference (gather, then SDPA)."""
     num_tokens, num_heads, _ = q.shape
-    out = q.new_empty(num_tokens, num_heads, v_cache.shape[-1])
     gqa = num_heads != k_cache.shape[1]
     nd = batch.num_decodes
+    ops = cpu_ops() if nd and q.device.type == "cpu" else None
+    if ops is not None and nd == num_tokens:  # a decode-only step: the kernel's output is the answer
+        return ops.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens,
+                                          batch.block_size, scale, batch.window or 0)
+    out = q.new_empty(num_tokens, num_heads, v_cache.shape[-1])
     if nd:
-        ops = cpu_ops() if q.device.type == "cpu" else None
         if ops is not None:
             out[:nd] = ops.paged_decode_attention(q[:nd], k_cache, v_cache, batch.decode_block_tables,
                                                   batch.decode_context_lens, batch.block_size, scale, batch.window or 0)
