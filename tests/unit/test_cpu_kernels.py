@@ -42,6 +42,18 @@ def test_softmax_topk_matches_the_reference(num_experts, top_k, renormalize):
     assert empty_weights.shape == (0, top_k) and empty_ids.shape == (0, top_k)
 
 
+def test_softmax_topk_keeps_ids_in_range_when_a_row_is_nan():
+    # A NaN logit makes the whole row's softmax NaN; the selection must still return k distinct,
+    # valid expert ids (the engine indexes experts with them) rather than read out of bounds.
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    logits = torch.randn(3, 8)
+    logits[1, 5] = float("nan")
+    weights, ids = ops.softmax_topk(logits, 3, True)
+    assert ids.min() >= 0 and ids.max() < 8 and all(len(set(row)) == 3 for row in ids.tolist())
+    assert torch.equal(ids[[0, 2]], softmax_topk_reference(logits[[0, 2]], 3, True)[1])
+
+
 def test_softmax_topk_rejects_bad_input_with_a_message():
     ops = cpu_ops()
     assert ops is not None, unavailable_reason()
