@@ -123,12 +123,12 @@ class ExpertShard:
         if slots_of_layer is None:
             raise KeyError(f"shard {self.shard_id} holds no experts of layer {layer} in epoch {epoch}")
         if slots_of_layer.identity:
-            return grouped_swiglu(rows, row_index, experts, weights, slots_of_layer.pairs, rows.shape[0],
-                                  slots_of_layer.weight_lists)
-        slots = slots_of_layer.local_slot[experts]
-        if bool((slots < 0).any()):
-            missing = sorted(set(experts[slots < 0].tolist()))
-            raise KeyError(f"shard {self.shard_id} holds no copy of layer {layer} experts {missing}")
+            slots = experts
+        else:
+            slots = slots_of_layer.local_slot[experts]
+            if bool((slots < 0).any()):
+                missing = sorted(set(experts[slots < 0].tolist()))
+                raise KeyError(f"shard {self.shard_id} holds no copy of layer {layer} experts {missing}")
         return grouped_swiglu(rows, row_index, slots, weights, slots_of_layer.pairs, rows.shape[0],
                               slots_of_layer.weight_lists)
 

@@ -17,11 +17,11 @@
 #include <torch/library.h>
 
 #include "panel_gemm.h"
+#include "vector_math.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -33,38 +33,16 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// exp(x) for x <= 0 (softmax after subtracting the max), written so the compiler vectorizes
-// it (glibc's expf is a call per element): 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p the
-// degree-6 Taylor polynomial (relative error ~2e-7, below float32's rounding of the sum).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  float p = 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // q . k over n entries, q already in float. float32 keys: one 16-lane accumulator and a
 // halving reduction (the compiler's own reduction of a simd loop summed the 16 lanes one after
 // another, a chain of 16 dependent adds per score, which was most of the kernel's time).
-typedef float vec16f __attribute__((vector_size(64), aligned(4), may_alias));
 typedef float vec8f __attribute__((vector_size(32)));
 typedef float vec4f __attribute__((vector_size(16)));
 
 inline float dot_row(const float* q, const float* k, int64_t n) {
-  vec16f acc{};
+  vec16 acc{};
   int64_t c = 0;
-  for (; c + 16 <= n; c += 16)
-    acc += *reinterpret_cast<const vec16f*>(q + c) * *reinterpret_cast<const vec16f*>(k + c);
+  for (; c + 16 <= n; c += 16) acc += load16(q + c) * load16(k + c);
   const vec8f h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
                    __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
   const vec4f h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
@@ -166,7 +144,7 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < span; ++i) {
-      s[i] = exp_nonpositive(s[i] - mx);
+      s[i] = exp_clamped(std::max(s[i] - mx, -87.f));  // <= 0: softmax after subtracting the max
       sum += s[i];
     }
     const float inv = 1.f / sum;

@@ -1,7 +1,7 @@
-// See panel_gemm.h. Written with GCC/Clang vector extensions rather than intrinsics: a 16-lane
-// float vector is one AVX-512 register or two AVX2 ones, whichever -march=native gives.
+// See panel_gemm.h; the vector type is vector_math.h's.
 
 #include "panel_gemm.h"
+#include "vector_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,34 +13,14 @@
 namespace moefleet {
 namespace {
 
-// may_alias: panels are float arrays read through this type.
-typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 constexpr int kMaxRows = 12;  // rows per register block: 12 x 2 accumulators of 16 lanes
 
-typedef int32_t vec16i __attribute__((vector_size(64)));
-
-inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
-
-// e^x lane by lane for the SwiGLU gate (libm's expf, one call per element, was ~8% of the
-// experts' time): x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
-// (relative error ~2e-7, about float32's rounding), 2^n built in the exponent bits. x is
-// clamped to [-87, 88], where e^x stays a normal float.
+// e^x for the SwiGLU gate, x clamped to exp_clamped's range (libm's expf, one call per element,
+// was ~8% of the experts' time).
 inline vec16 exp16(vec16 x) {
   const vec16 lo = vec16{} - 87.f, hi = vec16{} + 88.f;
   x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const float shifter = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const vec16 n = (x * 1.44269504088896341f + shifter) - shifter;
-  const vec16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  vec16 p = vec16{} + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;
-  return p * reinterpret_cast<const vec16&>(bits);
+  return exp_clamped(x > hi ? hi : x);
 }
 
 // acc[m] = x[m, :] @ panel for `rows` (1..kMaxRows, a template parameter so the loops unroll).

@@ -1,0 +1,48 @@
+// The 16-lane float vector both kernel files use, and the exp they share. Written with GCC/Clang
+// vector extensions rather than intrinsics: a 16-lane float vector is one AVX-512 register or two
+// AVX2 ones, whichever -march=native gives.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace moefleet {
+
+// may_alias: float arrays (weights, keys) are read through this type.
+typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t vec16i __attribute__((vector_size(64)));
+
+inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+
+// 2^n for integral n in [-126, 127], built in the exponent bits.
+inline float pow2_integral(float n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+inline vec16 pow2_integral(vec16 n) {
+  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;
+  return reinterpret_cast<const vec16&>(bits);
+}
+
+// e^x for x in [-87, 88] (callers clamp; e^x stays a normal float there), a float or lane by lane
+// on a vec16, written so the compiler vectorizes it (libm's expf is a call per element):
+// x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
+// ~2e-7, about float32's rounding), times 2^n.
+template <typename T>
+inline T exp_clamped(T x) {
+  const float shifter = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const T n = (x * 1.44269504088896341f + shifter) - shifter;
+  const T r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  T p = r * (1.f / 720) + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  return p * pow2_integral(n);
+}
+
+}  // namespace moefleet
