@@ -5,8 +5,9 @@ weight once, in order, with the rows of a decode step inside that stream. The ga
 an expert is packed with 16 gate columns beside the same 16 up columns in each panel, so the
 kernel can apply SwiGLU before anything leaves its registers.
 
-kernels.linear.Linear uses panels for every float32 weight on CPU; GateUpPanels is an expert's
-(or a dense MLP's) gate_up projection with the activation fused."""
+kernels.linear.Linear uses panels for every float32 weight on CPU, and for bfloat16 ones where the
+CPU has AVX512-BF16 (panels_usable); GateUpPanels is an expert's (or a dense MLP's) gate_up
+projection with the activation fused."""
 
 import torch
 
@@ -16,47 +17,58 @@ PANEL_WIDTH = 32
 _HALF = PANEL_WIDTH // 2
 
 
+def _k_group(dtype: torch.dtype) -> int:
+    """Input columns per panel element group: bfloat16 panels hold k in pairs (the operand of
+    AVX512-BF16's pair dot product), float32 panels one k at a time."""
+    return 2 if dtype == torch.bfloat16 else 1
+
+
 def _empty_panels(columns: int, k: int, per_panel: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(-(-columns // per_panel), k, PANEL_WIDTH, dtype=dtype)
+    """[P, K / g, 32, g]: the working view; the kernel takes it as [P, K / g, 32 g]."""
+    group = _k_group(dtype)
+    return torch.empty(-(-columns // per_panel), k // group, PANEL_WIDTH, group, dtype=dtype)
 
 
 def _fill_lanes(panels: torch.Tensor, lanes: slice, rows: torch.Tensor) -> None:
     """Weight rows [n, K] into `lanes` of consecutive panels (width lanes per panel), lanes past n
     zero. One strided copy (experts are packed on a shard while it serves, so every copy here
     takes CPU from serving)."""
-    width, (n, k) = lanes.stop - lanes.start, rows.shape
+    width, (n, k), group = lanes.stop - lanes.start, rows.shape, panels.shape[3]
     full = n // width
-    panels[:full, :, lanes].copy_(rows[: full * width].view(full, width, k).transpose(1, 2))
+    grouped = rows.reshape(n, k // group, group)
+    panels[:full, :, lanes].copy_(grouped[: full * width].view(full, width, k // group, group).transpose(1, 2))
     if full < panels.shape[0]:
         panels[full, :, lanes].zero_()
-        panels[full, :, lanes.start : lanes.start + n - full * width].copy_(rows[full * width:].t())
+        panels[full, :, lanes.start : lanes.start + n - full * width].copy_(grouped[full * width:].transpose(0, 1))
 
 
 def _lanes_to_rows(panels: torch.Tensor, lanes: slice, n: int) -> torch.Tensor:
     """The inverse of _fill_lanes: the first n rows [n, K] held in `lanes`."""
-    return panels[:, :, lanes].transpose(1, 2).reshape(-1, panels.shape[1])[:n]
+    group = _k_group(panels.dtype)
+    view = panels.view(panels.shape[0], panels.shape[1], PANEL_WIDTH, group)[:, :, lanes]
+    return view.permute(0, 2, 1, 3).reshape(-1, panels.shape[1] * group)[:n]
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N / 32), K, 32], columns past N zero."""
+    """[N, K] -> [ceil(N / 32), K, 32] (bfloat16: [ceil(N / 32), K / 2, 64]), columns past N zero."""
     panels = _empty_panels(weight.shape[0], weight.shape[1], PANEL_WIDTH, weight.dtype)
     _fill_lanes(panels, slice(0, PANEL_WIDTH), weight)
-    return panels
+    return panels.flatten(2)
 
 
 def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of pack_panels: [P, K, 32] -> [n, K]."""
+    """The inverse of pack_panels: -> [n, K]."""
     return _lanes_to_rows(panels, slice(0, PANEL_WIDTH), n).contiguous()
 
 
 def pack_gate_up_panels(w13: torch.Tensor) -> torch.Tensor:
-    """gate_up [2I, K] (gate rows, then up rows) -> [ceil(I / 16), K, 32]: lanes 0-15 gate
-    columns 16p..16p+15, lanes 16-31 the same up columns (past I zero)."""
+    """gate_up [2I, K] (gate rows, then up rows) -> [ceil(I / 16), K, 32] (bfloat16: K / 2, 64):
+    lanes 0-15 gate columns 16p..16p+15, lanes 16-31 the same up columns (past I zero)."""
     inter = w13.shape[0] // 2
     panels = _empty_panels(inter, w13.shape[1], _HALF, w13.dtype)
     _fill_lanes(panels, slice(0, _HALF), w13[:inter])
     _fill_lanes(panels, slice(_HALF, PANEL_WIDTH), w13[inter:])
-    return panels
+    return panels.flatten(2)
 
 
 def unpack_gate_up_panels(panels: torch.Tensor, intermediate: int) -> torch.Tensor:
@@ -66,8 +78,13 @@ def unpack_gate_up_panels(panels: torch.Tensor, intermediate: int) -> torch.Tens
 
 
 def panels_usable(weight: torch.Tensor) -> bool:
-    """Column panels serve float32 weights on CPU when the compiled kernels are loaded."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and cpu_ops() is not None
+    """Column panels serve CPU weights when the compiled kernels are loaded: float32 always,
+    bfloat16 with an even number of input columns where the CPU has AVX512-BF16."""
+    if weight.device.type != "cpu" or (ops := cpu_ops()) is None:
+        return False
+    if weight.dtype == torch.bfloat16:
+        return weight.shape[-1] % 2 == 0 and ops.bf16_panels_supported()
+    return weight.dtype == torch.float32
 
 
 class GateUpPanels:

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace moefleet {
@@ -33,30 +34,36 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// q . k over n entries, q already in float. float32 keys: one 16-lane accumulator and a
-// halving reduction (the compiler's own reduction of a simd loop summed the 16 lanes one after
-// another, a chain of 16 dependent adds per score, which was most of the kernel's time).
-typedef float vec8f __attribute__((vector_size(32)));
-typedef float vec4f __attribute__((vector_size(16)));
+// Element types with a 16-lane widening load (vector_math.h); others go lane by lane.
+template <typename scalar_t>
+constexpr bool kVectorLoads = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 
-inline float dot_row(const float* q, const float* k, int64_t n) {
-  vec16 acc{};
+// q . k over n entries, q already in float: one 16-lane accumulator, then a halving reduction
+// (summing the lanes one after another was most of the kernel's time).
+template <typename scalar_t>
+inline float dot_row(const float* q, const scalar_t* k, int64_t n) {
   int64_t c = 0;
-  for (; c + 16 <= n; c += 16) acc += load16(q + c) * load16(k + c);
-  const vec8f h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vec4f h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  float dot = (h4[0] + h4[2]) + (h4[1] + h4[3]);
-  for (; c < n; ++c) dot += q[c] * k[c];
+  float dot = 0.f;
+  if constexpr (kVectorLoads<scalar_t>) {
+    vec16 acc{};
+    for (; c + 16 <= n; c += 16) acc += load16(q + c) * load16(k + c);
+    dot = horizontal_sum(acc);
+  }
+  for (; c < n; ++c) dot += q[c] * to_float(k[c]);
   return dot;
 }
 
+// a[0, n) += w * v[0, n), v widened to float.
 template <typename scalar_t>
-inline float dot_row(const float* q, const scalar_t* k, int64_t n) {
-  float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t c = 0; c < n; ++c) dot += q[c] * to_float(k[c]);
-  return dot;
+inline void add_scaled_row(float* a, float w, const scalar_t* v, int64_t n) {
+  int64_t c = 0;
+  if constexpr (kVectorLoads<scalar_t>) {
+    for (; c + 16 <= n; c += 16) {
+      const vec16 sum = load16(a + c) + w * load16(v + c);
+      std::memcpy(a + c, &sum, sizeof sum);
+    }
+  }
+  for (; c < n; ++c) a[c] += w * to_float(v[c]);
 }
 
 // Where a decode row's keys and values are: the cache bases and slot strides, the block table.
@@ -155,10 +162,7 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
     for (int64_t g = g0; g < g1; ++g) {
       const scalar_t* vp = ctx.v + slot * ctx.v_slot_stride + g * ctx.v_head_stride;
       for (int64_t h = (g - g0) * r; h < (g - g0 + 1) * r; ++h) {
-        const float w = scores[h * span + i];
-        float* a = acc + h * dv;
-#pragma omp simd
-        for (int64_t c = 0; c < dv; ++c) a[c] += w * to_float(vp[c]);
+        add_scaled_row(acc + h * dv, scores[h * span + i], vp, dv);
       }
     }
   });
@@ -382,30 +386,34 @@ void scatter_weighted_rows(const at::Tensor& expert_out, const int64_t* rows, co
   }
 }
 
-// The busy experts over column panels (kernels/panel_linear.py): every expert's gate_up (SwiGLU
-// fused), then every down projection, each pass one parallel region (panel_gemm_batch).
-// outputs[e] gets expert e's rows [start[e], start[e + 1]) of `index`.
+// The busy experts over column panels (kernels/panel_linear.py), float32 or bfloat16 (T, the
+// dtype of x and the panels): every expert's gate_up (SwiGLU fused), then every down projection,
+// each pass one parallel region (panel_gemm_batch). outputs[e] gets expert e's rows
+// [start[e], start[e + 1]) of `index`.
+template <typename T>
 void run_panel_experts(const at::Tensor& x, const at::Tensor& index, const std::vector<int64_t>& start,
                        const std::vector<int64_t>& busy, at::TensorList w13, at::TensorList w2,
                        std::vector<at::Tensor>& outputs) {
-  const int64_t D = x.size(1);
+  const int64_t D = x.size(1), group = x.scalar_type() == at::kBFloat16 ? 2 : 1;
   std::vector<at::Tensor> inputs(outputs.size()), acts(outputs.size());
-  std::vector<PanelMultiply> gate_up, down;
+  std::vector<PanelMultiply<T>> gate_up, down;
   for (const int64_t e : busy) {
-    const int64_t M = start[e + 1] - start[e], I = w2[e].size(1);
-    TORCH_CHECK(x.scalar_type() == at::kFloat && w2[e].dim() == 3 && w13[e].size(1) == D &&
-                    w13[e].size(0) * 16 >= I && w2[e].size(0) * kPanelWidth >= D,
-                "expert slot ", e, ": panels ", w13[e].sizes(), " / ", w2[e].sizes(), " do not fit hidden size ", D);
+    const int64_t M = start[e + 1] - start[e], I = w2[e].size(1) * group;
+    TORCH_CHECK(w13[e].scalar_type() == x.scalar_type() && w2[e].scalar_type() == x.scalar_type() && w2[e].dim() == 3 &&
+                    w13[e].size(1) * group == D && w13[e].size(0) * 16 >= I &&
+                    w2[e].size(0) * kPanelWidth >= D,
+                "expert slot ", e, ": ", w13[e].scalar_type(), " panels ", w13[e].sizes(), " / ", w2[e].sizes(),
+                " do not fit ", x.scalar_type(), " hidden size ", D);
     inputs[e] = x.index_select(0, index.narrow(0, start[e], M));
     acts[e] = at::empty({M, I}, x.options());
     outputs[e] = at::empty({M, D}, x.options());
-    gate_up.push_back({inputs[e].data_ptr<float>(), D, M, w13[e].data_ptr<float>(), w13[e].size(0), D,
-                       acts[e].data_ptr<float>(), I, I, /*swiglu=*/true});
-    down.push_back({acts[e].data_ptr<float>(), I, M, w2[e].data_ptr<float>(), w2[e].size(0), I,
-                    outputs[e].data_ptr<float>(), D, D, /*swiglu=*/false});
+    gate_up.push_back({inputs[e].data_ptr<T>(), D, M, w13[e].data_ptr<T>(), w13[e].size(0), D, acts[e].data_ptr<T>(),
+                       I, I, /*swiglu=*/true});
+    down.push_back({acts[e].data_ptr<T>(), I, M, w2[e].data_ptr<T>(), w2[e].size(0), I, outputs[e].data_ptr<T>(), D, D,
+                    /*swiglu=*/false});
   }
-  panel_gemm_batch(gate_up);
-  panel_gemm_batch(down);
+  panel_gemm_batch<T>(gate_up);
+  panel_gemm_batch<T>(down);
 }
 
 // The busy experts over oneDNN-packed (bf16) or plain weights, as run_panel_experts. Decode
@@ -447,7 +455,8 @@ void run_packed_experts(const at::Tensor& x, const at::Tensor& index, const std:
 
 // The experts of one shard for one step: hidden [R, D]; row_index, slots (local expert slot),
 // weights (float): [N], one per (token, expert) pair; w13[s] [2I, D] and w2[s] [D, I] per slot
-// (oneDNN-packed or plain), or float32 column panels [ceil(I/16), D, 32] and [ceil(D/32), I, 32]
+// (oneDNN-packed or plain), or column panels [ceil(I/16), D, 32] and [ceil(D/32), I, 32] (float32;
+// bfloat16 [.., D/2, 64] and [.., I/2, 64])
 // (kernels/panel_linear.py).
 // Returns [num_rows, D]: each row's weighted sum over its pairs' experts. Pairs are grouped by
 // slot in a stable counting sort, so every row accumulates in the order the torch reference
@@ -488,8 +497,14 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
   for (int64_t e = 0; e < E; ++e)
     if (start[e + 1] > start[e]) busy.push_back(e);
   std::vector<at::Tensor> outputs(E);
-  if (std::all_of(busy.begin(), busy.end(), [&](int64_t e) { return w13[e].dim() == 3; }))
-    run_panel_experts(x, index, start, busy, w13, w2, outputs);
+  if (std::all_of(busy.begin(), busy.end(), [&](int64_t e) { return w13[e].dim() == 3; })) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                "column-panel experts take float32 or bfloat16 hidden states, got ", x.scalar_type());
+    if (x.scalar_type() == at::kBFloat16)
+      run_panel_experts<c10::BFloat16>(x, index, start, busy, w13, w2, outputs);
+    else
+      run_panel_experts<float>(x, index, start, busy, w13, w2, outputs);
+  }
   else
     run_packed_experts(x, index, start, busy, w13, w2, outputs);
   // Summed in slot order, as the reference does, whichever thread computed an expert.

@@ -8,11 +8,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <type_traits>
+#include <utility>
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 namespace moefleet {
 namespace {
 
+using bf16 = c10::BFloat16;
 constexpr int kMaxRows = 12;  // rows per register block: 12 x 2 accumulators of 16 lanes
 
 // e^x for the SwiGLU gate, x clamped to exp_clamped's range (libm's expf, one call per element,
@@ -38,49 +46,87 @@ inline void multiply_block(const float* x, int64_t ldx, const float* panel, int6
   }
 }
 
+#ifdef __AVX512BF16__
+// The same over bf16 pairs: one vdpbf16ps per 16 lanes multiplies two k at once (twice float32's
+// multiply-adds per instruction, half its weight bytes).
 template <int rows>
-void run_block(const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy, int64_t n,
-               bool swiglu, int64_t p) {
+inline void multiply_block(const bf16* x, int64_t ldx, const bf16* panel, int64_t K, vec16 (&lo)[kMaxRows],
+                           vec16 (&hi)[kMaxRows]) {
+  __m512 acc_lo[kMaxRows], acc_hi[kMaxRows];
+  for (int m = 0; m < rows; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_ps();
+  const auto* xs = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t j = 0; j < K / 2; ++j) {  // K is even (panel_linear checks)
+    const bf16* pair_row = panel + j * 2 * kPanelWidth;
+    const auto w_lo = (__m512bh)_mm512_loadu_si512(pair_row), w_hi = (__m512bh)_mm512_loadu_si512(pair_row + 32);
+    for (int m = 0; m < rows; ++m) {
+      int32_t pair;  // x[m, 2j] in the low half, as the dot product pairs it with W[., 2j]
+      std::memcpy(&pair, xs + m * ldx + 2 * j, sizeof pair);
+      const auto v = (__m512bh)_mm512_set1_epi32(pair);
+      acc_lo[m] = _mm512_dpbf16_ps(acc_lo[m], v, w_lo);
+      acc_hi[m] = _mm512_dpbf16_ps(acc_hi[m], v, w_hi);
+    }
+  }
+  for (int m = 0; m < rows; ++m) {
+    lo[m] = reinterpret_cast<const vec16&>(acc_lo[m]);
+    hi[m] = reinterpret_cast<const vec16&>(acc_hi[m]);
+  }
+}
+#endif
+
+// Elements of one panel: K x 32 (bf16: K/2 pair rows of 64).
+inline int64_t panel_elements(const float*, int64_t K) { return K * kPanelWidth; }
+inline int64_t panel_elements(const bf16*, int64_t K) { return K * kPanelWidth; }
+
+template <typename T, int rows>
+void run_block(const T* x, int64_t ldx, const T* panel, int64_t K, T* y, int64_t ldy, int64_t n, bool swiglu,
+               int64_t p) {
   vec16 lo[kMaxRows], hi[kMaxRows];
   multiply_block<rows>(x, ldx, panel, K, lo, hi);
   for (int m = 0; m < rows; ++m) {
-    float* out = y + m * ldy;
+    T* out = y + m * ldy;
     if (swiglu) {
       const int64_t first = p * 16, count = std::min<int64_t>(16, n - first);
       const vec16 act = lo[m] / (1.f + exp16(-lo[m])) * hi[m];  // silu(gate) * up, as F.silu computes it
-      if (count == 16) {
-        *reinterpret_cast<vec16*>(out + first) = act;
+      if (std::is_same_v<T, float> && count == 16) {
+        std::memcpy(out + first, &act, sizeof act);
       } else {
-        for (int64_t j = 0; j < count; ++j) out[first + j] = act[j];
+        for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(act[j]);
       }
     } else {
       const int64_t first = p * kPanelWidth, count = std::min<int64_t>(kPanelWidth, n - first);
-      for (int64_t j = 0; j < count; ++j) out[first + j] = j < 16 ? lo[m][j] : hi[m][j - 16];
+      for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(j < 16 ? lo[m][j] : hi[m][j - 16]);
     }
   }
 }
 
-using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t);
-constexpr BlockFn kBlocks[kMaxRows + 1] = {nullptr,       run_block<1>,  run_block<2>,  run_block<3>, run_block<4>,
-                                           run_block<5>, run_block<6>,  run_block<7>,  run_block<8>, run_block<9>,
-                                           run_block<10>, run_block<11>, run_block<12>};
+template <typename T>
+using BlockFn = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, bool, int64_t);
+
+template <typename T, size_t... R>
+constexpr std::array<BlockFn<T>, sizeof...(R)> make_blocks(std::index_sequence<R...>) {
+  return {run_block<T, R + 1>...};
+}
+template <typename T>
+constexpr auto kBlocks = make_blocks<T>(std::make_index_sequence<kMaxRows>{});  // [rows - 1]
 
 // y[m, c] for rows [0, M) of x and panels [panel_begin, panel_end) (see PanelMultiply).
-void panel_gemm(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t K, float* y, int64_t ldy,
-                int64_t n, bool swiglu, int64_t panel_begin, int64_t panel_end) {
-  // Panel outer, rows inner: a panel (K x 32 floats) stays in L1/L2 while every row block reads it.
+template <typename T>
+void panel_gemm(const T* x, int64_t ldx, int64_t M, const T* panels, int64_t K, T* y, int64_t ldy, int64_t n,
+                bool swiglu, int64_t panel_begin, int64_t panel_end) {
+  // Panel outer, rows inner: a panel stays in L1/L2 while every row block reads it.
   for (int64_t p = panel_begin; p < panel_end; ++p) {
-    const float* panel = panels + p * K * kPanelWidth;
+    const T* panel = panels + p * panel_elements(panels, K);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-      kBlocks[rows](x + m0 * ldx, ldx, panel, K, y + m0 * ldy, ldy, n, swiglu, p);
+      kBlocks<T>[rows - 1](x + m0 * ldx, ldx, panel, K, y + m0 * ldy, ldy, n, swiglu, p);
     }
   }
 }
 
 }  // namespace
 
-void panel_gemm_batch(const std::vector<PanelMultiply>& multiplies) {
+template <typename T>
+void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies) {
   int64_t work = 0;  // multiply-adds / 32
   for (const auto& mm : multiplies) work += mm.rows * mm.K * mm.num_panels;
   // ~64k multiply-adds per thread at least: below that a thread's wake-up costs more than it saves.
@@ -94,7 +140,8 @@ void panel_gemm_batch(const std::vector<PanelMultiply>& multiplies) {
       // Many rows (a prefill) are taken in chunks of ~256 KB of x, so that a chunk stays in L2
       // while every panel passes over it; without this each panel re-streamed all of x from
       // memory (a 64-prompt prefill ran 2.5x slower than oneDNN). A decode step's rows are one chunk.
-      const int64_t chunk = std::max<int64_t>(kMaxRows, (262144 / 4 / std::max<int64_t>(1, mm.K)) / kMaxRows * kMaxRows);
+      const int64_t row_bytes = static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(1, mm.K);
+      const int64_t chunk = std::max<int64_t>(kMaxRows, 262144 / row_bytes / kMaxRows * kMaxRows);
       for (int64_t row = 0; row < mm.rows; row += chunk)
         panel_gemm(mm.x + row * mm.ldx, mm.ldx, std::min(chunk, mm.rows - row), mm.panels, mm.K, mm.y + row * mm.ldy,
                    mm.ldy, mm.n, mm.swiglu, first, last);
@@ -109,27 +156,52 @@ void panel_gemm_batch(const std::vector<PanelMultiply>& multiplies) {
   }
 }
 
+template void panel_gemm_batch<float>(const std::vector<PanelMultiply<float>>&);
+#ifdef __AVX512BF16__
+template void panel_gemm_batch<bf16>(const std::vector<PanelMultiply<bf16>>&);
+bool bf16_panels_supported() { return true; }
+#else
+template <>
+void panel_gemm_batch<bf16>(const std::vector<PanelMultiply<bf16>>&) {
+  TORCH_CHECK(false, "bfloat16 column panels need a CPU with AVX512-BF16 (this build has none)");
+}
+bool bf16_panels_supported() { return false; }
+#endif
+
 namespace {
 
-// torch.ops.moefleet.panel_linear(x [M, K], panels [P, K, 32], n, swiglu) -> [M, n]
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, bool swiglu) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a float32 [M, K] tensor");
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanelWidth && panels.scalar_type() == at::kFloat &&
-                  panels.is_contiguous(),
-              "panels must be a contiguous float32 [P, K, 32] tensor");
-  TORCH_CHECK(x.size(1) == panels.size(1), "x has ", x.size(1), " columns, the panels ", panels.size(1));
-  TORCH_CHECK(n > 0 && n <= panels.size(0) * (swiglu ? 16 : kPanelWidth), "n = ", n, " does not fit the panels");
+template <typename T>
+at::Tensor panel_linear_as(const at::Tensor& x, const at::Tensor& panels, int64_t n, bool swiglu) {
   const auto input = x.contiguous();
   auto out = at::empty({x.size(0), n}, x.options());
   if (x.size(0) > 0)
-    panel_gemm_batch({{input.data_ptr<float>(), input.size(1), input.size(0), panels.data_ptr<float>(), panels.size(0),
-                       panels.size(1), out.data_ptr<float>(), n, n, swiglu}});
+    panel_gemm_batch<T>({{input.data_ptr<T>(), input.size(1), input.size(0), panels.data_ptr<T>(), panels.size(0),
+                          input.size(1), out.data_ptr<T>(), n, n, swiglu}});
   return out;
+}
+
+// torch.ops.moefleet.panel_linear(x [M, K], panels, n, swiglu) -> [M, n]; panels float32 [P, K, 32]
+// or bfloat16 [P, ceil(K/2), 64], the dtype of x.
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, bool swiglu) {
+  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && (is_bf16 || x.scalar_type() == at::kFloat), "x must be a float32 or bfloat16 [M, K] tensor");
+  const int64_t K = x.size(1), group = is_bf16 ? 2 : 1;
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanelWidth * group && panels.scalar_type() == x.scalar_type() &&
+                  panels.is_contiguous(),
+              "panels must be a contiguous ", x.scalar_type(), " [P, ", is_bf16 ? "K/2, 64" : "K, 32",
+              "] tensor, got ", panels.scalar_type(), " ", panels.sizes());
+  TORCH_CHECK(K % group == 0, "bfloat16 panels need an even number of input columns, x has ", K);
+  TORCH_CHECK(panels.size(1) * group == K, "x has ", K, " columns, the panels ", panels.sizes());
+  TORCH_CHECK(n > 0 && n <= panels.size(0) * (swiglu ? 16 : kPanelWidth), "n = ", n, " does not fit the panels");
+  return is_bf16 ? panel_linear_as<bf16>(x, panels, n, swiglu) : panel_linear_as<float>(x, panels, n, swiglu);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(moefleet, m) { m.def("panel_linear(Tensor x, Tensor panels, int n, bool swiglu) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(moefleet, m) {
+  m.def("panel_linear(Tensor x, Tensor panels, int n, bool swiglu) -> Tensor");
+  m.def("bf16_panels_supported() -> bool", &bf16_panels_supported);
+}
 
 TORCH_LIBRARY_IMPL(moefleet, CPU, m) { m.impl("panel_linear", &panel_linear); }
 

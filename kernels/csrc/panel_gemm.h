@@ -1,9 +1,15 @@
 // Small-batch matrix multiply over weights packed in column panels (kernels/panel_linear.py
-// packs them): y = x @ W.T for W [N, K] stored as [P, K, 32], panel p holding output columns
-// 32p..32p+31 for every k, so that one pass streams each weight once, in order, whatever the
-// number of rows. Decode steps give an expert 1-16 rows, where oneDNN's packed GEMM read
-// weights at ~24 GB/s here; this layout lets the row loop sit inside the weight stream.
+// packs them): y = x @ W.T for W [N, K], panel p holding output columns 32p..32p+31 for every k,
+// so that one pass streams each weight once, in order, whatever the number of rows. Decode steps
+// give an expert 1-16 rows, where oneDNN's packed GEMM read weights at ~24 GB/s here; this layout
+// lets the row loop sit inside the weight stream.
+//   float32:  [P, K, 32]
+//   bfloat16: [P, K/2, 64] (K even), k in pairs: element 2c+t of pair row j is W[32p+c, 2j+t],
+//             the operand order of AVX512-BF16's dot product, which multiplies a pair of
+//             bf16 weights by a pair of bf16 inputs into one float32 lane.
 #pragma once
+
+#include <c10/util/BFloat16.h>
 
 #include <cstdint>
 #include <vector>
@@ -13,15 +19,16 @@ namespace moefleet {
 constexpr int64_t kPanelWidth = 32;
 
 // One multiply: y = x @ W.T for `rows` rows of x (row stride ldx) into y (row stride ldy, n valid
-// columns; panels are zero-padded past n). swiglu=false: panel p gives columns 32p..32p+31.
-// swiglu=true: the gate_up layout (lanes 0-15 gate columns 16p..16p+15, lanes 16-31 the same up
-// columns); y gets silu(gate) * up, n = the intermediate size.
+// columns; panels are zero-padded past n), accumulating in float32. swiglu=false: panel p gives
+// columns 32p..32p+31. swiglu=true: the gate_up layout (lanes 0-15 gate columns 16p..16p+15,
+// lanes 16-31 the same up columns); y gets silu(gate) * up, n = the intermediate size.
+template <typename T>
 struct PanelMultiply {
-  const float* x;
+  const T* x;
   int64_t ldx, rows;
-  const float* panels;
+  const T* panels;
   int64_t num_panels, K;
-  float* y;
+  T* y;
   int64_t ldy, n;
   bool swiglu;
 };
@@ -29,6 +36,10 @@ struct PanelMultiply {
 // Independent multiplies (a step's experts) in one parallel region: each of ATen's threads takes
 // its share of every multiply's panels, so there is one barrier for all of them and the threads
 // finish together however the rows are spread over the multiplies.
-void panel_gemm_batch(const std::vector<PanelMultiply>& multiplies);
+template <typename T>
+void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies);
+
+// Whether this build has the bfloat16 panel kernel (the CPU has AVX512-BF16).
+bool bf16_panels_supported();
 
 }  // namespace moefleet

@@ -3,6 +3,8 @@
 // AVX2 ones, whichever -march=native gives.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -12,7 +14,26 @@ namespace moefleet {
 typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int32_t vec16i __attribute__((vector_size(64)));
 
+typedef uint16_t vec16u16 __attribute__((vector_size(32), aligned(2), may_alias));
+typedef float vec8f __attribute__((vector_size(32)));
+typedef float vec4f __attribute__((vector_size(16)));
+
 inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+
+// 16 bfloat16 widened to float: a bfloat16 is a float's upper 16 bits.
+inline vec16 load16(const c10::BFloat16* p) {
+  const vec16i bits = __builtin_convertvector(*reinterpret_cast<const vec16u16*>(p), vec16i) << 16;
+  return reinterpret_cast<const vec16&>(bits);
+}
+
+// The lanes' sum by halving (a compiler's own reduction of a simd loop summed the 16 lanes one
+// after another, a chain of 16 dependent adds).
+inline float horizontal_sum(vec16 v) {
+  const vec8f h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vec4f h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
 
 // 2^n for integral n in [-126, 127], built in the exponent bits.
 inline float pow2_integral(float n) {

@@ -200,31 +200,62 @@ def test_rms_norm_matches_the_reference(dtype, shape, torch_threads):
     torch.testing.assert_close(got, rms_norm_reference(x, weight, 1e-6), atol=tolerance, rtol=tolerance)
 
 
+def expected_layout(dtype: torch.dtype, in_features: int) -> str:
+    """float32 weights always go in column panels; bfloat16 ones where the CPU has AVX512-BF16
+    and the input width is even (the kernel multiplies k in pairs), else oneDNN."""
+    if dtype == torch.float32 or (in_features % 2 == 0 and cpu_ops().bf16_panels_supported()):
+        return "panels"
+    return "onednn"
+
+
+def assert_close_to(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, atol: float = 1e-5) -> None:
+    """float32: within float rounding of the exact result. bfloat16 (float32 accumulation, one
+    rounding at the end): within one bfloat16 step (2^-8 relative) of the exact result."""
+    assert got.dtype == dtype
+    rtol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(got.float(), exact, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [40, 39])
 @pytest.mark.parametrize("rows", [0, 1, 3, 8, 12, 13, 25, 70])
 @pytest.mark.parametrize("out_features", [1, 32, 45, 96])
-def test_linear_over_column_panels_matches_f_linear(rows, out_features, torch_threads):
-    """Row counts around the 12-row register block, widths around the 32-column panel, a bias."""
+def test_linear_over_column_panels_matches_f_linear(dtype, in_features, rows, out_features, torch_threads):
+    """Row counts around the 12-row register block, widths around the 32-column panel, a bias;
+    an odd input width (bfloat16 panels need pairs)."""
     assert cpu_ops() is not None, unavailable_reason()
     gen = torch.Generator().manual_seed(rows * 100 + out_features)
-    weight, bias = torch.randn(out_features, 40, generator=gen), torch.randn(out_features, generator=gen)
-    x = torch.randn(2, rows, 40, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    bias = torch.randn(out_features, generator=gen).to(dtype)
+    x = torch.randn(2, rows, in_features, generator=gen).to(dtype)
     linear = Linear(weight, bias)
-    assert linear.layout == "panels"
-    torch.testing.assert_close(linear(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    assert linear.layout == expected_layout(dtype, in_features)
+    exact = F.linear(x.float(), weight.float(), bias.float())
+    # bfloat16: the product is rounded, then the bias added and rounded again (as F.linear in
+    # bf16 does), so a step of the largest magnitude is the bound where they cancel.
+    atol = 1e-5 if dtype == torch.float32 else 2.0**-7 * max(1.0, float(exact.abs().amax())) if exact.numel() else 0.0
+    assert_close_to(linear(x), exact, dtype, atol=atol)
     assert torch.equal(linear.dense_weight(), weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("intermediate", [1, 16, 21, 48])
-def test_gate_up_panels_fuse_swiglu(intermediate, torch_threads):
+def test_gate_up_panels_fuse_swiglu(dtype, intermediate, torch_threads):
     assert cpu_ops() is not None, unavailable_reason()
     gen = torch.Generator().manual_seed(intermediate)
-    w13, w2 = torch.randn(2 * intermediate, 24, generator=gen), torch.randn(24, intermediate, generator=gen)
-    x = torch.randn(11, 24, generator=gen)
+    w13 = torch.randn(2 * intermediate, 24, generator=gen).to(dtype)
+    w2 = torch.randn(24, intermediate, generator=gen).to(dtype)
+    x = torch.randn(11, 24, generator=gen).to(dtype)
     gate_up, down = swiglu_linears(w13, w2)
-    assert isinstance(gate_up, GateUpPanels)
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    torch.testing.assert_close(gate_up.activation(x), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(swiglu(x, gate_up, down), F.linear(F.silu(gate) * up, w2), atol=1e-4, rtol=1e-5)
+    assert isinstance(gate_up, GateUpPanels) == (expected_layout(dtype, 24) == "panels")
+    if not isinstance(gate_up, GateUpPanels):
+        pytest.skip("no bfloat16 panels on this CPU (no AVX512-BF16): the oneDNN path is covered by "
+                    "test_grouped_swiglu_matches_the_reference")
+    gate, up = F.linear(x.float(), w13.float()).chunk(2, dim=-1)
+    activation = F.silu(gate) * up  # in float32: the kernel rounds once, after silu(gate) * up
+    assert_close_to(gate_up.activation(x), activation, dtype)
+    expected = F.linear(gate_up.activation(x).float(), w2.float())  # down over what the kernel handed it
+    assert_close_to(swiglu(x, gate_up, down), expected, dtype, atol=1e-4)
     assert torch.equal(gate_up.dense_weight(), w13)
 
 
@@ -235,6 +266,19 @@ def test_panel_packing_round_trips_and_pads_with_zeros():
     assert torch.equal(unpack_panels(panels, 50), weight)
     gate_up = pack_gate_up_panels(torch.cat([weight[:20], weight[20:40]]))  # I = 20: two panels, the second half empty
     assert gate_up.shape == (2, 3, 32) and gate_up[1, :, 4:16].abs().sum() == 0 and gate_up[1, :, 20:].abs().sum() == 0
+    assert torch.equal(unpack_gate_up_panels(gate_up, 20), weight[:40])
+
+
+def test_bfloat16_panels_hold_k_in_pairs():
+    """bfloat16 panels [P, K/2, 64]: element 2c+t of pair row j is W[32p+c, 2j+t], the operand
+    order of AVX512-BF16's pair dot product."""
+    weight = torch.arange(50 * 4, dtype=torch.float32).reshape(50, 4).to(torch.bfloat16)  # exact in bf16
+    panels = pack_panels(weight)
+    assert panels.shape == (2, 2, 64) and panels[1, :, 36:].abs().sum() == 0
+    assert panels[0, 1, 2 * 5 + 1] == weight[5, 3] and panels[1, 0, 2 * 3] == weight[35, 0]
+    assert torch.equal(unpack_panels(panels, 50), weight)
+    gate_up = pack_gate_up_panels(weight[:40])  # I = 20
+    assert gate_up.shape == (2, 2, 64) and gate_up[1, 0, 2 * 16 + 1] == weight[36, 1]
     assert torch.equal(unpack_gate_up_panels(gate_up, 20), weight[:40])
 
 

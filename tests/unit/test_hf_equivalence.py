@@ -92,3 +92,29 @@ def test_same_seed_same_sampled_text(arch, engines):
     assert batch[2].outputs[0].text == a.text
     others = {tuple(llm.generate(prompt, params(s))[0].outputs[0].token_ids) for s in (8, 9, 10)}
     assert len(others | {tuple(a.token_ids)}) > 1  # the seed matters
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_logits_are_as_close_as_transformers_own_bfloat16(arch, engines, hf_model, model_dir):
+    """bfloat16 serving (column panels with AVX512-BF16 where the CPU has it, else oneDNN)
+    against the float32 reference: over prompts of different lengths, our deviation is at most
+    twice transformers' own bfloat16 deviation on the same checkpoint. Per prompt, a routing
+    decision that flips under bf16 rounding moves both by a similar amount; summed, the
+    comparison is stable."""
+    from transformers import AutoModelForCausalLM
+
+    llm, reference = engines(arch, dtype="bfloat16"), hf_model(arch)
+    assert llm.engine.model.dtype == torch.bfloat16
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(model_dir(arch), dtype=torch.bfloat16).eval()
+    prompts = random_prompts(llm.engine.spec.vocab_size, LENGTHS, seed=1)
+    ours_total = theirs_total = 0.0
+    for prompt, logits in zip(prompts, llm.engine.prompt_logits(prompts)):
+        with torch.no_grad():
+            exact = reference(torch.tensor([prompt])).logits[0].float()
+            theirs = hf_bf16(torch.tensor([prompt])).logits[0].float()
+        scale = exact.abs().max().item()
+        ours = (logits.float() - exact).abs().max().item() / scale
+        assert ours < 0.25, f"{arch} len {len(prompt)}: {ours:.3f} of the scale"
+        ours_total += ours
+        theirs_total += (theirs - exact).abs().max().item() / scale
+    assert ours_total <= 2 * theirs_total, f"{arch}: ours {ours_total:.4f}, transformers bf16 {theirs_total:.4f}"
