@@ -38,6 +38,7 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/engine_throughput.py
+	$(VENV)/bin/python benchmarks/engine_throughput.py --dtype bfloat16
 	$(VENV)/bin/python benchmarks/distributed_overhead.py
 	$(VENV)/bin/python benchmarks/gateway.py
 	$(VENV)/bin/python benchmarks/elasticity.py
