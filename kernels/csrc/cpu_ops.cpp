@@ -136,14 +136,40 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
     prefetch_values(block_slot);
   };
   auto no_prefetch = [](int64_t, int64_t) {};
-  ctx.for_each_slot(start, len, prefetch_ahead, [&](int64_t slot, int64_t i) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const scalar_t* kp = ctx.k + slot * ctx.k_slot_stride + g * ctx.k_head_stride;
-      for (int64_t h = (g - g0) * r; h < (g - g0 + 1) * r; ++h) {
-        scores[h * span + i] = dot_row(qf + h * dk, kp, dk);
-      }
+  if constexpr (kVectorLoads<scalar_t>) {
+    if (dk % 16 == 0) {
+      // Each (head, slot) product stays a vector until 16 slots are in; then one transposing
+      // reduction gives the 16 scores (sum_lanes_16), grouped by position so a sequence's scores
+      // do not depend on the rest of the batch.
+      std::vector<vec16> partial(static_cast<size_t>(heads * 16));
+      ctx.for_each_slot(start, len, prefetch_ahead, [&](int64_t slot, int64_t i) {
+        const int64_t lane = i % 16;
+        for (int64_t g = g0; g < g1; ++g) {
+          const scalar_t* kp = ctx.k + slot * ctx.k_slot_stride + g * ctx.k_head_stride;
+          for (int64_t h = (g - g0) * r; h < (g - g0 + 1) * r; ++h) {
+            vec16 acc{};
+            for (int64_t c = 0; c < dk; c += 16) acc += load16(qf + h * dk + c) * load16(kp + c);
+            partial[h * 16 + lane] = acc;
+          }
+        }
+        if (lane == 15 || i == span - 1) {
+          for (int64_t h = 0; h < heads; ++h) {
+            std::fill(partial.begin() + h * 16 + lane + 1, partial.begin() + h * 16 + 16, vec16{});
+            const vec16 sums = sum_lanes_16(partial.data() + h * 16);
+            std::memcpy(scores + h * span + i - lane, &sums, (lane + 1) * sizeof(float));
+          }
+        }
+      });
     }
-  });
+  }
+  if (!kVectorLoads<scalar_t> || dk % 16 != 0) {
+    ctx.for_each_slot(start, len, prefetch_ahead, [&](int64_t slot, int64_t i) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const scalar_t* kp = ctx.k + slot * ctx.k_slot_stride + g * ctx.k_head_stride;
+        for (int64_t h = (g - g0) * r; h < (g - g0 + 1) * r; ++h) scores[h * span + i] = dot_row(qf + h * dk, kp, dk);
+      }
+    });
+  }
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores + h * span;
     float mx = -std::numeric_limits<float>::infinity();
