@@ -136,12 +136,13 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
     prefetch_values(block_slot);
   };
   auto no_prefetch = [](int64_t, int64_t) {};
+  bool scored = false;
   if constexpr (kVectorLoads<scalar_t>) {
     if (dk % 16 == 0) {
       // Each (head, slot) product stays a vector until 16 slots are in; then one transposing
       // reduction gives the 16 scores (sum_lanes_16), grouped by position so a sequence's scores
       // do not depend on the rest of the batch.
-      std::vector<vec16> partial(static_cast<size_t>(heads * 16));
+      std::vector<float> partial(static_cast<size_t>(heads * 16 * 16));  // [heads][16 slots][16 lanes]
       ctx.for_each_slot(start, len, prefetch_ahead, [&](int64_t slot, int64_t i) {
         const int64_t lane = i % 16;
         for (int64_t g = g0; g < g1; ++g) {
@@ -149,20 +150,22 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
           for (int64_t h = (g - g0) * r; h < (g - g0 + 1) * r; ++h) {
             vec16 acc{};
             for (int64_t c = 0; c < dk; c += 16) acc += load16(qf + h * dk + c) * load16(kp + c);
-            partial[h * 16 + lane] = acc;
+            std::memcpy(partial.data() + (h * 16 + lane) * 16, &acc, sizeof acc);
           }
         }
         if (lane == 15 || i == span - 1) {
           for (int64_t h = 0; h < heads; ++h) {
-            std::fill(partial.begin() + h * 16 + lane + 1, partial.begin() + h * 16 + 16, vec16{});
-            const vec16 sums = sum_lanes_16(partial.data() + h * 16);
+            float* group = partial.data() + h * 16 * 16;
+            std::fill(group + (lane + 1) * 16, group + 16 * 16, 0.f);
+            const vec16 sums = sum_lanes_16(reinterpret_cast<const vec16*>(group));
             std::memcpy(scores + h * span + i - lane, &sums, (lane + 1) * sizeof(float));
           }
         }
       });
+      scored = true;
     }
   }
-  if (!kVectorLoads<scalar_t> || dk % 16 != 0) {
+  if (!scored) {
     ctx.for_each_slot(start, len, prefetch_ahead, [&](int64_t slot, int64_t i) {
       for (int64_t g = g0; g < g1; ++g) {
         const scalar_t* kp = ctx.k + slot * ctx.k_slot_stride + g * ctx.k_head_stride;
@@ -420,7 +423,7 @@ template <typename T>
 void run_panel_experts(const at::Tensor& x, const at::Tensor& index, const std::vector<int64_t>& start,
                        const std::vector<int64_t>& busy, at::TensorList w13, at::TensorList w2,
                        std::vector<at::Tensor>& outputs) {
-  const int64_t D = x.size(1), group = x.scalar_type() == at::kBFloat16 ? 2 : 1;
+  const int64_t D = x.size(1), group = kPanelKGroup<T>;
   std::vector<at::Tensor> inputs(outputs.size()), acts(outputs.size());
   std::vector<PanelMultiply<T>> gate_up, down;
   for (const int64_t e : busy) {

@@ -73,10 +73,6 @@ inline void multiply_block(const bf16* x, int64_t ldx, const bf16* panel, int64_
 }
 #endif
 
-// Elements of one panel: K x 32 (bf16: K/2 pair rows of 64).
-inline int64_t panel_elements(const float*, int64_t K) { return K * kPanelWidth; }
-inline int64_t panel_elements(const bf16*, int64_t K) { return K * kPanelWidth; }
-
 template <typename T, int rows>
 void run_block(const T* x, int64_t ldx, const T* panel, int64_t K, T* y, int64_t ldy, int64_t n, bool swiglu,
                int64_t p) {
@@ -87,11 +83,15 @@ void run_block(const T* x, int64_t ldx, const T* panel, int64_t K, T* y, int64_t
     if (swiglu) {
       const int64_t first = p * 16, count = std::min<int64_t>(16, n - first);
       const vec16 act = lo[m] / (1.f + exp16(-lo[m])) * hi[m];  // silu(gate) * up, as F.silu computes it
-      if (std::is_same_v<T, float> && count == 16) {
-        std::memcpy(out + first, &act, sizeof act);
-      } else {
-        for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(act[j]);
+      bool stored = false;
+      if constexpr (std::is_same_v<T, float>) {
+        if (count == 16) {
+          std::memcpy(out + first, &act, sizeof act);
+          stored = true;
+        }
       }
+      if (!stored)
+        for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(act[j]);
     } else {
       const int64_t first = p * kPanelWidth, count = std::min<int64_t>(kPanelWidth, n - first);
       for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(j < 16 ? lo[m][j] : hi[m][j - 16]);
@@ -115,7 +115,7 @@ void panel_gemm(const T* x, int64_t ldx, int64_t M, const T* panels, int64_t K, 
                 bool swiglu, int64_t panel_begin, int64_t panel_end) {
   // Panel outer, rows inner: a panel stays in L1/L2 while every row block reads it.
   for (int64_t p = panel_begin; p < panel_end; ++p) {
-    const T* panel = panels + p * panel_elements(panels, K);
+    const T* panel = panels + p * K * kPanelWidth;  // K x 32 elements (bf16: K/2 pair rows of 64)
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
       kBlocks<T>[rows - 1](x + m0 * ldx, ldx, panel, K, y + m0 * ldy, ldy, n, swiglu, p);
@@ -170,29 +170,31 @@ bool bf16_panels_supported() { return false; }
 
 namespace {
 
+// panels: T [P, K / kPanelKGroup<T>, 32 kPanelKGroup<T>] (panel_gemm.h), x: T [M, K].
 template <typename T>
 at::Tensor panel_linear_as(const at::Tensor& x, const at::Tensor& panels, int64_t n, bool swiglu) {
-  const auto input = x.contiguous();
-  auto out = at::empty({x.size(0), n}, x.options());
-  if (x.size(0) > 0)
-    panel_gemm_batch<T>({{input.data_ptr<T>(), input.size(1), input.size(0), panels.data_ptr<T>(), panels.size(0),
-                          input.size(1), out.data_ptr<T>(), n, n, swiglu}});
-  return out;
-}
-
-// torch.ops.moefleet.panel_linear(x [M, K], panels, n, swiglu) -> [M, n]; panels float32 [P, K, 32]
-// or bfloat16 [P, ceil(K/2), 64], the dtype of x.
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, bool swiglu) {
-  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(x.dim() == 2 && (is_bf16 || x.scalar_type() == at::kFloat), "x must be a float32 or bfloat16 [M, K] tensor");
-  const int64_t K = x.size(1), group = is_bf16 ? 2 : 1;
+  constexpr int64_t group = kPanelKGroup<T>;
+  const int64_t K = x.size(1);
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanelWidth * group && panels.scalar_type() == x.scalar_type() &&
                   panels.is_contiguous(),
-              "panels must be a contiguous ", x.scalar_type(), " [P, ", is_bf16 ? "K/2, 64" : "K, 32",
+              "panels must be a contiguous ", x.scalar_type(), " [P, ", group == 2 ? "K/2, 64" : "K, 32",
               "] tensor, got ", panels.scalar_type(), " ", panels.sizes());
   TORCH_CHECK(K % group == 0, "bfloat16 panels need an even number of input columns, x has ", K);
   TORCH_CHECK(panels.size(1) * group == K, "x has ", K, " columns, the panels ", panels.sizes());
   TORCH_CHECK(n > 0 && n <= panels.size(0) * (swiglu ? 16 : kPanelWidth), "n = ", n, " does not fit the panels");
+  const auto input = x.contiguous();
+  auto out = at::empty({x.size(0), n}, x.options());
+  if (x.size(0) > 0)
+    panel_gemm_batch<T>({{input.data_ptr<T>(), K, input.size(0), panels.data_ptr<T>(), panels.size(0), K,
+                          out.data_ptr<T>(), n, n, swiglu}});
+  return out;
+}
+
+// torch.ops.moefleet.panel_linear(x [M, K], panels, n, swiglu) -> [M, n]; x and panels float32
+// or bfloat16 (panel_gemm.h gives the layouts).
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, bool swiglu) {
+  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && (is_bf16 || x.scalar_type() == at::kFloat), "x must be a float32 or bfloat16 [M, K] tensor");
   return is_bf16 ? panel_linear_as<bf16>(x, panels, n, swiglu) : panel_linear_as<float>(x, panels, n, swiglu);
 }
 

@@ -12,11 +12,17 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace moefleet {
 
 constexpr int64_t kPanelWidth = 32;
+
+// Input columns per panel element group: bfloat16 panels hold k in pairs, float32 one at a time.
+// A panel holds K x 32 elements either way.
+template <typename T>
+constexpr int64_t kPanelKGroup = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
 
 // One multiply: y = x @ W.T for `rows` rows of x (row stride ldx) into y (row stride ldy, n valid
 // columns; panels are zero-padded past n), accumulating in float32. swiglu=false: panel p gives
