@@ -79,13 +79,15 @@ class BlockManager:
         seq.num_computed_tokens = len(hits) * self.block_size
         return True
 
-    def can_append(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq.num_tokens) <= len(seq.block_table) or self.num_free_blocks > 0
-
-    def append_slot(self, seq: Sequence) -> None:
-        """Make room for seq's newest token."""
-        if self.blocks_needed(seq.num_tokens) > len(seq.block_table):
-            seq.block_table.append(self._take_new())
+    def try_append_slot(self, seq: Sequence) -> bool:
+        """Make room for seq's newest token: a new block when its blocks are full. False (and
+        nothing changed) when one is needed and none is free."""
+        if len(seq.token_ids) <= len(seq.block_table) * self.block_size:
+            return True
+        if not (self.free_plain or self.free_cached):
+            return False
+        seq.block_table.append(self._take_new())
+        return True
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish the hashes of blocks whose tokens are all computed, for later prefix hits.

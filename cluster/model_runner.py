@@ -1,12 +1,21 @@
 """ModelRunner: turns a scheduled step into flat tensors (tokens, positions, cache slots,
 attention metadata), runs the model once, and returns the logits of the rows that sample."""
 
+from array import array
+
 import torch
 
 from moefleet.kernels.attention import AttentionBatch, PrefillChunk
 from moefleet.models.attention_layers import kv_cache_layout
 from moefleet.models.decoder import MoEDecoder, StepInputs
 from moefleet.cluster.scheduler import ScheduledChunk
+
+
+def long_tensor(values: list[int]) -> torch.Tensor:
+    """int64 tensor of a list of Python ints. Through a typed array: torch.tensor(list) converts
+    element by element (~0.12 us each here, ~85 us for a 64-sequence step's 700 values), this
+    in one copy (~12 us)."""
+    return torch.frombuffer(array("q", values), dtype=torch.long) if values else torch.empty(0, dtype=torch.long)
 
 
 class ModelRunner:
@@ -28,20 +37,24 @@ class ModelRunner:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _batches(self, chunks: list[ScheduledChunk], num_decodes: int, slot_mapping: torch.Tensor) -> dict:
+    def _batches(self, chunks: list[ScheduledChunk], num_decodes: int, slot_mapping: torch.Tensor,
+                 decode_lens: list[int]) -> dict:
         """Attention metadata, one per distinct sliding window among the layers (the masks each
         window implies are derived where attention runs, and only for the rows that need one)."""
-        decode_seqs = [c.seq for c in chunks[:num_decodes]]
-        lens = [s.num_computed_tokens + 1 for s in decode_seqs]
-        width = -(-max(lens, default=0) // self.block_size)
-        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decode_seqs],
-                              dtype=torch.long).view(num_decodes, width)
-        context_lens = torch.tensor(lens, dtype=torch.long)
+        width = -(-max(decode_lens, default=0) // self.block_size)
+        flat_tables: list[int] = []  # one flat list, one tensor: a nested list converts ~3x slower
+        for c in chunks[:num_decodes]:
+            row = c.seq.block_table[:width]
+            flat_tables += row
+            if len(row) < width:
+                flat_tables += [0] * (width - len(row))
+        tables = long_tensor(flat_tables).view(num_decodes, width)
+        context_lens = long_tensor(decode_lens)
         prefills = []
         q_start = num_decodes
         for c in chunks[num_decodes:]:
             end = c.seq.num_computed_tokens + c.num_tokens
-            prefills.append(PrefillChunk(q_start, c.num_tokens, end, torch.tensor(self._slots(c.seq.block_table, 0, end))))
+            prefills.append(PrefillChunk(q_start, c.num_tokens, end, long_tensor(self._slots(c.seq.block_table, 0, end))))
             q_start += c.num_tokens
         return {window: AttentionBatch(slot_mapping, num_decodes, self.block_size, window, tables, context_lens,
                                        tuple(prefills)) for window in self.windows}
@@ -51,9 +64,22 @@ class ModelRunner:
         decode batch. Logits rows: one per chunk that samples, in chunk order (with all_rows:
         one per token run)."""
         num_decodes = next((i for i, c in enumerate(chunks) if c.num_tokens != 1), len(chunks))
-        tokens, positions, slots, logits_rows = [], [], [], []  # python lists: one tensor each at the end
-        row = 0
-        for c in chunks:
+        # Python lists, one tensor each at the end. A decode (most rows of a busy step) is one
+        # position: written out inline, without slices and ranges (this loop ran once per
+        # sequence per step: ~140 us of a 64-sequence step's Python before).
+        bs = self.block_size
+        tokens, positions, slots, decode_lens, logits_rows = [], [], [], [], []
+        for row, c in enumerate(chunks[:num_decodes]):
+            seq = c.seq
+            p = seq.num_computed_tokens
+            tokens.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            decode_lens.append(p + 1)
+            if all_rows or p + 1 == len(seq.token_ids):  # c.samples (a 1-token prefill chunk may not)
+                logits_rows.append(row)
+        row = num_decodes
+        for c in chunks[num_decodes:]:
             start, end = c.seq.num_computed_tokens, c.seq.num_computed_tokens + c.num_tokens
             tokens.extend(c.seq.token_ids[start:end])
             positions.extend(range(start, end))
@@ -63,9 +89,9 @@ class ModelRunner:
                 logits_rows.extend(range(row - c.num_tokens, row))
             elif c.samples:
                 logits_rows.append(row - 1)
-        slot_mapping = torch.tensor(slots, dtype=torch.long)
-        return StepInputs(torch.tensor(tokens), torch.tensor(positions), self._batches(chunks, num_decodes, slot_mapping),
-                          torch.tensor(logits_rows, dtype=torch.long))
+        slot_mapping = long_tensor(slots)
+        return StepInputs(long_tensor(tokens), long_tensor(positions),
+                          self._batches(chunks, num_decodes, slot_mapping, decode_lens), long_tensor(logits_rows))
 
     @staticmethod
     def split_in_two(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:

@@ -5,9 +5,13 @@ waits to be re-prefilled with its prompt and the tokens it already produced (not
 
 from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter
 
 from moefleet.cluster.block_manager import BlockManager
 from moefleet.cluster.sequence import Sequence, SequenceStatus
+
+
+_arrival = attrgetter("arrival")
 
 
 @dataclass
@@ -45,21 +49,23 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         """Decodes first (oldest first), then prefill chunks, within the token budget."""
         decodes, prefills, budget = [], [], self.token_budget
-        for seq in sorted(self.running, key=lambda s: s.arrival):
-            if seq not in self.running or budget == 0:
+        for seq in sorted(self.running, key=_arrival):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            if seq.num_pending == 1:
-                while not self.blocks.can_append(seq):
-                    victim = max(self.running, key=lambda s: s.arrival)
+            pending = len(seq.token_ids) - seq.num_computed_tokens
+            if pending == 1:
+                while not self.blocks.try_append_slot(seq):
+                    victim = max(self.running, key=_arrival)
                     self._preempt(victim)
                     if victim is seq:
                         break
-                if seq in self.running:
-                    self.blocks.append_slot(seq)
+                if seq.status is SequenceStatus.RUNNING:
                     decodes.append(ScheduledChunk(seq, 1))
                     budget -= 1
             else:  # a prefill continuing from an earlier chunk
-                chunk = min(seq.num_pending, budget)
+                chunk = min(pending, budget)
                 prefills.append(ScheduledChunk(seq, chunk))
                 budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

@@ -93,6 +93,30 @@ def test_chunked_prefill_matches_whole_prefill(engines):
     assert [o.outputs[0].token_ids for o in chunked.generate(prompts, GREEDY)] == [o.outputs[0].token_ids for o in expected]
 
 
+def test_one_token_prefill_chunks_beside_decodes_do_not_sample(engines):
+    # A budget of 4 with 3 sequences decoding leaves one token for the next prompt: a one-token
+    # prefill chunk right after the decodes, attended with them, whose logits must not be sampled.
+    whole = engines("mixtral")
+    tight = engines("mixtral", max_num_batched_tokens=4)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(whole.engine.spec.vocab_size, (1, 1, 1, 9, 6), seed=12)]
+    run, seen, rows = tight.engine.runner.run, [], []
+
+    def spy(chunks, all_rows=False):
+        logits = run(chunks, all_rows)
+        seen.extend(c for c in chunks if c.num_tokens == 1 and not c.samples)
+        rows.append((logits.shape[0], sum(c.samples for c in chunks)))
+        return logits
+
+    tight.engine.runner.run = spy
+    try:
+        got = tight.generate(prompts, GREEDY)
+    finally:
+        del tight.engine.runner.run
+    assert seen, "the budget never produced a one-token chunk that does not sample"
+    assert all(n == sampling for n, sampling in rows), "one logits row per chunk that samples"
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in whole.generate(prompts, GREEDY)]
+
+
 def test_repetition_penalty_and_min_p_change_sampling_deterministically(engines):
     llm = engines("mixtral")
     base = llm.generate("Once", GREEDY)[0].outputs[0].token_ids
