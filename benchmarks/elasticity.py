@@ -3,16 +3,19 @@ the deployment with the larger shard count, and what serving looks like during t
 run, side by side.
 
   add-shard time  = from controller.scale_shards(N+1) to every replica acknowledging the new
-                    epoch (staging on the shards, store commit, switch between two steps)
+                    epoch (staging on the shards, store commit, switch between two steps): the
+                    change. Retiring the old epoch's experts follows (cleanup, while the new
+                    epoch serves); "control s" is the whole call, retire included
   cold restart    = a new deployment (controller, N+1 shard actors, one replica) from nothing to
                     its first generated token (Ray already running in both cases)
   throughput      = tokens/s the replica produced during the change / in the steady state before
                     it; also over the 1 s from the request, which holds the change and what follows
+                    (the retire calls included)
   tokens lost     = steady tokens/s x change time - tokens produced during the change
   during / lower  = throughput during / the lower of the steady states before and after (the
                     --after-s window): what the transition itself costs when the change moves
                     serving between two different steady states (adding a shard on a small
-                    machine lowers it for good)
+                    machine lowers it for good); "after" starts at the acknowledgement
   step latency    = p99 engine step time during the change vs before it
 
 One change takes a fresh shard actor started for it; then --changes changes in a row each take
@@ -102,22 +105,24 @@ async def changes_while_serving(args, model: str, standby: int, changes: int, re
             summary = await controller.scale_shards.remote(args.shards + k + 1)
         else:
             summary = await controller.rebalance.remote()
-        change_end = time.perf_counter()
+        returned = time.perf_counter()
         await asyncio.sleep(args.after_s)
-        windows.append((steady_start, change_start, change_end, time.perf_counter(), summary))
+        windows.append((steady_start, change_start, returned, time.perf_counter(), summary))
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     # perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine.
     log = await actor.step_log.remote()
     stop_deployment(controller)
     results = []
-    for k, (steady_start, change_start, change_end, after_end, summary) in enumerate(windows):
+    for k, (steady_start, change_start, returned, after_end, summary) in enumerate(windows):
+        change_end = summary["acked_at"]  # the controller's CLOCK_MONOTONIC, as perf_counter here
         steady_tps, steady_p99, _, _ = window(log, steady_start, change_start)
         during_tps, during_p99, during_steps, during_tokens = window(log, change_start, change_end)
         first_second_tps, _, _, _ = window(log, change_start, change_start + 1.0)
         after_tps, _, _, _ = window(log, change_end, after_end)
         results.append({"change": "add shard" if k < changes else "rebalance", "shards": summary["shards"],
-                        "add_shard_s": change_end - change_start,
+                        "add_shard_s": change_end - change_start, "control_s": returned - change_start,
+                        "retire_s": summary["retire_s"],
                         "steady_tps": steady_tps, "during_tps": during_tps, "first_second_tps": first_second_tps,
                         "after_tps": after_tps,
                         "during_tokens": during_tokens,
@@ -187,7 +192,7 @@ def main() -> None:
             else:
                 name, vs_cold = f"rebalance {m['shards']} shards{', unpaced' if 'unpaced' in label else ''}", "-"
             lower = min(m["steady_tps"], m["after_tps"])
-            rows.append([name, f"{m['add_shard_s']:.3f}", vs_cold, ratio(m["during_tps"]),
+            rows.append([name, f"{m['add_shard_s']:.3f}", f"{m['control_s']:.3f}", vs_cold, ratio(m["during_tps"]),
                          f"{m['during_tps'] / lower:.2f}" if lower else "-", m["during_steps"],
                          f"{m['tokens_lost']:.1f}", ratio(m["first_second_tps"]), f"{m['steady_p99_s'] * 1000:.1f}",
                          f"{m['during_p99_s'] * 1000:.1f}", f"{m['shards_staged']} of {m['shards']}",
@@ -198,12 +203,13 @@ def main() -> None:
             seconds = sum(m["add_shard_s"] for m in ms)
             expected = sum(m["steady_tps"] * m["add_shard_s"] for m in ms)
             lower = sum(min(m["steady_tps"], m["after_tps"]) * m["add_shard_s"] for m in ms)
-            rows.append([f"**all {len(ms)} {kind} changes (standby path{label}), pooled**", f"{seconds:.3f}", "-",
+            rows.append([f"**all {len(ms)} {kind} changes (standby path{label}), pooled**", f"{seconds:.3f}",
+                         f"{sum(m['control_s'] for m in ms):.3f}", "-",
                          f"**{sum(m['during_tokens'] for m in ms) / expected:.2f}**" if expected else "-",
                          f"{sum(m['during_tokens'] for m in ms) / lower:.2f}" if lower else "-",
                          sum(m["during_steps"] for m in ms), f"{sum(m['tokens_lost'] for m in ms) / len(ms):.1f} per change",
                          "-", "-", "-", "-", "-"])
-    table = markdown_table(["change", "change s", "cold restart / add", "throughput during / before",
+    table = markdown_table(["change", "change s", "control s (retire included)", "cold restart / add", "throughput during / before",
                             "during / lower of before and after", "steps during",
                             "tokens lost", "throughput 1 s from the request / before", "p99 step ms before",
                             "p99 step ms during", "shards staged", "experts from peers / checkpoint"], rows)
@@ -216,6 +222,9 @@ def main() -> None:
             f"object store took 0.25-0.36 s per change in an earlier run here), and the replica switches between two "
             f"steps. "
             f"Cold restart = controller + {args.shards + 1} shard actors + replica to the first token. "
+            f"A change is timed from the request to every replica's acknowledgement, the new epoch serving (the "
+            f"window the throughput-during columns read); the retire calls that follow free the old epoch's experts "
+            f"while the new one serves, and count in 'control s' and in the after-change state. "
             f"A change's control calls (stage on each changed shard, commit, the replica's switch, retire) cost "
             f"~10-30 ms of CPU on this busy 2-core machine; all at once they land in one engine step. By default the "
             f"controller paces them (stage_pace_s = 0.03 s between shards): serving slows a little over several "

@@ -383,13 +383,17 @@ class Controller:
 
         def finish():
             acks = self._install_everywhere(record, wait=True)
-            summary.update(acks=acks, switch_s=round(time.monotonic() - staged, 3))
+            acked = time.monotonic()
+            # acked_at (CLOCK_MONOTONIC, one clock for the machine's processes): the new epoch
+            # serves everywhere from here; what follows is cleanup.
+            summary.update(acks=acks, switch_s=round(acked - staged, 3), acked_at=acked)
             for actor in removed:
                 ray.kill(actor)
             try:  # free the slots of older epochs (every replica has moved on); unstaged shards have none
                 paced(lambda a: control(a, "retire_before").remote(placement.epoch), restaged, self.config.stage_pace_s, 30)
             except Exception as e:
                 log.warning("retiring before epoch %s: %s", placement.epoch, e)
+            summary["retire_s"] = round(time.monotonic() - acked, 3)
             self._log("epoch-committed", **summary)
             return summary
 
