@@ -82,9 +82,9 @@ class BlockManager:
     def try_append_slot(self, seq: Sequence) -> bool:
         """Make room for seq's newest token: a new block when its blocks are full. False (and
         nothing changed) when one is needed and none is free."""
-        if len(seq.token_ids) <= len(seq.block_table) * self.block_size:
+        if self.blocks_needed(seq.num_tokens) <= len(seq.block_table):
             return True
-        if not (self.free_plain or self.free_cached):
+        if self.num_free_blocks == 0:
             return False
         seq.block_table.append(self._take_new())
         return True

@@ -76,7 +76,7 @@ class ModelRunner:
             positions.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             decode_lens.append(p + 1)
-            if all_rows or p + 1 == len(seq.token_ids):  # c.samples (a 1-token prefill chunk may not)
+            if all_rows or c.samples:  # a one-token prefill chunk may not sample
                 logits_rows.append(row)
         row = num_decodes
         for c in chunks[num_decodes:]:

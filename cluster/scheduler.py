@@ -54,7 +54,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            pending = len(seq.token_ids) - seq.num_computed_tokens
+            pending = seq.num_pending
             if pending == 1:
                 while not self.blocks.try_append_slot(seq):
                     victim = max(self.running, key=_arrival)
