@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--size", default="tiny")
-    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--no-docs", action="store_true", help="print only: write neither docs/benchmarks.md nor benchmarks/results/")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from moefleet import LLM
@@ -86,7 +86,7 @@ def main() -> None:
             "all shard actors share this machine's cores, so with 4 shards 5 busy processes share 2 cores.")
     print(table + "\n" + note)
     record("distributed_overhead", "Distributed overhead (`benchmarks/distributed_overhead.py`)", table, note,
-           {"results": results}, write_docs=not args.no_docs)
+           {"results": results}, write=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,12 @@ run, side by side.
 
 One change takes a fresh shard actor started for it; then --changes changes in a row each take
 a standby shard (started earlier, empty), then --rebalances rebalances. The standby deployment
-runs twice: with the controller's default pacing of control calls, and unpaced
-(stage_pace_s = 0). Each change has a steady window of its own before it.
+runs --rounds times with the controller's default pacing of control calls and as many times
+unpaced (stage_pace_s = 0), alternating. Each change has a steady window of its own before it.
+A change lasts a few engine steps, so one change's ratio moves by 0.1-0.3 with one slow step:
+the table lists round 1's changes one by one and pools each round's, and all rounds'.
 
-Usage: python benchmarks/elasticity.py [--shards 2] [--streams 16] [--size tiny]
+Usage: python benchmarks/elasticity.py [--shards 2] [--streams 16] [--size tiny] [--rounds 3]
 Writes benchmarks/results/elasticity.json and its section of docs/benchmarks.md.
 """
 
@@ -32,6 +34,7 @@ import asyncio
 import os
 import sys
 import time
+import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -82,7 +85,7 @@ async def changes_while_serving(args, model: str, standby: int, changes: int, re
 
     from moefleet.cluster.replica_pool import RayReplicaHandle
 
-    controller = start_deployment(model, args.shards, standby, f"bench-elastic-{standby}-{pace_s}", pace_s)
+    controller = start_deployment(model, args.shards, standby, f"bench-elastic-{uuid.uuid4().hex[:8]}", pace_s)
     rid, actor, _ = ray.get(controller.replicas.remote())[0]
     handle = RayReplicaHandle(actor, rid)
     sampling = {"temperature": 0, "max_tokens": 1500, "ignore_eos": True}
@@ -154,12 +157,28 @@ async def measure(args) -> dict:
 
     model = default_model_dir("mixtral", args.size)
     fresh = await changes_while_serving(args, model, standby=0, changes=1)
-    standby = await changes_while_serving(args, model, standby=args.changes, changes=args.changes,
-                                          rebalances=args.rebalances)
-    unpaced = await changes_while_serving(args, model, standby=args.changes, changes=args.changes,
-                                          rebalances=args.rebalances, pace_s=0.0)
+    # Rounds alternate paced and unpaced, so that both see the machine's slow and fast spells.
+    standby, unpaced = [], []
+    for _ in range(args.rounds):
+        standby.append(await changes_while_serving(args, model, standby=args.changes, changes=args.changes,
+                                                   rebalances=args.rebalances))
+        unpaced.append(await changes_while_serving(args, model, standby=args.changes, changes=args.changes,
+                                                   rebalances=args.rebalances, pace_s=0.0))
     cold_s = await cold_restart(args, model)
     return {"fresh": fresh, "standby": standby, "standby_unpaced": unpaced, "cold_restart_s": cold_s}
+
+
+def pooled_row(label: str, ms: list[dict]) -> list:
+    """One table row adding up changes `ms`: tokens produced during them / what the steady state
+    before each would have produced in the same time."""
+    seconds = sum(m["add_shard_s"] for m in ms)
+    expected = sum(m["steady_tps"] * m["add_shard_s"] for m in ms)
+    lower = sum(min(m["steady_tps"], m["after_tps"]) * m["add_shard_s"] for m in ms)
+    produced = sum(m["during_tokens"] for m in ms)
+    return [label, f"{seconds:.3f}", f"{sum(m['control_s'] for m in ms):.3f}", "-",
+            f"**{produced / expected:.2f}**" if expected else "-", f"{produced / lower:.2f}" if lower else "-",
+            sum(m["during_steps"] for m in ms), f"{sum(m['tokens_lost'] for m in ms) / len(ms):.1f} per change",
+            "-", "-", "-", "-", "-"]
 
 
 def main() -> None:
@@ -173,7 +192,9 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=3, help="add-shard changes in a row with standby shards")
     parser.add_argument("--rebalances", type=int, default=6,
                         help="rebalances after the add-shard changes (a change lasts ~2 steps: pool several)")
-    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="standby deployments of each kind (paced, unpaced), pooled: a change lasts a few steps")
+    parser.add_argument("--no-docs", action="store_true", help="print only: write neither docs/benchmarks.md nor benchmarks/results/")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from moefleet.cluster.ray_runtime import ensure_ray
@@ -181,8 +202,8 @@ def main() -> None:
     ensure_ray()
     r = asyncio.run(measure(args))
     rows = []
-    runs = [("fresh shard actor", r["fresh"]), ("standby shard", r["standby"]),
-            ("standby shard, unpaced", r["standby_unpaced"])]
+    runs = [("fresh shard actor", r["fresh"]), ("standby shard", r["standby"][0]),
+            ("standby shard, unpaced", r["standby_unpaced"][0])]
     for label, ms in runs:
         for m in ms:
             ratio = lambda x: f"{x / m['steady_tps']:.2f}" if m["steady_tps"] else "-"  # noqa: E731
@@ -198,17 +219,13 @@ def main() -> None:
                          f"{m['during_p99_s'] * 1000:.1f}", f"{m['shards_staged']} of {m['shards']}",
                          f"{m['from_peers']} / {m['from_checkpoint']}"])
     for label, key in (("", "standby"), (", unpaced", "standby_unpaced")):
-        for kind in ("add shard", "rebalance"):  # all standby-path changes of a kind, pooled
-            ms = [m for m in r[key] if m["change"] == kind]
-            seconds = sum(m["add_shard_s"] for m in ms)
-            expected = sum(m["steady_tps"] * m["add_shard_s"] for m in ms)
-            lower = sum(min(m["steady_tps"], m["after_tps"]) * m["add_shard_s"] for m in ms)
-            rows.append([f"**all {len(ms)} {kind} changes (standby path{label}), pooled**", f"{seconds:.3f}",
-                         f"{sum(m['control_s'] for m in ms):.3f}", "-",
-                         f"**{sum(m['during_tokens'] for m in ms) / expected:.2f}**" if expected else "-",
-                         f"{sum(m['during_tokens'] for m in ms) / lower:.2f}" if lower else "-",
-                         sum(m["during_steps"] for m in ms), f"{sum(m['tokens_lost'] for m in ms) / len(ms):.1f} per change",
-                         "-", "-", "-", "-", "-"])
+        for kind in ("add shard", "rebalance"):  # the standby-path changes of a kind, pooled per round and over all
+            rounds = [[m for m in ms if m["change"] == kind] for ms in r[key]]
+            for n, ms in enumerate(rounds, 1):
+                rows.append(pooled_row(f"{kind} changes (standby path{label}), round {n} of {len(rounds)}, pooled", ms))
+            every = [m for ms in rounds for m in ms]
+            rows.append(pooled_row(f"**all {len(every)} {kind} changes (standby path{label}), {len(rounds)} rounds, "
+                                   f"pooled**", every))
     table = markdown_table(["change", "change s", "control s (retire included)", "cold restart / add", "throughput during / before",
                             "during / lower of before and after", "steps during",
                             "tokens lost", "throughput 1 s from the request / before", "p99 step ms before",
@@ -229,17 +246,19 @@ def main() -> None:
             f"~10-30 ms of CPU on this busy 2-core machine; all at once they land in one engine step. By default the "
             f"controller paces them (stage_pace_s = 0.03 s between shards): serving slows a little over several "
             f"steps and the change takes longer; the unpaced rows (stage_pace_s = 0, the same deployment started "
-            f"again in this run) show the alternative. Tokens lost = steady tokens/s x change time - tokens produced "
+            f"again in this run) show the alternative. The rows change by change are round 1's; "
+            f"the pooled rows add up each round's changes of a kind, then all {args.rounds} rounds' "
+            f"(paced and unpaced deployments alternate). Tokens lost = steady tokens/s x change time - tokens produced "
             f"during it: the change's total cost, which pacing spreads rather than removes. "
             f"'During / lower of before and after' compares with the after-change state too (the {args.after_s} s "
             f"after it): adding a shard moves serving to a lower steady state on this machine, which the "
             f"before-only ratio charges to the transition; the issue's target is read here against the before state. "
-            f"The pooled rows add up all changes of a kind. Adding a shard also lowers steady throughput for good on "
+            f"Adding a shard also lowers steady throughput for good on "
             f"this 2-core machine (one more process; see the 1-s column), which rebalancing does not. "
             f"Targets (issue #4): cold / add >= 9x, throughput during >= 0.9.")
     print(table + "\n" + note)
     record("elasticity", "Elasticity (`benchmarks/elasticity.py`)", table, note, {"result": r},
-           write_docs=not args.no_docs)
+           write=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def main() -> None:
                         help="fresh processes per engine, taken in turns; the median across them counts")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="every engine's dtype (the checkpoints are float32)")
-    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true", help="print only: write neither docs/benchmarks.md nor benchmarks/results/")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,7 +227,7 @@ def main() -> None:
     key, title = "engine_throughput", "Engine throughput (`benchmarks/engine_throughput.py`)"
     if args.dtype != "float32":
         key, title = f"{key}_{args.dtype}", f"Engine throughput in {args.dtype} (`benchmarks/engine_throughput.py --dtype {args.dtype}`)"
-    record(key, title, table, note, {"rows": rows, "dtype": args.dtype}, write_docs=not args.no_docs)
+    record(key, title, table, note, {"rows": rows, "dtype": args.dtype}, write=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--gateways", type=int, default=2)
-    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--no-docs", action="store_true", help="print only: write neither docs/benchmarks.md nor benchmarks/results/")
     args = parser.parse_args()
     import ray
 
@@ -114,7 +114,7 @@ def main() -> None:
     print(table + "\n" + note)
     record("gateway", "Gateway overhead (`benchmarks/gateway.py`)", table, note,
            {"direct_s": direct, "gateway_s": through, "direct_rps": direct_rps, "gateway_rps": gateway_rps},
-           write_docs=not args.no_docs)
+           write=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rebalances", type=int, default=20)
     parser.add_argument("--noise", default="0.05,0.25", help="lognormal sigma of the per-window noise, comma-separated")
-    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true", help="print only: write neither docs/benchmarks.md nor benchmarks/results/")
     args = parser.parse_args()
     header = ["deployment", "noise", "planner", "shards touched / rebalance", "(after the first)",
               "experts loaded / rebalance", "mean imbalance after", "worst imbalance after", "plan ms"]
@@ -119,7 +119,7 @@ def main() -> None:
     table = markdown_table(header, rows)
     print(table + "\n" + note)
     record("planner_moves", "Placement planner moves (`benchmarks/planner_moves.py`)", table, note,
-           {"header": header, "rows": rows}, write_docs=not args.no_docs)
+           {"header": header, "rows": rows}, write=not args.no_docs)
 
 if __name__ == "__main__":
     main()

@@ -24,14 +24,16 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record(key: str, title: str, table: str, note: str, data: dict, write_docs: bool = True) -> None:
-    """Write benchmarks/results/<key>.json and replace the <key> section of docs/benchmarks.md."""
+def record(key: str, title: str, table: str, note: str, data: dict, write: bool = True) -> None:
+    """Write benchmarks/results/<key>.json and replace the <key> section of docs/benchmarks.md;
+    write=False (a script's --no-docs) writes neither, so a trial run leaves the recorded results
+    alone."""
+    if not write:
+        return
     meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", f"{key}.json"), "w") as f:
         json.dump({"meta": meta, **data}, f, indent=1)
-    if not write_docs:
-        return
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     path = os.path.join(ROOT, "docs", "benchmarks.md")
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nEach section is written by the script it names; re-running the script replaces it.\n"
