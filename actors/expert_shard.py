@@ -52,12 +52,13 @@ class ExpertShard:
         """Read from the checkpoint the experts of `experts_by_layer` this shard lacks; returns how many."""
         keys = self.missing(experts_by_layer)
         for layer, e in keys:
-            self.put_expert(layer, e, *reader.expert(layer, e))
+            self.weights[(layer, e)] = swiglu_linears(*reader.expert(layer, e))
         return len(keys)
 
     def put_expert(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """w13 [2I, D], w2 [D, I] in checkpoint layout."""
-        self.weights[(layer, expert)] = swiglu_linears(w13, w2)
+        """w13 [2I, D] (gate rows, then up rows), w2 [D, I]: what a peer's export_expert gives."""
+        inter = w13.shape[0] // 2
+        self.weights[(layer, expert)] = swiglu_linears(w13[:inter], w13[inter:], w2)
 
     def export_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert's weights in checkpoint layout, for a peer shard to take over."""

@@ -14,10 +14,12 @@ from moefleet.kernels.panel_linear import GateUpPanels, panels_usable
 ExpertPair = tuple[Linear | GateUpPanels, Linear]  # (gate_up, down)
 
 
-def swiglu_linears(w13: torch.Tensor, w2: torch.Tensor) -> ExpertPair:
-    """(gate_up, down) for a SwiGLU MLP or expert; the gate_up projection has SwiGLU fused into
-    it where column panels serve (float32 on CPU with the compiled kernels)."""
-    return (GateUpPanels(w13) if panels_usable(w13) else Linear(w13)), Linear(w2)
+def swiglu_linears(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> ExpertPair:
+    """(gate_up, down) for a SwiGLU MLP or expert from its gate and up [I, D] and down [D, I]
+    weights; the gate_up projection has SwiGLU fused into it where column panels serve (float32
+    on CPU with the compiled kernels), else it is one Linear over [gate; up]."""
+    gate_up = GateUpPanels(gate, up) if panels_usable(gate) else Linear(torch.cat([gate, up]))
+    return gate_up, Linear(down)
 
 
 def swiglu(x: torch.Tensor, gate_up: Linear | GateUpPanels, down: Linear) -> torch.Tensor:

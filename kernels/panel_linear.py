@@ -61,13 +61,14 @@ def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
     return _lanes_to_rows(panels, slice(0, PANEL_WIDTH), n).contiguous()
 
 
-def pack_gate_up_panels(w13: torch.Tensor) -> torch.Tensor:
-    """gate_up [2I, K] (gate rows, then up rows) -> [ceil(I / 16), K, 32] (bfloat16: K / 2, 64):
-    lanes 0-15 gate columns 16p..16p+15, lanes 16-31 the same up columns (past I zero)."""
-    inter = w13.shape[0] // 2
-    panels = _empty_panels(inter, w13.shape[1], _HALF, w13.dtype)
-    _fill_lanes(panels, slice(0, _HALF), w13[:inter])
-    _fill_lanes(panels, slice(_HALF, PANEL_WIDTH), w13[inter:])
+def pack_gate_up_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [I, K] -> [ceil(I / 16), K, 32] (bfloat16: K / 2, 64): lanes 0-15 gate columns
+    16p..16p+15, lanes 16-31 the same up columns (past I zero). Packed from the two weights as
+    the checkpoint holds them: concatenating them first cost a copy of both per expert, ~a third
+    of the CPU a shard spends staging an expert (page faults on the new memory, mostly)."""
+    panels = _empty_panels(gate.shape[0], gate.shape[1], _HALF, gate.dtype)
+    _fill_lanes(panels, slice(0, _HALF), gate)
+    _fill_lanes(panels, slice(_HALF, PANEL_WIDTH), up)
     return panels.flatten(2)
 
 
@@ -88,16 +89,16 @@ def panels_usable(weight: torch.Tensor) -> bool:
 
 
 class GateUpPanels:
-    """An expert's gate_up projection (w13 [2I, D]) packed so that SwiGLU happens in the same
-    pass: `activation(x)` = silu(x @ gate.T) * (x @ up.T), [T, I]."""
+    """An expert's gate and up projections (gate, up [I, D]) packed so that SwiGLU happens in the
+    same pass: `activation(x)` = silu(x @ gate.T) * (x @ up.T), [T, I]."""
 
     bias = None
 
-    def __init__(self, w13: torch.Tensor):
-        self.out_features, self.in_features = w13.shape
-        self.intermediate = self.out_features // 2
-        self.nbytes = w13.numel() * w13.element_size()  # checkpoint bytes, as Linear counts them
-        self.weight = pack_gate_up_panels(w13)
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor):
+        self.intermediate, self.in_features = gate.shape
+        self.out_features = 2 * self.intermediate
+        self.nbytes = 2 * gate.numel() * gate.element_size()  # checkpoint bytes, as Linear counts them
+        self.weight = pack_gate_up_panels(gate, up)
 
     def dense_weight(self) -> torch.Tensor:
         return unpack_gate_up_panels(self.weight, self.intermediate)

@@ -92,15 +92,16 @@ class CheckpointReader:
     def layer(self, i: int, suffix: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         return self.tensor(f"model.layers.{i}.{suffix}", shape)
 
-    def mlp_pair(self, prefix: str, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A dense SwiGLU MLP at `prefix` as (w13 [2I, D], w2 [D, I])."""
+    def mlp(self, prefix: str, intermediate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A dense SwiGLU MLP at `prefix` as (gate [I, D], up [I, D], down [D, I])."""
         d = self.spec.hidden_size
-        gate = self.tensor(f"{prefix}.gate_proj.weight", (intermediate, d))
-        up = self.tensor(f"{prefix}.up_proj.weight", (intermediate, d))
-        return torch.cat([gate, up]), self.tensor(f"{prefix}.down_proj.weight", (d, intermediate))
+        return (self.tensor(f"{prefix}.gate_proj.weight", (intermediate, d)),
+                self.tensor(f"{prefix}.up_proj.weight", (intermediate, d)),
+                self.tensor(f"{prefix}.down_proj.weight", (d, intermediate)))
 
-    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routed expert `expert` of MoE layer `layer` as (w13 [2I, D], w2 [D, I])."""
+    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routed expert `expert` of MoE layer `layer` as (gate [I, D], up [I, D], down [D, I]);
+        from a fused checkpoint, gate and up are views of its gate_up rows."""
         d, inter = self.spec.hidden_size, self.spec.moe.intermediate_size
         base = f"model.layers.{layer}.{self.moe_prefix}.experts"
         fused = f"{base}.gate_up_proj"
@@ -112,8 +113,7 @@ class CheckpointReader:
             if tuple(w13.shape) != (2 * inter, d) or tuple(w2.shape) != (d, inter):
                 raise CheckpointError(self.files.file_of[fused], fused,
                                       f"expert {expert} has shape {tuple(w13.shape)}, expected {(2 * inter, d)}")
-            return w13.contiguous(), w2.contiguous()
+            return w13[:inter].contiguous(), w13[inter:].contiguous(), w2.contiguous()  # no copy unless transposed
         g, u, dn = self.expert_names
-        gate = self.tensor(f"{base}.{expert}.{g}.weight", (inter, d))
-        up = self.tensor(f"{base}.{expert}.{u}.weight", (inter, d))
-        return torch.cat([gate, up]), self.tensor(f"{base}.{expert}.{dn}.weight", (d, inter))
+        return (self.tensor(f"{base}.{expert}.{g}.weight", (inter, d)), self.tensor(f"{base}.{expert}.{u}.weight", (inter, d)),
+                self.tensor(f"{base}.{expert}.{dn}.weight", (d, inter)))

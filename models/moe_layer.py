@@ -14,8 +14,7 @@ from moefleet.models.spec import ModelSpec
 
 class DenseMLP:
     def __init__(self, reader: CheckpointReader, spec: ModelSpec, layer: int):
-        w13, w2 = reader.mlp_pair(f"model.layers.{layer}.mlp", spec.dense_intermediate_size)
-        self.gate_up, self.down = swiglu_linears(w13, w2)
+        self.gate_up, self.down = swiglu_linears(*reader.mlp(f"model.layers.{layer}.mlp", spec.dense_intermediate_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.gate_up, self.down)
@@ -40,8 +39,7 @@ class MoELayer:
         self.shared = None
         if moe.shared_intermediate_size:
             name = "shared_expert" if moe.shared_expert_gate else "shared_experts"
-            w13, w2 = reader.mlp_pair(f"{p}.{name}", moe.shared_intermediate_size)
-            self.shared = swiglu_linears(w13, w2)
+            self.shared = swiglu_linears(*reader.mlp(f"{p}.{name}", moe.shared_intermediate_size))
         self.shared_gate = reader.tensor(f"{p}.shared_expert_gate.weight", (1, d)) if moe.shared_expert_gate else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

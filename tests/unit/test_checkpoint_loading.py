@@ -59,7 +59,8 @@ def test_shard_loads_only_its_experts(model_dir):
     spec = load_spec(path)
     reader = CheckpointReader(path, spec, torch.float32)
     shard = ExpertShard.from_checkpoint(1, reader, {0: (1, 5), 2: (3,)})
-    w13, w2 = reader.expert(0, 5)
+    gate_w, up_w, w2 = reader.expert(0, 5)
+    w13 = torch.cat([gate_w, up_w])
     x = torch.randn(3, spec.hidden_size)
     gate_up, down = shard.epochs[0][0].pairs[1]  # local slot 1 holds expert 5
     assert torch.equal(gate_up.dense_weight(), w13) and torch.equal(down.dense_weight(), w2)

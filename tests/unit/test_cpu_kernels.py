@@ -140,7 +140,7 @@ def test_grouped_swiglu_matches_the_reference(dtype, num_pairs, torch_threads):
     d, inter, num_slots, num_rows = 16, 24, 5, 9
     dense = [((torch.randn(2 * inter, d, generator=gen) * 0.2).to(dtype), (torch.randn(d, inter, generator=gen) * 0.2).to(dtype))
              for _ in range(num_slots)]
-    experts = [swiglu_linears(w13, w2) for w13, w2 in dense]
+    experts = [swiglu_linears(*w13.chunk(2), w2) for w13, w2 in dense]
     hidden = torch.randn(num_rows, d, generator=gen).to(dtype)
     rows = torch.randint(0, num_rows, (num_pairs,), generator=gen)
     slots = torch.randint(0, num_slots - 1, (num_pairs,), generator=gen)  # the last slot stays idle
@@ -246,7 +246,7 @@ def test_gate_up_panels_fuse_swiglu(dtype, intermediate, torch_threads):
     w13 = torch.randn(2 * intermediate, 24, generator=gen).to(dtype)
     w2 = torch.randn(24, intermediate, generator=gen).to(dtype)
     x = torch.randn(11, 24, generator=gen).to(dtype)
-    gate_up, down = swiglu_linears(w13, w2)
+    gate_up, down = swiglu_linears(*w13.chunk(2), w2)
     assert isinstance(gate_up, GateUpPanels) == (expected_layout(dtype, 24) == "panels")
     if not isinstance(gate_up, GateUpPanels):
         pytest.skip("no bfloat16 panels on this CPU (no AVX512-BF16): the oneDNN path is covered by "
@@ -264,7 +264,7 @@ def test_panel_packing_round_trips_and_pads_with_zeros():
     panels = pack_panels(weight)
     assert panels.shape == (2, 3, 32) and panels[1, :, 18:].abs().sum() == 0
     assert torch.equal(unpack_panels(panels, 50), weight)
-    gate_up = pack_gate_up_panels(torch.cat([weight[:20], weight[20:40]]))  # I = 20: two panels, the second half empty
+    gate_up = pack_gate_up_panels(weight[:20], weight[20:40])  # I = 20: two panels, the second half empty
     assert gate_up.shape == (2, 3, 32) and gate_up[1, :, 4:16].abs().sum() == 0 and gate_up[1, :, 20:].abs().sum() == 0
     assert torch.equal(unpack_gate_up_panels(gate_up, 20), weight[:40])
 
@@ -277,7 +277,7 @@ def test_bfloat16_panels_hold_k_in_pairs():
     assert panels.shape == (2, 2, 64) and panels[1, :, 36:].abs().sum() == 0
     assert panels[0, 1, 2 * 5 + 1] == weight[5, 3] and panels[1, 0, 2 * 3] == weight[35, 0]
     assert torch.equal(unpack_panels(panels, 50), weight)
-    gate_up = pack_gate_up_panels(weight[:40])  # I = 20
+    gate_up = pack_gate_up_panels(weight[:20], weight[20:40])  # I = 20
     assert gate_up.shape == (2, 2, 64) and gate_up[1, 0, 2 * 16 + 1] == weight[36, 1]
     assert torch.equal(unpack_gate_up_panels(gate_up, 20), weight[:40])
 
@@ -288,4 +288,4 @@ def test_expert_kernel_is_not_handed_plain_panels_as_gate_up():
     assert cpu_ops() is not None, unavailable_reason()
     experts = [(Linear(torch.randn(8, 4)), Linear(torch.randn(4, 4)))]
     assert expert_weight_lists(experts) is None
-    assert expert_weight_lists([swiglu_linears(torch.randn(8, 4), torch.randn(4, 4))]) is not None
+    assert expert_weight_lists([swiglu_linears(torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 4))]) is not None
