@@ -80,6 +80,7 @@ def _paged_case(num_seqs, num_heads, num_kv_heads, dk, dv, block_size, lens, dty
     (4, 4, 16, 16, False),   # MHA
     (6, 1, 48, 32, True),    # MLA-style MQA: values are a view of the first dv key entries
     (4, 2, 20, 12, False),   # head dims that are not a multiple of the 16-lane vectors
+    (4, 2, 32, 12, False),   # 16-lane scores beside element-wise values
 ])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
