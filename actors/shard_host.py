@@ -4,6 +4,7 @@ costs 3-10x a numpy array per Ray hop on CPU). A plain class: `remote_shard_clas
 Ray shell late."""
 
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class ExpertShardHost:
     fills later (process start and imports are most of the cost of adding a shard)."""
 
     def __init__(self, shard_id: int, model_dir: str, dtype: str, experts_by_layer: dict[int, tuple[int, ...]],
-                 num_threads: int = 1, epoch: int = 0):
+                 num_threads: int = 1, epoch: int = 0, staging_when_idle: bool = False):
         from moefleet.models.checkpoint import CheckpointReader
         from moefleet.models.spec import load_spec
 
@@ -71,6 +72,19 @@ class ExpertShardHost:
         self.shard = ExpertShard.from_checkpoint(shard_id, self.reader, experts_by_layer, epoch)
         cpu_ops()  # build or load the CPU kernels at start, not inside the first compute call
         self.injected_failure: str | None = None
+        self.staging_when_idle = staging_when_idle
+        self._staging_thread: int | None = None
+        self._compute_thread: int | None = None
+
+    def _yield_to_serving(self) -> None:
+        """Staging and export run on the control thread while this process and its neighbours
+        serve: on a full machine the CPU they take comes straight out of serving. In the idle
+        class they run in the gaps serving leaves; the change takes longer, serving slows less."""
+        thread = threading.get_native_id()
+        if self._staging_thread != thread:
+            if self.staging_when_idle:
+                run_thread_when_idle()
+            self._staging_thread = thread
 
     def info(self) -> dict:
         node_id = None
@@ -81,13 +95,16 @@ class ExpertShardHost:
         except Exception:  # not inside Ray (unit tests build the host directly)
             pass
         return {"shard": self.shard_id, "pid": os.getpid(), "node_id": node_id, "nbytes": self.shard.nbytes(),
-                "threads": torch.get_num_threads(), "epochs": sorted(self.shard.epochs)}
+                "threads": torch.get_num_threads(), "epochs": sorted(self.shard.epochs),
+                "scheduling": {"staging": _thread_policy(self._staging_thread),
+                               "compute": _thread_policy(self._compute_thread)}}
 
     # ----- placement epochs: stage while the current epoch serves, retire after the switch -----
     def stage(self, epoch: int, experts_by_layer: dict[int, tuple[int, ...]], *from_peers: dict) -> dict:
         """Make `epoch`'s slots ready: experts handed over by peers (`from_peers`: what their
         `export` returned) are taken as they are, the rest this shard lacks are read from the
         checkpoint; experts it already holds are reused in place."""
+        self._yield_to_serving()
         start = time.perf_counter()
         peers = 0
         handed_over = {key: value for exported in from_peers for key, value in exported.items()}
@@ -102,6 +119,7 @@ class ExpertShardHost:
 
     def export(self, keys: list[tuple[int, int]]) -> dict:
         """Weights of (layer, expert) pairs as numpy arrays, for a peer's `stage`."""
+        self._yield_to_serving()
         out = {}
         for layer, expert in keys:
             w13, w2 = self.shard.export_expert(layer, expert)
@@ -116,6 +134,7 @@ class ExpertShardHost:
         """None in (no work for this shard this round) -> None out."""
         if request is None:
             return None
+        self._compute_thread = threading.get_native_id()
         start = time.perf_counter()
         try:  # an error travels back as data, so the caller can name this shard whatever the transport
             if self.injected_failure:
@@ -132,6 +151,32 @@ class ExpertShardHost:
     def inject_failure(self, message: str) -> None:
         """Fault injection (tests, drills): the next compute call raises `message`."""
         self.injected_failure = message
+
+
+def run_thread_when_idle() -> bool:
+    """Put the calling thread in Linux's SCHED_IDLE class: it gets a CPU only where no normal
+    thread wants one (a minimal share under contention, never a full stop). Per thread, so the
+    process's other threads keep their priority; an unprivileged thread cannot leave the class
+    again, so call this on a thread kept for background work. False where unsupported.
+    A nice value would not do: Ray starts its workers at nice 15, which leaves 19 only ~2.4x
+    less weight than serving; SCHED_IDLE has ~12x less."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
+def _thread_policy(thread: int | None) -> str | None:
+    """'idle' or 'normal' for a thread of this process (None: not seen yet, ended, or unsupported)."""
+    if thread is None or not hasattr(os, "sched_getscheduler"):
+        return None
+    try:
+        return "idle" if os.sched_getscheduler(thread) == os.SCHED_IDLE else "normal"
+    except OSError:
+        return None
 
 
 def remote_shard_class():

@@ -58,13 +58,15 @@ def window(step_log, start: float, end: float) -> tuple[float, float, int, float
     return tokens / (end - start), durations[min(len(durations) - 1, int(0.99 * len(durations)))], len(durations), tokens
 
 
-def start_deployment(model: str, shards: int, standby: int, name: str, pace_s: float | None = None):
+def start_deployment(model: str, shards: int, standby: int, name: str, pace_s: float | None = None,
+                     staging_when_idle: bool | None = None):
     import ray
 
     from moefleet.cluster.controller import remote_controller_class
 
     controller = remote_controller_class().options(name=name).remote({
-        "engine": {"model": model, "kv_cache_blocks": 2048, "enable_prefix_caching": False, "transport": "actor"},
+        "engine": {"model": model, "kv_cache_blocks": 2048, "enable_prefix_caching": False, "transport": "actor",
+                   **({"shard_staging_when_idle": staging_when_idle} if staging_when_idle is not None else {})},
         "model_id": "bench", "expert_shards": shards, "standby_shards": standby, "monitor_interval_s": 5.0,
         **({"stage_pace_s": pace_s} if pace_s is not None else {})})
     ray.get(controller.start.remote(1))
@@ -85,7 +87,8 @@ async def changes_while_serving(args, model: str, standby: int, changes: int, re
 
     from moefleet.cluster.replica_pool import RayReplicaHandle
 
-    controller = start_deployment(model, args.shards, standby, f"bench-elastic-{uuid.uuid4().hex[:8]}", pace_s)
+    controller = start_deployment(model, args.shards, standby, f"bench-elastic-{uuid.uuid4().hex[:8]}", pace_s,
+                                  args.staging_when_idle)
     rid, actor, _ = ray.get(controller.replicas.remote())[0]
     handle = RayReplicaHandle(actor, rid)
     sampling = {"temperature": 0, "max_tokens": 1500, "ignore_eos": True}
@@ -194,6 +197,8 @@ def main() -> None:
                         help="rebalances after the add-shard changes (a change lasts ~2 steps: pool several)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="standby deployments of each kind (paced, unpaced), pooled: a change lasts a few steps")
+    parser.add_argument("--staging-normal-priority", dest="staging_when_idle", action="store_false", default=None,
+                        help="shards stage at serving priority (shard_staging_when_idle = False), for comparison")
     parser.add_argument("--no-docs", action="store_true", help="print only: write neither docs/benchmarks.md nor benchmarks/results/")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -246,7 +251,9 @@ def main() -> None:
             f"~10-30 ms of CPU on this busy 2-core machine; all at once they land in one engine step. By default the "
             f"controller paces them (stage_pace_s = 0.03 s between shards): serving slows a little over several "
             f"steps and the change takes longer; the unpaced rows (stage_pace_s = 0, the same deployment started "
-            f"again in this run) show the alternative. The rows change by change are round 1's; "
+            f"again in this run) show the alternative. "
+            f"{'Shards stage and export on a thread in Linux idle scheduling class (shard_staging_when_idle), so staging takes the CPU serving leaves. ' if args.staging_when_idle is not False else 'Shards stage at serving priority in this run (--staging-normal-priority). '}"
+            f"The rows change by change are round 1's; "
             f"the pooled rows add up each round's changes of a kind, then all {args.rounds} rounds' "
             f"(paced and unpaced deployments alternate). Tokens lost = steady tokens/s x change time - tokens produced "
             f"during it: the change's total cost, which pacing spreads rather than removes. "

@@ -26,6 +26,9 @@ class EngineConfig(BaseModel):
         None, description="Ray resources per shard actor (cycled), e.g. [{'node_a': 0.01}, {'node_b': 0.01}] to place shards on nodes.")
     shard_num_cpus: float = Field(0.0, ge=0, description="CPUs each shard actor reserves in Ray's accounting.")
     shard_num_threads: int = Field(1, gt=0, description="torch threads inside each shard actor.")
+    shard_staging_when_idle: bool = Field(
+        True, description="Shard actors stage new placement epochs and export experts on a thread in Linux's idle "
+                          "scheduling class, so a change takes CPU only where serving leaves it (False: normal priority).")
     shard_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a shard's reply before the step fails (retryable).")
     shard_start_timeout_s: float = Field(300.0, gt=0, description="Longest wait for shard actors to load their experts.")
     expert_source: Literal["checkpoint", "peer"] = Field(

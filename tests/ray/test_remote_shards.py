@@ -115,6 +115,8 @@ def test_remote_shards_rescale_while_serving(transport, ray_cluster, model_dir, 
         assert [i["epochs"] for i in infos] == [[1]] * 3  # epoch 0 retired everywhere
         held = replica.engine.engine.placement
         assert [i["nbytes"] > 0 for i in infos] == [True] * 3 and held.num_shards == 3
+        # Staging ran on each shard's control thread in the idle scheduling class, serving in the normal one.
+        assert [i["scheduling"] for i in infos] == [{"staging": "idle", "compute": "normal"}] * 3
     finally:
         replica.shutdown()
 
