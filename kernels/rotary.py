@@ -90,13 +90,19 @@ class RotaryCache:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos() * self.attention_factor
         self.sin = emb.sin() * self.attention_factor
+        # The tables rounded to a model dtype, made once: rounding the looked-up rows instead
+        # gives the same values, at two conversions per step.
+        self._rounded: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {torch.float32: (self.cos, self.sin)}
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> cos, sin: [T, 1, dim] (broadcast over heads)."""
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, 1, dim] (broadcast over heads) in `dtype`."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0]:
             self._build(max(needed, 2 * self.cos.shape[0]))
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        if dtype not in self._rounded:
+            self._rounded[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        cos, sin = self._rounded[dtype]
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

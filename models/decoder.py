@@ -60,8 +60,7 @@ class MoEDecoder:
         self.dtype = self.embed.dtype
 
     def _embed(self, inputs: StepInputs):
-        cos, sin = self.rotary.lookup(inputs.positions)
-        return F.embedding(inputs.token_ids, self.embed), (cos.to(self.dtype), sin.to(self.dtype))
+        return F.embedding(inputs.token_ids, self.embed), self.rotary.lookup(inputs.positions, self.dtype)
 
     def _logits(self, h: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         h = rms_norm(h[inputs.logits_rows], self.final_norm, self.spec.rms_norm_eps)

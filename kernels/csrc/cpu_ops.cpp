@@ -420,10 +420,9 @@ at::Tensor packed_or_plain_linear(const at::Tensor& x, const at::Tensor& w) {
 }
 
 template <typename scalar_t>
-void scatter_weighted_rows(const at::Tensor& expert_out, const int64_t* rows, const float* row_weights,
+void scatter_weighted_rows(const scalar_t* src, int64_t count, const int64_t* rows, const float* row_weights,
                            at::Tensor& out) {
-  const int64_t count = expert_out.size(0), D = expert_out.size(1);
-  const scalar_t* src = expert_out.data_ptr<scalar_t>();
+  const int64_t D = out.size(1);
   scalar_t* dst = out.data_ptr<scalar_t>();
   for (int64_t i = 0; i < count; ++i) {
     // Rounded to the output dtype before the add, as `index_add_(expert_out * weight)` does.
@@ -435,34 +434,60 @@ void scatter_weighted_rows(const at::Tensor& expert_out, const int64_t* rows, co
   }
 }
 
+// `elements` of x's dtype, from a buffer this thread keeps for the next call up to 32 MB (a
+// decode step's experts): fresh buffers of a few hundred KB come from mmap, and faulting their
+// pages in on every call cost as much as the ATen calls saved. Larger requests (prefills) get
+// their own. Valid until this thread's next call.
+at::Tensor scratch_buffer(const at::Tensor& x, int64_t elements) {
+  constexpr int64_t kKeptBytes = 32 << 20;
+  if (elements * x.element_size() > kKeptBytes) return at::empty({elements}, x.options());
+  thread_local at::Tensor kept;
+  if (!kept.defined() || kept.scalar_type() != x.scalar_type() || kept.numel() < elements)
+    kept = at::empty({elements}, x.options());
+  return kept.narrow(0, 0, elements);
+}
+
 // The busy experts over column panels (kernels/panel_linear.py), float32 or bfloat16 (T, the
 // dtype of x and the panels): every expert's gate_up (SwiGLU fused), then every down projection,
-// each pass one parallel region (panel_gemm_batch). outputs[e] gets expert e's rows
-// [start[e], start[e + 1]) of `index`.
+// each pass one parallel region (panel_gemm_batch). Returns [N, D] (in scratch_buffer): row i is
+// the output of pair i in `sorted_rows` order, so expert e's rows are [start[e], start[e + 1]).
+// Inputs, activations and outputs share one buffer: a tensor per expert (index_select, two
+// empties) was ~24 ATen calls per layer, a third of a bfloat16 decode layer's expert time at 16
+// sequences.
 template <typename T>
-void run_panel_experts(const at::Tensor& x, const at::Tensor& index, const std::vector<int64_t>& start,
-                       const std::vector<int64_t>& busy, at::TensorList w13, at::TensorList w2,
-                       std::vector<at::Tensor>& outputs) {
-  const int64_t D = x.size(1), group = kPanelKGroup<T>;
-  std::vector<at::Tensor> inputs(outputs.size()), acts(outputs.size());
-  std::vector<PanelMultiply<T>> gate_up, down;
+at::Tensor run_panel_experts(const at::Tensor& x, const std::vector<int64_t>& sorted_rows,
+                             const std::vector<int64_t>& start, const std::vector<int64_t>& busy, at::TensorList w13,
+                             at::TensorList w2) {
+  const int64_t D = x.size(1), group = kPanelKGroup<T>, N = start.back();
+  std::vector<int64_t> act_offset(start.size(), 0);
+  int64_t act_elements = 0;
   for (const int64_t e : busy) {
-    const int64_t M = start[e + 1] - start[e], I = w2[e].size(1) * group;
+    const int64_t I = w2[e].size(1) * group;
     TORCH_CHECK(w13[e].scalar_type() == x.scalar_type() && w2[e].scalar_type() == x.scalar_type() && w2[e].dim() == 3 &&
                     w13[e].size(1) * group == D && w13[e].size(0) * 16 >= I &&
                     w2[e].size(0) * kPanelWidth >= D,
                 "expert slot ", e, ": ", w13[e].scalar_type(), " panels ", w13[e].sizes(), " / ", w2[e].sizes(),
                 " do not fit ", x.scalar_type(), " hidden size ", D);
-    inputs[e] = x.index_select(0, index.narrow(0, start[e], M));
-    acts[e] = at::empty({M, I}, x.options());
-    outputs[e] = at::empty({M, D}, x.options());
-    gate_up.push_back({inputs[e].data_ptr<T>(), D, M, w13[e].data_ptr<T>(), w13[e].size(0), D, acts[e].data_ptr<T>(),
-                       I, I, /*swiglu=*/true});
-    down.push_back({acts[e].data_ptr<T>(), I, M, w2[e].data_ptr<T>(), w2[e].size(0), I, outputs[e].data_ptr<T>(), D, D,
+    act_offset[e] = act_elements;
+    act_elements += (start[e + 1] - start[e]) * I;
+  }
+  auto buffer = scratch_buffer(x, 2 * N * D + act_elements);
+  T* in = buffer.data_ptr<T>();
+  T* out = in + N * D;
+  T* act = out + N * D;
+  const T* xp = x.data_ptr<T>();
+  for (int64_t i = 0; i < N; ++i) std::memcpy(in + i * D, xp + sorted_rows[i] * D, D * sizeof(T));
+  std::vector<PanelMultiply<T>> gate_up, down;
+  for (const int64_t e : busy) {
+    const int64_t M = start[e + 1] - start[e], I = w2[e].size(1) * group;
+    gate_up.push_back({in + start[e] * D, D, M, w13[e].data_ptr<T>(), w13[e].size(0), D, act + act_offset[e], I, I,
+                       /*swiglu=*/true});
+    down.push_back({act + act_offset[e], I, M, w2[e].data_ptr<T>(), w2[e].size(0), I, out + start[e] * D, D, D,
                     /*swiglu=*/false});
   }
   panel_gemm_batch<T>(gate_up);
   panel_gemm_batch<T>(down);
+  return buffer.narrow(0, N * D, N * D).view({N, D});
 }
 
 // The busy experts over oneDNN-packed (bf16) or plain weights, as run_panel_experts. Decode
@@ -541,26 +566,29 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
     sorted_rows[at] = rp[i];
     sorted_weights[at] = wp[i];
   }
-  const auto index = at::from_blob(sorted_rows.data(), {N}, at::kLong);
   std::vector<int64_t> busy;
   for (int64_t e = 0; e < E; ++e)
     if (start[e + 1] > start[e]) busy.push_back(e);
+  // Expert e's output rows [rows of e, D], in pair order: in `stacked` from start[e] (column
+  // panels), else outputs[e].
   std::vector<at::Tensor> outputs(E);
+  at::Tensor stacked;
   if (std::all_of(busy.begin(), busy.end(), [&](int64_t e) { return w13[e].dim() == 3; })) {
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                 "column-panel experts take float32 or bfloat16 hidden states, got ", x.scalar_type());
-    if (x.scalar_type() == at::kBFloat16)
-      run_panel_experts<c10::BFloat16>(x, index, start, busy, w13, w2, outputs);
-    else
-      run_panel_experts<float>(x, index, start, busy, w13, w2, outputs);
+    stacked = x.scalar_type() == at::kBFloat16
+                  ? run_panel_experts<c10::BFloat16>(x, sorted_rows, start, busy, w13, w2)
+                  : run_panel_experts<float>(x, sorted_rows, start, busy, w13, w2);
+  } else {
+    run_packed_experts(x, at::from_blob(sorted_rows.data(), {N}, at::kLong), start, busy, w13, w2, outputs);
   }
-  else
-    run_packed_experts(x, index, start, busy, w13, w2, outputs);
   // Summed in slot order, as the reference does, whichever thread computed an expert.
-  for (int64_t e = 0; e < E; ++e) {
-    if (!outputs[e].defined()) continue;
+  for (const int64_t e : busy) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "grouped_swiglu", [&] {
-      scatter_weighted_rows<scalar_t>(outputs[e], sorted_rows.data() + start[e], sorted_weights.data() + start[e], out);
+      const scalar_t* rows_of_e = stacked.defined() ? stacked.data_ptr<scalar_t>() + start[e] * out.size(1)
+                                                    : outputs[e].data_ptr<scalar_t>();
+      scatter_weighted_rows<scalar_t>(rows_of_e, start[e + 1] - start[e], sorted_rows.data() + start[e],
+                                      sorted_weights.data() + start[e], out);
     });
   }
   return out;

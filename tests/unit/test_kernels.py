@@ -74,6 +74,8 @@ def test_interleaved_rotary_is_a_rotation_of_pairs():
         y = apply_rotary(x, cos, sin, interleaved)
         assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # rotations keep norms
     assert torch.allclose(apply_rotary(x[:1], cos[:1], sin[:1], False), x[:1])  # position 0 is the identity
+    rounded = cache.lookup(torch.tensor([0, 5, 9]), torch.bfloat16)  # the kept bf16 tables round like the rows
+    assert torch.equal(rounded[0], cos.to(torch.bfloat16)) and torch.equal(rounded[1], sin.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("window", [None, 4])
