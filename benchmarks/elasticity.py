@@ -235,6 +235,9 @@ def main() -> None:
                             "during / lower of before and after", "steps during",
                             "tokens lost", "throughput 1 s from the request / before", "p99 step ms before",
                             "p99 step ms during", "shards staged", "experts from peers / checkpoint"], rows)
+    staging = ("Shards stage and export on a thread in Linux's idle scheduling class (shard_staging_when_idle), so "
+               "staging takes the CPU serving leaves." if args.staging_when_idle is not False else
+               "Shards stage at serving priority in this run (--staging-normal-priority).")
     note = (f"mixtral-{args.size}, one replica under the controller, shard actors reached by actor calls, "
             f"{args.streams} greedy streams running throughout; steady state {r['fresh'][0]['steady_tps']:.0f} tokens/s "
             f"before the first change. Cold restart: {r['cold_restart_s']:.2f} s. "
@@ -252,7 +255,7 @@ def main() -> None:
             f"controller paces them (stage_pace_s = 0.03 s between shards): serving slows a little over several "
             f"steps and the change takes longer; the unpaced rows (stage_pace_s = 0, the same deployment started "
             f"again in this run) show the alternative. "
-            f"{'Shards stage and export on a thread in Linux idle scheduling class (shard_staging_when_idle), so staging takes the CPU serving leaves. ' if args.staging_when_idle is not False else 'Shards stage at serving priority in this run (--staging-normal-priority). '}"
+            f"{staging} "
             f"The rows change by change are round 1's; "
             f"the pooled rows add up each round's changes of a kind, then all {args.rounds} rounds' "
             f"(paced and unpaced deployments alternate). Tokens lost = steady tokens/s x change time - tokens produced "

@@ -30,11 +30,8 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() * weight.element_size()
         self.bias = bias
-        # The compiled op, held for the decode fast path in __call__ (None: not the panel layout).
-        self._panel_linear = None
         if panels_usable(weight):
             self.layout, self.weight = "panels", pack_panels(weight)
-            self._panel_linear = cpu_ops().panel_linear
         elif _onednn_packable(weight):
             self.layout, self.weight = "onednn", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
         else:
@@ -47,19 +44,17 @@ class Linear:
         return self.weight.to_dense() if self.layout == "onednn" else self.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._panel_linear is not None and x.dim() == 2 and self.bias is None:
-            # Decode steps call a dozen linears each: the general path's reshapes and checks
-            # cost ~3 us a call, as much as a one-row projection's multiply.
-            return self._panel_linear(x, self.weight, self.out_features, False)
         if self.layout == "plain":
             return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 0:
-            return x.new_empty(*x.shape[:-1], self.out_features)
-        if self.layout == "panels":
+        # 2-d inputs (every decode step's dozen linears) go straight to the op: the reshape,
+        # empty check and view cost ~3 us a call, as much as a one-row projection's multiply.
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self.layout == "panels":  # the compiled op takes zero rows
             y = cpu_ops().panel_linear(rows, self.weight, self.out_features, False)
             if self.bias is not None:
                 y.add_(self.bias)
+        elif rows.shape[0] == 0:
+            y = rows.new_empty(0, self.out_features)
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.weight, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
