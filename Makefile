@@ -42,3 +42,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/distributed_overhead.py
 	$(VENV)/bin/python benchmarks/gateway.py
 	$(VENV)/bin/python benchmarks/elasticity.py
+	$(VENV)/bin/python benchmarks/planner_moves.py
