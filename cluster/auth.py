@@ -31,7 +31,9 @@ class TokenAuth:
         if os.environ.get("MOEFLEET_INFERENCE_TOKEN"):
             inference.append(os.environ["MOEFLEET_INFERENCE_TOKEN"])
         if not admin and generate_admin_token:
-            admin.append(secrets.token_urlsafe(24))
+            # Hex, not token_urlsafe: one urlsafe token in 64 starts with "-", and
+            # `moefleet admin --token <it>` then read it as an option (argparse: expected one argument).
+            admin.append(secrets.token_hex(24))
         return cls(tuple(admin), tuple(inference))
 
     @staticmethod

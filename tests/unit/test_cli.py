@@ -30,3 +30,17 @@ def test_generate_reports_bad_input_without_a_traceback(tmp_path):
     assert gen.returncode == 2 and "config.json: file not found" in gen.stderr and "Traceback" not in gen.stderr
     bad = _moefleet("generate", "--temperature", "-1", "x")
     assert bad.returncode == 2 and "temperature: must be a number >= 0" in bad.stderr
+
+
+def test_a_generated_admin_token_passes_as_the_token_argument(monkeypatch):
+    """`moefleet serve` prints the token it made for `moefleet admin --token <token>`; a token
+    that began with "-" was read as an option there (one urlsafe token in 64 did)."""
+    from moefleet.cli import build_parser
+    from moefleet.cluster.auth import TokenAuth
+
+    monkeypatch.delenv("MOEFLEET_ADMIN_TOKEN", raising=False)
+    parser = build_parser()
+    for _ in range(300):
+        token = TokenAuth.from_sources().admin_tokens[0]
+        args = parser.parse_args(["admin", "state", "--address", "127.0.0.1:1", "--token", token])
+        assert args.token == token and len(token) >= 32
