@@ -104,12 +104,12 @@ constexpr int64_t kKeyAhead = 4;     // a position's key row is fetched this man
 // positions on and its own value row, so that loads go out at an even pace beside the
 // arithmetic. (Fetching 16 positions' rows at a time, 32 positions ahead, stalled on the
 // prefetches themselves once the core's outstanding misses were full: tiny float32 at 64
-// sequences in the engine took 1.85-2.1 ms of attention per step against 1.22-1.45 ms now;
-// bfloat16 and the small model's head dim 64 gained 10-30% in a microbench, cache flushed or
-// not.) Values go in chunks and, inside a chunk, head by head: each head's value sums stay in
-// registers over the chunk, where slot-by-slot loops read and wrote every head's sums in memory
-// at each position. Scores are direct dot products along the head dim; a head's result does
-// not depend on which other heads share its item.
+// sequences in the engine took 1.61-1.85 ms of attention per step against 1.23-1.44 ms now,
+// bfloat16 1.13-1.40 against 0.80-0.82; the small model's head dim 64 gained 10-15% in a
+// microbench, cache flushed or not.) Values go in chunks and, inside a chunk, head by head:
+// each head's value sums stay in registers over the chunk, where slot-by-slot loops read and
+// wrote every head's sums in memory at each position. Scores are direct dot products along the
+// head dim; a head's result does not depend on which other heads share its item.
 template <typename scalar_t>
 void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const PagedContext<scalar_t>& ctx,
                   int64_t g0, int64_t g1, int64_t start, int64_t len, int64_t r, int64_t dk, int64_t dv, float scale,
