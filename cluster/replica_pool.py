@@ -3,12 +3,15 @@ Ray actor), outstanding-token accounting for routing, refresh from the controlle
 a request whose replica was lost on another one (re-prefilling prompt + tokens delivered)."""
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 from moefleet.cluster.error_codes import unwrap
 from moefleet.cluster.errors import DrainingError, OverloadedError, ReplicaLostError
 from moefleet.cluster.router import ReplicaLoad, choose_replica, prefix_key
+
+log = logging.getLogger(__name__)
 
 
 def is_replica_loss(error: BaseException) -> bool:
@@ -119,6 +122,7 @@ class ReplicaPool:
         If the replica dies mid-request, the request resumes on another replica from the tokens
         already delivered (`resume_token_ids`): the caller sees no duplicate and no gap."""
         delivered: list[int] = []
+        finished = False  # the request's last delta (with its finish reason) was delivered
         losses = refusals = 0
         while True:
             attempt = dict(request, resume_token_ids=list(delivered)) if delivered else request
@@ -128,9 +132,19 @@ class ReplicaPool:
             try:
                 async for delta in handle.stream(attempt):
                     delivered += delta.token_ids
+                    finished = delta.finish_reason is not None
                     yield delta
                 return
             except Exception as error:
+                if finished:
+                    # The replica failed after the request's last delta reached the caller (a kill
+                    # between that delta and the stream's end): the request is whole, and resuming
+                    # it would ask another replica for tokens past its end.
+                    if is_replica_loss(error):
+                        self.mark_lost(handle.replica_id)
+                    else:
+                        log.warning("replica %s failed after finishing a request: %r", handle.replica_id, error)
+                    return
                 if isinstance(unwrap(error), DrainingError) and refusals < len(self.handles):
                     # a replica started draining before this gateway heard of it: another takes the request
                     refusals += 1

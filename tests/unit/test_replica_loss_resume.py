@@ -26,6 +26,15 @@ class DiesAfter(LocalReplicaHandle):
             yield delta
 
 
+class DiesAfterFinishing(LocalReplicaHandle):
+    """A replica whose process dies after the request's last delta, before its stream ends."""
+
+    async def stream(self, request: dict):
+        async for delta in super().stream(request):
+            yield delta
+        raise ReplicaLostError(f"{self.replica_id} died")
+
+
 @pytest.fixture(scope="module")
 def replicas(model_dir):
     from moefleet.actors.replica import Replica
@@ -74,6 +83,19 @@ def test_resumed_stream_equals_uninterrupted(replicas, name, dies_after):
     assert resumed[3].completion_tokens == reference[3].completion_tokens
     if reference[4] > dies_after:  # the replica died before the request finished
         assert pool.lost == {"r0"} and list(pool.handles) == ["r1"]
+
+
+def test_a_replica_lost_after_the_last_delta_leaves_the_request_whole(replicas):
+    """All tokens and the finish reason were delivered when the replica died: the caller gets
+    the complete stream, with no resume (which would ask for tokens past max_tokens)."""
+    request = {"prompt": "Once upon a time there was", "sampling": SAMPLINGS["greedy"]}
+    reference = collect(ReplicaPool([LocalReplicaHandle(replicas[1])]), request)
+    pool = ReplicaPool([DiesAfterFinishing(replicas[0]), LocalReplicaHandle(replicas[1])])
+    pool.outstanding["r1"] = 1_000  # route the request to the replica that dies
+    whole = collect(pool, request)
+    assert whole[0] == reference[0] and whole[1] == reference[1]
+    assert whole[3].finish_reason == "length" and whole[4] == reference[4]
+    assert pool.lost == {"r0"}
 
 
 def test_every_replica_lost_is_a_clear_retryable_error(replicas):
