@@ -11,9 +11,10 @@ from moefleet.cluster.replica_pool import LocalReplicaHandle, ReplicaPool
 
 
 class DiesAfter(LocalReplicaHandle):
-    """A replica whose process dies after it delivered `deltas` deltas of a request."""
+    """A replica whose process dies after it delivered `deltas` deltas of a request (None: after
+    the request's last delta, before its stream ends)."""
 
-    def __init__(self, replica, deltas: int):
+    def __init__(self, replica, deltas: int | None):
         super().__init__(replica)
         self.deltas = deltas
 
@@ -24,15 +25,8 @@ class DiesAfter(LocalReplicaHandle):
                 raise ReplicaLostError(f"{self.replica_id} died")
             sent += 1
             yield delta
-
-
-class DiesAfterFinishing(LocalReplicaHandle):
-    """A replica whose process dies after the request's last delta, before its stream ends."""
-
-    async def stream(self, request: dict):
-        async for delta in super().stream(request):
-            yield delta
-        raise ReplicaLostError(f"{self.replica_id} died")
+        if self.deltas is None:
+            raise ReplicaLostError(f"{self.replica_id} died")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +84,7 @@ def test_a_replica_lost_after_the_last_delta_leaves_the_request_whole(replicas):
     the complete stream, with no resume (which would ask for tokens past max_tokens)."""
     request = {"prompt": "Once upon a time there was", "sampling": SAMPLINGS["greedy"]}
     reference = collect(ReplicaPool([LocalReplicaHandle(replicas[1])]), request)
-    pool = ReplicaPool([DiesAfterFinishing(replicas[0]), LocalReplicaHandle(replicas[1])])
+    pool = ReplicaPool([DiesAfter(replicas[0], None), LocalReplicaHandle(replicas[1])])
     pool.outstanding["r1"] = 1_000  # route the request to the replica that dies
     whole = collect(pool, request)
     assert whole[0] == reference[0] and whole[1] == reference[1]
