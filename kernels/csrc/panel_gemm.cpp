@@ -37,7 +37,9 @@ inline void multiply_block(const float* x, int64_t ldx, const float* panel, int6
                            vec16 (&hi)[kMaxRows]) {
   for (int m = 0; m < rows; ++m) lo[m] = hi[m] = vec16{};
   for (int64_t k = 0; k < K; ++k) {
-    const vec16 w_lo = load16(panel + k * kPanelWidth), w_hi = load16(panel + k * kPanelWidth + 16);
+    vec16 w_lo = load16(panel + k * kPanelWidth), w_hi = load16(panel + k * kPanelWidth + 16);
+    keep_in_register(w_lo);  // loaded once per k, not once per row (vector_math.h says why)
+    keep_in_register(w_hi);
     for (int m = 0; m < rows; ++m) {
       const float v = x[m * ldx + k];
       lo[m] += v * w_lo;
