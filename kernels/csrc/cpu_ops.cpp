@@ -443,6 +443,23 @@ void scatter_weighted_rows(const scalar_t* src, int64_t count, const int64_t* ro
   }
 }
 
+// A buffer of `elements` for run_panel_experts. Past glibc's largest mmap threshold (32 MiB) every
+// allocation is a fresh mapping whose pages fault in, zeroed, on each call: a 2048-token prefill
+// of the small Mixtral (a 50 MB buffer per layer) spent ~10% of its expert time there (155-169 vs
+// 136-147 ms a layer with glibc told to keep such blocks). So a buffer that large is kept for the
+// next call on this thread: the largest one a prefill has needed, one per thread.
+// Smaller ones come and go through malloc, which reuses them.
+at::Tensor expert_scratch(int64_t elements, const at::TensorOptions& options) {
+  constexpr int64_t kKeepFromBytes = int64_t{32} << 20;
+  if (elements * static_cast<int64_t>(options.dtype().itemsize()) < kKeepFromBytes) return at::empty({elements}, options);
+  thread_local at::Tensor kept;
+  if (!kept.defined() || kept.scalar_type() != options.dtype().toScalarType() || kept.numel() < elements) {
+    kept = at::Tensor();  // frees the old one before the new one is mapped
+    kept = at::empty({elements}, options);
+  }
+  return kept.narrow(0, 0, elements);
+}
+
 // The busy experts over column panels (kernels/panel_linear.py), float32 or bfloat16 (T, the
 // dtype of x and the panels): every expert's gate_up (SwiGLU fused), then every down projection,
 // each pass one parallel region (panel_gemm_batch). Returns [N, D]: row i is
@@ -450,7 +467,7 @@ void scatter_weighted_rows(const scalar_t* src, int64_t count, const int64_t* ro
 // Inputs, activations and outputs share one allocation: a tensor per expert (index_select, two
 // empties) was ~24 ATen calls per layer, 20-30% of a bfloat16 decode layer's expert time at 16
 // sequences. (Keeping that allocation per thread across calls measured no faster at 16 rows
-// and ~10% slower at 64 float32 rows.)
+// and ~10% slower at 64 float32 rows, so only very large ones are kept: expert_scratch.)
 template <typename T>
 at::Tensor run_panel_experts(const at::Tensor& x, const std::vector<int64_t>& sorted_rows,
                              const std::vector<int64_t>& start, const std::vector<int64_t>& busy, at::TensorList w13,
@@ -468,7 +485,7 @@ at::Tensor run_panel_experts(const at::Tensor& x, const std::vector<int64_t>& so
     act_offset[e] = act_elements;
     act_elements += (start[e + 1] - start[e]) * I;
   }
-  auto buffer = at::empty({2 * N * D + act_elements}, x.options());
+  auto buffer = expert_scratch(2 * N * D + act_elements, x.options());
   T* in = buffer.data_ptr<T>();
   T* out = in + N * D;
   T* act = out + N * D;

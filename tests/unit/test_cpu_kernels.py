@@ -155,6 +155,28 @@ def test_grouped_swiglu_matches_the_reference(dtype, num_pairs, torch_threads):
     torch.testing.assert_close(fused, reference, atol=tolerance, rtol=tolerance)
 
 
+def test_grouped_swiglu_prefill_sized_calls_reuse_their_scratch_correctly():
+    """Calls whose scratch passes 32 MiB (a long prefill's) keep it for the next call on the
+    thread: a larger call, then a smaller one inside the kept buffer, then a decode-sized one,
+    each still equals the torch loop."""
+    assert cpu_ops() is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(7)
+    d, inter, num_slots = 64, 96, 4
+    dense = [(torch.randn(2 * inter, d, generator=gen) * 0.2, torch.randn(d, inter, generator=gen) * 0.2)
+             for _ in range(num_slots)]
+    experts = [swiglu_linears(*w13.chunk(2), w2) for w13, w2 in dense]
+    plain = [(functools.partial(F.linear, weight=w13), functools.partial(F.linear, weight=w2)) for w13, w2 in dense]
+    for num_pairs in (44_000, 60_000, 50_000, 12):  # 896 bytes of scratch a pair: 39, 54, 45 MB, then 11 KB
+        num_rows = num_pairs // 2 + 1
+        hidden = torch.randn(num_rows, d, generator=gen)
+        rows = torch.randint(0, num_rows, (num_pairs,), generator=gen)
+        slots = torch.randint(0, num_slots, (num_pairs,), generator=gen)
+        weights = torch.rand(num_pairs, generator=gen)
+        reference = grouped_swiglu(hidden, rows, slots, weights, plain, num_rows)
+        fused = grouped_swiglu(hidden, rows, slots, weights, experts, num_rows, expert_weight_lists(experts))
+        torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_swiglu_rejects_slots_it_does_not_hold():
     ops = cpu_ops()
     assert ops is not None, unavailable_reason()
