@@ -445,10 +445,10 @@ void scatter_weighted_rows(const scalar_t* src, int64_t count, const int64_t* ro
 
 // A buffer of `elements` for run_panel_experts. Past glibc's largest mmap threshold (32 MiB) every
 // allocation is a fresh mapping whose pages fault in, zeroed, on each call: a 2048-token prefill
-// of the small Mixtral (a 50 MB buffer per layer) spent ~10% of its expert time there (155-169 vs
-// 136-147 ms a layer with glibc told to keep such blocks). So a buffer that large is kept for the
-// next call on this thread: the largest one a prefill has needed, one per thread.
-// Smaller ones come and go through malloc, which reuses them.
+// of the small Mixtral (a 50 MB buffer per layer) spent ~10% of its expert time there. So a
+// buffer that large is kept for the next call on this thread (the largest one a prefill has
+// needed, one per thread): 157-169 -> 149-156 ms a layer of experts, the whole prefill step
+// 1586-1665 -> 1447-1497 ms. Smaller ones come and go through malloc, which reuses them.
 at::Tensor expert_scratch(int64_t elements, const at::TensorOptions& options) {
   constexpr int64_t kKeepFromBytes = int64_t{32} << 20;
   if (elements * static_cast<int64_t>(options.dtype().itemsize()) < kKeepFromBytes) return at::empty({elements}, options);

@@ -23,7 +23,7 @@ inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p);
 // Makes the compiler hold v in a register from here on instead of folding its load into each
 // instruction that uses it. GCC folds a panel's weight vector into every row's multiply-add as a
 // memory operand, one 64-byte load per multiply-add: on Zen 4, which loads one 64-byte vector a
-// cycle, a 4-row block then waited on loads (158 vs 213 GFLOP/s at 4 rows with the weights in
+// cycle, a 4-row block then waited on loads (158 vs 198-213 GFLOP/s at 4 rows with the weights in
 // L3, float32 3072x768 panels; kernels/csrc/panel_gemm.cpp). A no-op without AVX-512, where
 // vec16 spans two registers and the constraint does not apply.
 inline void keep_in_register(vec16& v) {
