@@ -8,6 +8,7 @@ causal mask offset by the tokens already cached).
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,14 @@ class AttentionBatch:
     decode_block_tables: torch.Tensor  # [num_decodes, W] int64 block ids, padded with block 0
     decode_context_lens: torch.Tensor  # [num_decodes] int64 positions cached, the new token included
     prefills: tuple[PrefillChunk, ...]
+
+    @cached_property
+    def prefill_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill chunks as the compiled kernel reads them: [C, 3] int64 rows (q_start, q_len,
+        context_len) and every chunk's context slots, one after another. Built once per step,
+        on first use, and shared by the layers."""
+        table = torch.tensor([(c.q_start, c.q_len, c.context_len) for c in self.prefills], dtype=torch.long)
+        return table, torch.cat([c.context_slots for c in self.prefills])
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -93,7 +102,7 @@ def paged_attention(
     num_tokens, num_heads, _ = q.shape
     gqa = num_heads != k_cache.shape[1]
     nd = batch.num_decodes
-    ops = cpu_ops() if nd and q.device.type == "cpu" else None
+    ops = cpu_ops() if q.device.type == "cpu" else None
     if ops is not None and nd == num_tokens:  # a decode-only step: the kernel's output is the answer
         return ops.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens,
                                           batch.block_size, scale, batch.window or 0)
@@ -104,6 +113,9 @@ def paged_attention(
                                                   batch.decode_context_lens, batch.block_size, scale, batch.window or 0)
         else:
             out[:nd] = _decode_reference(q[:nd], k_cache, v_cache, batch, scale, gqa)
+    if ops is not None and batch.prefills:
+        ops.paged_prefill_attention(q, k_cache, v_cache, *batch.prefill_index, scale, batch.window or 0, out)
+        return out
     whole, partial = _whole_prompt_groups(batch)
     for chunks in whole:
         _attend_whole_prompts(q, k_cache, v_cache, chunks, scale, gqa, out)

@@ -113,6 +113,70 @@ def test_paged_decode_attention_rejects_bad_shapes_with_a_message():
         ops.paged_decode_attention(q, keys, values, tables, torch.tensor([3, 99]), 4, 1.0, 0)
 
 
+# (q_len, context_len) per chunk: whole prompts shorter and longer than a 16-lane block, a chunk
+# continuing a prompt already partly cached, and a single-token chunk.
+_PREFILL_LAYOUT = [(5, 5), (37, 37), (13, 30), (1, 9), (20, 20)]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,dk,dv,values_in_keys", [
+    (8, 4, 32, 32, False),   # GQA: two query heads per kv head
+    (4, 4, 16, 16, False),   # MHA
+    (6, 1, 48, 32, True),    # MLA-style MQA: values are a view of the first dv key entries
+    (20, 1, 24, 20, False),  # more query heads per kv head than a block has lanes
+    (4, 2, 20, 12, False),   # head dims that are not a multiple of 16
+])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_paged_prefill_attention_matches_the_reference(num_heads, num_kv_heads, dk, dv, values_in_keys, window, dtype,
+                                                       torch_threads):
+    """Every chunk's rows equal SDPA over its gathered context under the causal (and window)
+    mask; rows before the chunks (a step's decode rows) are left as they were."""
+    from moefleet.kernels.attention import PrefillChunk, causal_mask
+
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(num_heads * dk)
+    num_slots, num_decodes = 256, 3
+    keys = torch.randn(num_slots, num_kv_heads, dk, generator=gen).to(dtype)
+    values = keys[..., :dv] if values_in_keys else torch.randn(num_slots, num_kv_heads, dv, generator=gen).to(dtype)
+    order = torch.randperm(num_slots, generator=gen)  # contexts scattered over the cache
+    chunks, q_start, used = [], num_decodes, 0
+    for q_len, context_len in _PREFILL_LAYOUT:
+        chunks.append(PrefillChunk(q_start, q_len, context_len, order[used:used + context_len]))
+        q_start, used = q_start + q_len, used + context_len
+    q = torch.randn(q_start, num_heads, dk, generator=gen).to(dtype)
+    out = torch.full((q_start, num_heads, dv), 7.0, dtype=dtype)
+    table = torch.tensor([(c.q_start, c.q_len, c.context_len) for c in chunks])
+    scale = dk**-0.5
+    ops.paged_prefill_attention(q, keys, values, table, torch.cat([c.context_slots for c in chunks]), scale,
+                                window or 0, out)
+    assert torch.equal(out[:num_decodes], torch.full_like(out[:num_decodes], 7.0))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for chunk in chunks:
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        expected = F.scaled_dot_product_attention(
+            q[rows].float().transpose(0, 1), keys[chunk.context_slots].float().transpose(0, 1),
+            values[chunk.context_slots].float().transpose(0, 1), attn_mask=causal_mask(chunk, window), scale=scale,
+            enable_gqa=num_heads != num_kv_heads).transpose(0, 1)
+        torch.testing.assert_close(out[rows].float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_paged_prefill_attention_rejects_bad_chunks_with_a_message():
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    q, keys, out = torch.randn(6, 4, 8), torch.randn(32, 2, 8), torch.empty(6, 4, 8)
+    slots = torch.arange(6)
+    with pytest.raises(RuntimeError, match=r"rows \[4, 10\) with context 6 do not fit 6 rows"):
+        ops.paged_prefill_attention(q, keys, keys, torch.tensor([[4, 6, 6]]), slots, 1.0, 0, out)
+    with pytest.raises(RuntimeError, match="cache slot 99 outside"):
+        ops.paged_prefill_attention(q, keys, keys, torch.tensor([[0, 6, 6]]), torch.tensor([0, 1, 2, 3, 4, 99]), 1.0, 0, out)
+    with pytest.raises(RuntimeError, match="slots hold 7 entries, the chunks' contexts 6"):
+        ops.paged_prefill_attention(q, keys, keys, torch.tensor([[0, 6, 6]]), torch.arange(7), 1.0, 0, out)
+    with pytest.raises(RuntimeError, match="not a multiple of kv heads"):
+        ops.paged_prefill_attention(torch.randn(6, 3, 8), keys, keys, torch.tensor([[0, 6, 6]]), slots, 1.0, 0,
+                                    torch.empty(6, 3, 8))
+
+
 def test_kernels_can_be_turned_off():
     code = ("from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason;"
             "assert cpu_ops() is None; print(unavailable_reason())")

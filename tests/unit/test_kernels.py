@@ -79,13 +79,22 @@ def test_interleaved_rotary_is_a_rotation_of_pairs():
 
 
 @pytest.mark.parametrize("window", [None, 4])
-def test_whole_prompts_attend_in_one_causal_call_like_masked_chunks(window):
-    """Prefill chunks that are whole prompts share one causal SDPA call per length; chunks with
-    tokens cached before them (or cut by the window) attend alone under a derived mask. Both
-    equal each chunk attended on its own with an explicit causal (and window) mask."""
+@pytest.mark.parametrize("path", ["torch", "compiled"])
+def test_whole_prompts_attend_in_one_causal_call_like_masked_chunks(window, path, monkeypatch):
+    """Torch path: prefill chunks that are whole prompts share one causal SDPA call per length;
+    chunks with tokens cached before them (or cut by the window) attend alone under a derived
+    mask. Compiled path: one kernel call for every chunk. Each equals every chunk attended on
+    its own with an explicit causal (and window) mask."""
     import torch.nn.functional as F
 
+    import moefleet.kernels.attention as attention
     from moefleet.kernels.attention import AttentionBatch, PrefillChunk, paged_attention
+    from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason
+
+    if path == "torch":
+        monkeypatch.setattr(attention, "cpu_ops", lambda: None)
+    else:
+        assert cpu_ops() is not None, unavailable_reason()
 
     gen = torch.Generator().manual_seed(3)
     heads, kv_heads, dim, slots = 4, 2, 8, 64
