@@ -58,10 +58,12 @@ class ExpertShardHost:
     fills later (process start and imports are most of the cost of adding a shard)."""
 
     def __init__(self, shard_id: int, model_dir: str, dtype: str, experts_by_layer: dict[int, tuple[int, ...]],
-                 num_threads: int = 1, epoch: int = 0, staging_when_idle: bool = False):
+                 num_threads: int = 1, epoch: int = 0, staging_when_idle: bool = False, malloc_keep_mib: int = 0):
+        from moefleet.cluster.malloc_tuning import keep_freed_memory
         from moefleet.models.checkpoint import CheckpointReader
         from moefleet.models.spec import load_spec
 
+        keep_freed_memory(malloc_keep_mib)  # EngineConfig.malloc_keep_mib says why
         # Shards share the machine with the replica and each other: a deliberate, small thread
         # count avoids oversubscription (two busy processes with two threads each ran 5-70x slower).
         torch.set_num_threads(num_threads)

@@ -42,6 +42,11 @@ class EngineConfig(BaseModel):
     replicate_experts: dict[int, list[int]] | None = Field(
         None, description="Per MoE layer, experts to hold a second copy of (on the next shard).")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: the CPUs this process may use.")
+    malloc_keep_mib: int = Field(
+        256, ge=0, description="glibc only: allocations under 32 MiB come from the heap and up to this much freed memory "
+                               "stays with the process (replica and shard actors), so each step reuses its activation "
+                               "buffers instead of mapping and page-faulting them in anew at every op; 0 keeps glibc's "
+                               "defaults.")
     seed: int = Field(0, description="Seed of the generator used by sampled requests without their own seed.")
     load_window_steps: int = Field(256, gt=0, description="Steps in the per-expert load window.")
     attach_shards: list[str] | None = Field(

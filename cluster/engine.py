@@ -14,6 +14,7 @@ from moefleet.cluster.dispatcher import Dispatcher
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.expert_backend import attach_backend, build_expert_backend, named_actors, prepare_next, shard_infos
 from moefleet.cluster.load_counters import ExpertLoadCounters
+from moefleet.cluster.malloc_tuning import keep_freed_memory
 from moefleet.cluster.model_runner import ModelRunner
 from moefleet.cluster.outputs import CompletionOutput, RequestOutput
 from moefleet.cluster.placement import Placement, placement_from_dict, round_robin_placement
@@ -35,6 +36,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        keep_freed_memory(config.malloc_keep_mib)
         self.spec = spec = load_spec(config.model)
         reader = CheckpointReader(config.model, spec, _DTYPES[config.dtype])
         self.reader = reader

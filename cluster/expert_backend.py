@@ -101,7 +101,7 @@ def start_shard_actors(config: EngineConfig, indices: list[int], placement: Plac
         experts = placement.experts_of_shard(i) if placement is not None else {}
         actors.append(shard_class.options(**options).remote(i, config.model, config.dtype, experts,
                                                             config.shard_num_threads, epoch,
-                                                            config.shard_staging_when_idle))
+                                                            config.shard_staging_when_idle, config.malloc_keep_mib))
     return actors
 
 
