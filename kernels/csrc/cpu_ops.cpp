@@ -97,6 +97,8 @@ struct AttendScratch {
 constexpr int64_t kScoreChunk = 16;  // positions scored together: one transposing reduction per head
 constexpr int64_t kValueChunk = 64;  // positions whose values are summed while they sit in L1
 constexpr int64_t kKeyAhead = 4;     // a position's key row is fetched this many positions before it is scored
+// ... and, with its value row, brought towards L2 this many positions before (attend_heads says why).
+constexpr int64_t kL2Ahead = 12;
 
 // One sequence's kv heads [g0, g1), each with the r = H / G query heads that share it, over
 // positions [start, len). Scores go position by position: a slot's key row (every kv head of
@@ -106,7 +108,11 @@ constexpr int64_t kKeyAhead = 4;     // a position's key row is fetched this man
 // prefetches themselves once the core's outstanding misses were full: tiny float32 at 64
 // sequences in the engine took 1.61-1.85 ms of attention per step against 1.23-1.44 ms now,
 // bfloat16 1.13-1.40 against 0.80-0.82; the small model's head dim 64 gained 10-15% in a
-// microbench, cache flushed or not.) Values go in chunks and, inside a chunk, head by head:
+// microbench, cache flushed or not.) Each key and value row is also asked for kL2Ahead positions
+// earlier with prefetcht2 (outer caches), so that the paced L1 prefetch mostly finds it on chip
+// rather than in memory (tiny float32 at 64 sequences in the engine: 1.17-1.24 -> 0.89-1.00 ms
+// of attention per decode step; small's head dim 64, cache flushed: 664-732 -> 528-563 us a layer;
+// bfloat16 within this VM's noise). Values go in chunks and, inside a chunk, head by head:
 // each head's value sums stay in registers over the chunk, where slot-by-slot loops read and
 // wrote every head's sums in memory at each position. Scores are direct dot products along the
 // head dim; a head's result does not depend on which other heads share its item.
@@ -131,12 +137,16 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
   const scalar_t* v0 = ctx.v + g0 * ctx.v_head_stride;
   // Blocks lie anywhere in the cache, and a block's rows span pages the hardware prefetcher does
   // not cross: without these the key and value loads were most of the kernel's time.
-  auto prefetch = [&](const scalar_t* base, int64_t slot_stride, int64_t bytes, int64_t from, int64_t to) {
+  // locality 3: prefetcht0, into L1; locality 1: prefetcht2, a hint for the outer caches.
+  auto prefetch = [&](const scalar_t* base, int64_t slot_stride, int64_t bytes, int64_t from, int64_t to,
+                      auto locality) {
     for (int64_t i = from; i < std::min(to, span); ++i) {
       const char* p = reinterpret_cast<const char*>(base + slots[i] * slot_stride);
-      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, decltype(locality)::value);
     }
   };
+  constexpr std::integral_constant<int, 3> l1{};
+  constexpr std::integral_constant<int, 1> l2{};
   // 16-lane paths where the head dims allow them, each pass on its own (the other keeps its
   // element-wise loop).
   bool vector_scores = false, vector_values = false;
@@ -146,13 +156,15 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
   }
   scratch.partials.resize(static_cast<size_t>(heads * kScoreChunk));
   vec16* partials = scratch.partials.data();  // [heads, kScoreChunk]
-  prefetch(k0, ctx.k_slot_stride, k_bytes, 0, kKeyAhead);
+  prefetch(k0, ctx.k_slot_stride, k_bytes, 0, kKeyAhead, l1);
   for (int64_t i0 = 0; i0 < span; i0 += kScoreChunk) {
     const int64_t n = std::min(kScoreChunk, span - i0);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t i = i0 + j;
-      prefetch(k0, ctx.k_slot_stride, k_bytes, i + kKeyAhead, i + kKeyAhead + 1);
-      prefetch(v0, ctx.v_slot_stride, v_bytes, i, i + 1);  // read after the softmax, from L2
+      prefetch(k0, ctx.k_slot_stride, k_bytes, i + kL2Ahead, i + kL2Ahead + 1, l2);
+      prefetch(v0, ctx.v_slot_stride, v_bytes, i + kL2Ahead, i + kL2Ahead + 1, l2);
+      prefetch(k0, ctx.k_slot_stride, k_bytes, i + kKeyAhead, i + kKeyAhead + 1, l1);
+      prefetch(v0, ctx.v_slot_stride, v_bytes, i, i + 1, l1);  // read after the softmax, from L2
       const scalar_t* row = k0 + slots[i] * ctx.k_slot_stride;
       for (int64_t g = 0; g < g1 - g0; ++g) {
         const scalar_t* kp = row + g * ctx.k_head_stride;
