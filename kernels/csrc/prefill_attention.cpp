@@ -2,8 +2,8 @@
 // its sequence's context, causally, offset by the tokens cached before the chunk (and within the
 // sliding window if there is one). The torch path (kernels/attention.py) gathers each chunk's
 // context out of the cache and calls SDPA; for the short prompts of a batched prefill that cost
-// ~3.6 ms a layer for 64 prompts of 32 tokens (tiny Mixtral, float32), mostly per-call and
-// per-head overhead for ~17 MFLOP of work.
+// ~3.6 ms a layer in the engine for 64 prompts of 32 tokens (tiny Mixtral, float32), mostly
+// per-call and per-head overhead for ~35 MFLOP of work.
 //
 // Layout of the work: the query vectors of one chunk and one kv head, (row, head) pairs in order,
 // go in blocks of 16, one per vector lane. Scores come out as one 16-lane vector per key position
@@ -45,9 +45,9 @@ struct Chunk {
 
 // Per-thread buffers an item reuses.
 struct PrefillScratch {
-  std::vector<vec16> qt;      // [dk16] queries transposed: entry c of every lane's query, scaled
+  std::vector<vec16> qt;      // [dk] queries transposed: entry c of every lane's query, scaled
   std::vector<vec16> scores;  // [span] one lane per query vector, then the unnormalised probabilities
-  std::vector<vec16> out;     // [dv16] transposed output sums
+  std::vector<vec16> out;     // [dv] transposed output sums, a lane per query vector
   std::vector<float> tile;    // [kKeyTile, dim] keys or values widened to float
 };
 
@@ -84,7 +84,8 @@ void attend_block(const scalar_t* q, int64_t q_row_stride, int64_t q_head_stride
                   float scale, int64_t window, PrefillScratch& scratch) {
   const int64_t total = chunk.q_len * r, lanes = std::min(kLanes, total - v0);
   const int64_t first_pos = chunk.context_len - chunk.q_len;
-  // Each lane's allowed positions [lo, hi); idle lanes of a last, partial block copy lane 0.
+  // Each lane's allowed positions [lo, hi); idle lanes of a last, partial block copy the last
+  // real lane's (their queries are zero and their outputs are not written).
   alignas(64) int32_t lo_lane[kLanes], hi_lane[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
     const int64_t pos = first_pos + (v0 + std::min(l, lanes - 1)) / r;
