@@ -16,6 +16,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "attention_operands.h"
 #include "panel_gemm.h"
 #include "vector_math.h"
 
@@ -247,16 +248,10 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
                                   double scale, int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q, k_cache, v_cache must be 3-d");
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "the last dim of q, k_cache and v_cache must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q, k_cache and v_cache must share a dtype");
+  check_attention_operands(q, k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_tables and context_lens must be int64");
   const int64_t B = q.size(0), H = q.size(1), dk = q.size(2), G = k_cache.size(1), dv = v_cache.size(2);
-  TORCH_CHECK(k_cache.size(2) == dk, "k_cache head dim ", k_cache.size(2), " differs from q's ", dk);
-  TORCH_CHECK(H % G == 0, "query heads ", H, " are not a multiple of kv heads ", G);
   const auto tables = block_tables.contiguous();
   const auto lens = context_lens.contiguous();
   TORCH_CHECK(tables.size(0) == B && lens.size(0) == B, "block_tables and context_lens need one row per sequence");
@@ -460,7 +455,9 @@ void scatter_weighted_rows(const scalar_t* src, int64_t count, const int64_t* ro
 // of the small Mixtral (a 50 MB buffer per layer) spent ~10% of its expert time there. So a
 // buffer that large is kept for the next call on this thread (the largest one a prefill has
 // needed, one per thread): 157-169 -> 149-156 ms a layer of experts, the whole prefill step
-// 1586-1665 -> 1447-1497 ms. Smaller ones come and go through malloc, which reuses them.
+// 1586-1665 -> 1447-1497 ms. Smaller ones come and go through malloc, which reuses them once
+// the engine has fixed glibc's thresholds (cluster/malloc_tuning.py); glibc will not raise its
+// mmap threshold past 32 MiB, so blocks this large are mapped afresh whatever it is told.
 at::Tensor expert_scratch(int64_t elements, const at::TensorOptions& options) {
   constexpr int64_t kKeepFromBytes = int64_t{32} << 20;
   if (elements * static_cast<int64_t>(options.dtype().itemsize()) < kKeepFromBytes) return at::empty({elements}, options);

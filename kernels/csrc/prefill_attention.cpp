@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "attention_operands.h"
 #include "vector_math.h"
 
 #include <algorithm>
@@ -170,18 +171,13 @@ void attend_block(const scalar_t* q, int64_t q_row_stride, int64_t q_head_stride
 void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& chunks, const at::Tensor& slots, double scale, int64_t window,
                              const at::Tensor& out) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3 && out.dim() == 3,
-              "q, k_cache, v_cache and out must be 3-d");
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1 && out.stride(2) == 1,
-              "the last dim of q, k_cache, v_cache and out must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
-                  q.scalar_type() == out.scalar_type(), "q, k_cache, v_cache and out must share a dtype");
+  check_attention_operands(q, k_cache, v_cache);
   TORCH_CHECK(chunks.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && chunks.dim() == 2 &&
                   chunks.size(1) == 3, "chunks must be int64 [C, 3] and slots int64");
   const int64_t T = q.size(0), H = q.size(1), dk = q.size(2), G = k_cache.size(1), dv = v_cache.size(2);
-  TORCH_CHECK(k_cache.size(2) == dk, "k_cache head dim ", k_cache.size(2), " differs from q's ", dk);
-  TORCH_CHECK(H % G == 0, "query heads ", H, " are not a multiple of kv heads ", G);
-  TORCH_CHECK(out.size(0) == T && out.size(1) == H && out.size(2) == dv, "out must be [", T, ", ", H, ", ", dv, "]");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == dv && out.stride(2) == 1 &&
+                  out.scalar_type() == q.scalar_type(),
+              "out must be a ", q.scalar_type(), " [", T, ", ", H, ", ", dv, "] tensor with a contiguous last dim");
   const auto chunk_table = chunks.contiguous();
   const auto slot_list = slots.contiguous();
   const int64_t C = chunk_table.size(0), r = H / G, num_slots = k_cache.size(0);
