@@ -452,7 +452,8 @@ void scatter_weighted_rows(const scalar_t* src, int64_t count, const int64_t* ro
 
 // A buffer of `elements` for run_panel_experts. Past glibc's largest mmap threshold (32 MiB) every
 // allocation is a fresh mapping whose pages fault in, zeroed, on each call: a 2048-token prefill
-// of the small Mixtral (a 50 MB buffer per layer) spent ~10% of its expert time there. So a
+// of the small Mixtral spent ~10% of its expert time there when its buffer per layer was 50 MB
+// (it held gathered inputs and outputs too; its activations alone are 25 MB now). So a
 // buffer that large is kept for the next call on this thread (the largest one a prefill has
 // needed, one per thread): 157-169 -> 149-156 ms a layer of experts, the whole prefill step
 // 1586-1665 -> 1447-1497 ms. Smaller ones come and go through malloc, which reuses them once
@@ -471,46 +472,44 @@ at::Tensor expert_scratch(int64_t elements, const at::TensorOptions& options) {
 
 // The busy experts over column panels (kernels/panel_linear.py), float32 or bfloat16 (T, the
 // dtype of x and the panels): every expert's gate_up (SwiGLU fused), then every down projection,
-// each pass one parallel region (panel_gemm_batch). Returns [N, D]: row i is
-// the output of pair i in `sorted_rows` order, so expert e's rows are [start[e], start[e + 1]).
-// Inputs, activations and outputs share one allocation: a tensor per expert (index_select, two
-// empties) was ~24 ATen calls per layer, 20-30% of a bfloat16 decode layer's expert time at 16
-// sequences. (Keeping that allocation per thread across calls measured no faster at 16 rows
-// and ~10% slower at 64 float32 rows, so only very large ones are kept: expert_scratch.)
+// each pass one parallel region (panel_gemm_batch). Expert e's pairs are [start[e], start[e + 1])
+// of sorted_rows and sorted_weights. The gate_up pass reads each pair's token row where it is in
+// x, and the down pass adds each pair's weighted output into its token's row of `out`, experts in
+// slot order (what grouped_swiglu promises): a gathered copy of the rows and a serial scatter
+// afterwards were ~5% of a float32 decode step's expert time, with the second thread idle. Only
+// the activations have a buffer. (A buffer per expert, from index_select and two empties, was
+// ~24 ATen calls per layer, 20-30% of a bfloat16 decode layer's expert time at 16 sequences.)
 template <typename T>
-at::Tensor run_panel_experts(const at::Tensor& x, const std::vector<int64_t>& sorted_rows,
-                             const std::vector<int64_t>& start, const std::vector<int64_t>& busy, at::TensorList w13,
-                             at::TensorList w2) {
-  const int64_t D = x.size(1), group = kPanelKGroup<T>, N = start.back();
+void run_panel_experts(const at::Tensor& x, const std::vector<int64_t>& sorted_rows,
+                       const std::vector<float>& sorted_weights, const std::vector<int64_t>& start,
+                       const std::vector<int64_t>& busy, at::TensorList w13, at::TensorList w2, at::Tensor& out) {
+  const int64_t D = x.size(1), group = kPanelKGroup<T>;
   std::vector<int64_t> act_offset(start.size(), 0);
   int64_t act_elements = 0;
   for (const int64_t e : busy) {
     const int64_t I = w2[e].size(1) * group;
     TORCH_CHECK(w13[e].scalar_type() == x.scalar_type() && w2[e].scalar_type() == x.scalar_type() && w2[e].dim() == 3 &&
-                    w13[e].size(1) * group == D && w13[e].size(0) * 16 >= I &&
+                    I > 0 && w13[e].size(1) * group == D && w13[e].size(0) * 16 >= I &&
                     w2[e].size(0) * kPanelWidth >= D,
                 "expert slot ", e, ": ", w13[e].scalar_type(), " panels ", w13[e].sizes(), " / ", w2[e].sizes(),
                 " do not fit ", x.scalar_type(), " hidden size ", D);
     act_offset[e] = act_elements;
     act_elements += (start[e + 1] - start[e]) * I;
   }
-  auto buffer = expert_scratch(2 * N * D + act_elements, x.options());
-  T* in = buffer.data_ptr<T>();
-  T* out = in + N * D;
-  T* act = out + N * D;
+  auto buffer = expert_scratch(act_elements, x.options());
+  T* act = buffer.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
-  for (int64_t i = 0; i < N; ++i) std::memcpy(in + i * D, xp + sorted_rows[i] * D, D * sizeof(T));
+  T* outp = out.data_ptr<T>();
   std::vector<PanelMultiply<T>> gate_up, down;
   for (const int64_t e : busy) {
     const int64_t M = start[e + 1] - start[e], I = w2[e].size(1) * group;
-    gate_up.push_back({in + start[e] * D, D, M, w13[e].data_ptr<T>(), w13[e].size(0), D, act + act_offset[e], I, I,
-                       /*swiglu=*/true});
-    down.push_back({act + act_offset[e], I, M, w2[e].data_ptr<T>(), w2[e].size(0), I, out + start[e] * D, D, D,
-                    /*swiglu=*/false});
+    gate_up.push_back({xp, D, M, sorted_rows.data() + start[e], w13[e].data_ptr<T>(), w13[e].size(0), D,
+                       act + act_offset[e], I, I, /*swiglu=*/true, nullptr, nullptr});
+    down.push_back({act + act_offset[e], I, M, nullptr, w2[e].data_ptr<T>(), w2[e].size(0), I, outp, D, D,
+                    /*swiglu=*/false, sorted_rows.data() + start[e], sorted_weights.data() + start[e]});
   }
   panel_gemm_batch<T>(gate_up);
   panel_gemm_batch<T>(down);
-  return buffer.narrow(0, N * D, N * D).view({N, D});
 }
 
 // The busy experts over oneDNN-packed (bf16) or plain weights, as run_panel_experts. Decode
@@ -592,26 +591,23 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
   std::vector<int64_t> busy;
   for (int64_t e = 0; e < E; ++e)
     if (start[e + 1] > start[e]) busy.push_back(e);
-  // Expert e's output rows [rows of e, D], in pair order: in `stacked` from start[e] (column
-  // panels), else outputs[e].
-  std::vector<at::Tensor> outputs(E);
-  at::Tensor stacked;
   if (std::all_of(busy.begin(), busy.end(), [&](int64_t e) { return w13[e].dim() == 3; })) {
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                 "column-panel experts take float32 or bfloat16 hidden states, got ", x.scalar_type());
-    stacked = x.scalar_type() == at::kBFloat16
-                  ? run_panel_experts<c10::BFloat16>(x, sorted_rows, start, busy, w13, w2)
-                  : run_panel_experts<float>(x, sorted_rows, start, busy, w13, w2);
-  } else {
-    run_packed_experts(x, at::from_blob(sorted_rows.data(), {N}, at::kLong), start, busy, w13, w2, outputs);
+    TORCH_CHECK(x.size(1) > 0, "hidden states have no columns");
+    if (x.scalar_type() == at::kBFloat16)
+      run_panel_experts<c10::BFloat16>(x, sorted_rows, sorted_weights, start, busy, w13, w2, out);
+    else
+      run_panel_experts<float>(x, sorted_rows, sorted_weights, start, busy, w13, w2, out);
+    return out;
   }
+  std::vector<at::Tensor> outputs(E);  // expert e's output rows [rows of e, D], in pair order
+  run_packed_experts(x, at::from_blob(sorted_rows.data(), {N}, at::kLong), start, busy, w13, w2, outputs);
   // Summed in slot order, as the reference does, whichever thread computed an expert.
   for (const int64_t e : busy) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "grouped_swiglu", [&] {
-      const scalar_t* rows_of_e = stacked.defined() ? stacked.data_ptr<scalar_t>() + start[e] * out.size(1)
-                                                    : outputs[e].data_ptr<scalar_t>();
-      scatter_weighted_rows<scalar_t>(rows_of_e, start[e + 1] - start[e], sorted_rows.data() + start[e],
-                                      sorted_weights.data() + start[e], out);
+      scatter_weighted_rows<scalar_t>(outputs[e].data_ptr<scalar_t>(), start[e + 1] - start[e],
+                                      sorted_rows.data() + start[e], sorted_weights.data() + start[e], out);
     });
   }
   return out;

@@ -33,49 +33,63 @@ inline vec16 exp16(vec16 x) {
   return exp_clamped(x > hi ? hi : x);
 }
 
-// acc[m] = x[m, :] @ panel for `rows` (1..kMaxRows, a template parameter so the loops unroll).
-// With `prefetch`, each k also asks for the weights kWeightAhead rows on (panel_gemm says when;
+// acc[m] += x[m][k] * panel row k for `rows` rows (1..kMaxRows, a template parameter so the loops
+// unroll and the sums stay in registers); `first` sets the sums instead.
+// With `prefetch`, it also asks for the weights kWeightAhead rows on (panel_gemm says when;
 // bfloat16 panels do not: not measured).
-template <int rows, bool prefetch>
-inline void multiply_block(const float* x, int64_t ldx, const float* panel, int64_t K, vec16 (&lo)[kMaxRows],
-                           vec16 (&hi)[kMaxRows]) {
-  for (int m = 0; m < rows; ++m) lo[m] = hi[m] = vec16{};
-  for (int64_t k = 0; k < K; ++k) {
-    if constexpr (prefetch) {  // past the panel's end: the next panel, read next (a prefetch never faults)
-      __builtin_prefetch(panel + (k + kWeightAhead) * kPanelWidth, 0, 1);
-      __builtin_prefetch(panel + (k + kWeightAhead) * kPanelWidth + 16, 0, 1);
-    }
-    vec16 w_lo = load16(panel + k * kPanelWidth), w_hi = load16(panel + k * kPanelWidth + 16);
-    keep_in_register(w_lo);  // loaded once per k, not once per row (vector_math.h says why)
-    keep_in_register(w_hi);
-    for (int m = 0; m < rows; ++m) {
-      const float v = x[m * ldx + k];
+template <int rows, bool prefetch, bool first>
+inline void multiply_row(const float* const* x, const float* panel, int64_t k, vec16 (&lo)[rows], vec16 (&hi)[rows]) {
+  if constexpr (prefetch) {  // past the panel's end: the next panel, read next (a prefetch never faults)
+    __builtin_prefetch(panel + (k + kWeightAhead) * kPanelWidth, 0, 1);
+    __builtin_prefetch(panel + (k + kWeightAhead) * kPanelWidth + 16, 0, 1);
+  }
+  vec16 w_lo = load16(panel + k * kPanelWidth), w_hi = load16(panel + k * kPanelWidth + 16);
+  keep_in_register(w_lo);  // loaded once per k, not once per row (vector_math.h says why)
+  keep_in_register(w_hi);
+  for (int m = 0; m < rows; ++m) {
+    const float v = x[m][k];
+    if constexpr (first) {
+      lo[m] = v * w_lo;
+      hi[m] = v * w_hi;
+    } else {
       lo[m] += v * w_lo;
       hi[m] += v * w_hi;
     }
   }
 }
 
+// lo/hi[m] = x[m] @ panel, x[m] being row m's first input column. The first k sets the sums:
+// zeroing them first became two memset calls per block for 9-12 rows (~1.5% of a float32
+// decode step's samples).
+template <int rows, bool prefetch>
+inline void multiply_block(const float* const* x, const float* panel, int64_t K, vec16 (&lo)[rows],
+                           vec16 (&hi)[rows]) {
+  multiply_row<rows, prefetch, true>(x, panel, 0, lo, hi);  // K >= 1 (panel_linear checks)
+  for (int64_t k = 1; k < K; ++k) multiply_row<rows, prefetch, false>(x, panel, k, lo, hi);
+}
+
 #ifdef __AVX512BF16__
 // The same over bf16 pairs: one vdpbf16ps per 16 lanes multiplies two k at once (twice float32's
 // multiply-adds per instruction, half its weight bytes).
-template <int rows, bool prefetch>
-inline void multiply_block(const bf16* x, int64_t ldx, const bf16* panel, int64_t K, vec16 (&lo)[kMaxRows],
-                           vec16 (&hi)[kMaxRows]) {
-  __m512 acc_lo[kMaxRows], acc_hi[kMaxRows];
-  for (int m = 0; m < rows; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_ps();
-  const auto* xs = reinterpret_cast<const uint16_t*>(x);
-  for (int64_t j = 0; j < K / 2; ++j) {  // K is even (panel_linear checks)
-    const bf16* pair_row = panel + j * 2 * kPanelWidth;
-    const auto w_lo = (__m512bh)_mm512_loadu_si512(pair_row), w_hi = (__m512bh)_mm512_loadu_si512(pair_row + 32);
-    for (int m = 0; m < rows; ++m) {
-      int32_t pair;  // x[m, 2j] in the low half, as the dot product pairs it with W[., 2j]
-      std::memcpy(&pair, xs + m * ldx + 2 * j, sizeof pair);
-      const auto v = (__m512bh)_mm512_set1_epi32(pair);
-      acc_lo[m] = _mm512_dpbf16_ps(acc_lo[m], v, w_lo);
-      acc_hi[m] = _mm512_dpbf16_ps(acc_hi[m], v, w_hi);
-    }
+template <int rows, bool first>
+inline void multiply_pair_row(const bf16* const* x, const bf16* panel, int64_t j, __m512 (&lo)[rows],
+                              __m512 (&hi)[rows]) {
+  const bf16* pair_row = panel + j * 2 * kPanelWidth;
+  const auto w_lo = (__m512bh)_mm512_loadu_si512(pair_row), w_hi = (__m512bh)_mm512_loadu_si512(pair_row + 32);
+  for (int m = 0; m < rows; ++m) {
+    int32_t pair;  // x[m, 2j] in the low half, as the dot product pairs it with W[., 2j]
+    std::memcpy(&pair, x[m] + 2 * j, sizeof pair);
+    const auto v = (__m512bh)_mm512_set1_epi32(pair);
+    lo[m] = _mm512_dpbf16_ps(first ? _mm512_setzero_ps() : lo[m], v, w_lo);
+    hi[m] = _mm512_dpbf16_ps(first ? _mm512_setzero_ps() : hi[m], v, w_hi);
   }
+}
+
+template <int rows, bool prefetch>
+inline void multiply_block(const bf16* const* x, const bf16* panel, int64_t K, vec16 (&lo)[rows], vec16 (&hi)[rows]) {
+  __m512 acc_lo[rows], acc_hi[rows];
+  multiply_pair_row<rows, true>(x, panel, 0, acc_lo, acc_hi);  // K is even and at least 2 (panel_linear checks)
+  for (int64_t j = 1; j < K / 2; ++j) multiply_pair_row<rows, false>(x, panel, j, acc_lo, acc_hi);
   for (int m = 0; m < rows; ++m) {
     lo[m] = reinterpret_cast<const vec16&>(acc_lo[m]);
     hi[m] = reinterpret_cast<const vec16&>(acc_hi[m]);
@@ -83,13 +97,54 @@ inline void multiply_block(const bf16* x, int64_t ldx, const bf16* panel, int64_
 }
 #endif
 
+// Where a block's rows come from and go: x[m] is row m's input, y[m] its output row, and with
+// `weight`, row m's result is added, times weight[m], into y[m] instead of stored (PanelMultiply's
+// y_rows). Panel p's columns are stored at their place in the row.
+template <typename T>
+struct RowBlock {
+  const T* x[kMaxRows];
+  T* y[kMaxRows];
+  const float* weight;
+};
+
+// out[0, count) = v[0, count) (count <= 32), two stores when the panel is whole.
+template <typename T>
+[[gnu::always_inline]] inline void store_columns(T* out, const vec16& lo, const vec16& hi, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (count == kPanelWidth) {
+      std::memcpy(out, &lo, sizeof lo);  // an element loop became a memcpy call per row
+      std::memcpy(out + 16, &hi, sizeof hi);
+      return;
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) out[j] = static_cast<T>(j < 16 ? lo[j] : hi[j - 16]);
+}
+
+// out[0, count) += w * v[0, count), rounded as the torch reference's index_add_(out * weight)
+// rounds it: the result and the weight in T, their product in T, then the sum.
+template <typename T>
+[[gnu::always_inline]] inline void add_weighted_columns(T* out, const vec16& lo, const vec16& hi, int64_t count, float weight) {
+  const T w = static_cast<T>(weight);
+  if constexpr (std::is_same_v<T, float>) {
+    if (count == kPanelWidth) {
+      const vec16 sum_lo = load16(out) + lo * w, sum_hi = load16(out + 16) + hi * w;
+      std::memcpy(out, &sum_lo, sizeof sum_lo);
+      std::memcpy(out + 16, &sum_hi, sizeof sum_hi);
+      return;
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const T v = static_cast<T>(j < 16 ? lo[j] : hi[j - 16]);
+    out[j] = static_cast<T>(out[j] + static_cast<T>(v * w));
+  }
+}
+
 template <typename T, int rows, bool prefetch>
-void run_block(const T* x, int64_t ldx, const T* panel, int64_t K, T* y, int64_t ldy, int64_t n, bool swiglu,
-               int64_t p) {
-  vec16 lo[kMaxRows], hi[kMaxRows];
-  multiply_block<rows, prefetch>(x, ldx, panel, K, lo, hi);
+void run_block(const RowBlock<T>& block, const T* panel, int64_t K, int64_t n, bool swiglu, int64_t p) {
+  vec16 lo[rows], hi[rows];
+  multiply_block<rows, prefetch>(block.x, panel, K, lo, hi);
   for (int m = 0; m < rows; ++m) {
-    T* out = y + m * ldy;
+    T* out = block.y[m];
     if (swiglu) {
       const int64_t first = p * 16, count = std::min<int64_t>(16, n - first);
       const vec16 act = lo[m] / (1.f + exp16(-lo[m])) * hi[m];  // silu(gate) * up, as F.silu computes it
@@ -104,13 +159,16 @@ void run_block(const T* x, int64_t ldx, const T* panel, int64_t K, T* y, int64_t
         for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(act[j]);
     } else {
       const int64_t first = p * kPanelWidth, count = std::min<int64_t>(kPanelWidth, n - first);
-      for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(j < 16 ? lo[m][j] : hi[m][j - 16]);
+      if (block.weight != nullptr)
+        add_weighted_columns(out + first, lo[m], hi[m], count, block.weight[m]);
+      else
+        store_columns(out + first, lo[m], hi[m], count);
     }
   }
 }
 
 template <typename T>
-using BlockFn = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, bool, int64_t);
+using BlockFn = void (*)(const RowBlock<T>&, const T*, int64_t, int64_t, bool, int64_t);
 
 template <typename T, bool prefetch, size_t... R>
 constexpr std::array<BlockFn<T>, sizeof...(R)> make_blocks(std::index_sequence<R...>) {
@@ -119,21 +177,26 @@ constexpr std::array<BlockFn<T>, sizeof...(R)> make_blocks(std::index_sequence<R
 template <typename T, bool prefetch>
 constexpr auto kBlocks = make_blocks<T, prefetch>(std::make_index_sequence<kMaxRows>{});  // [rows - 1]
 
-// y[m, c] for rows [0, M) of x and panels [panel_begin, panel_end) (see PanelMultiply).
+// Rows [row_begin, row_end) of mm through its panels [panel_begin, panel_end).
 template <typename T>
-void panel_gemm(const T* x, int64_t ldx, int64_t M, const T* panels, int64_t K, T* y, int64_t ldy, int64_t n,
-                bool swiglu, int64_t panel_begin, int64_t panel_end) {
+void panel_gemm(const PanelMultiply<T>& mm, int64_t row_begin, int64_t row_end, int64_t panel_begin,
+                int64_t panel_end) {
   // Panel outer, rows inner: a panel stays in L1/L2 while every row block reads it.
   for (int64_t p = panel_begin; p < panel_end; ++p) {
-    const T* panel = panels + p * K * kPanelWidth;  // K x 32 elements (bf16: K/2 pair rows of 64)
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+    const T* panel = mm.panels + p * mm.K * kPanelWidth;  // K x 32 elements (bf16: K/2 pair rows of 64)
+    for (int64_t m0 = row_begin; m0 < row_end; m0 += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, row_end - m0);
+      RowBlock<T> block;
+      for (int64_t i = 0; i < rows; ++i) {
+        block.x[i] = mm.x + (mm.x_rows != nullptr ? mm.x_rows[m0 + i] : m0 + i) * mm.ldx;
+        block.y[i] = mm.y + (mm.y_rows != nullptr ? mm.y_rows[m0 + i] : m0 + i) * mm.ldy;
+      }
+      block.weight = mm.y_weights != nullptr ? mm.y_weights + m0 : nullptr;
       // The first row block streams the panel from memory, so it asks for the weights ahead
       // (prefetcht2): the hardware prefetcher alone left a 16-row block waiting on memory (tiny
       // float32 at 64 sequences, +4-5% tokens/s alternating in one process). Later row blocks find
       // the panel in L1/L2, where the extra instructions only cost.
-      (m0 == 0 ? kBlocks<T, true> : kBlocks<T, false>)[rows - 1](x + m0 * ldx, ldx, panel, K, y + m0 * ldy, ldy, n,
-                                                                 swiglu, p);
+      (m0 == row_begin ? kBlocks<T, true> : kBlocks<T, false>)[rows - 1](block, panel, mm.K, mm.n, mm.swiglu, p);
     }
   }
 }
@@ -157,9 +220,7 @@ void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies) {
       // memory (a 64-prompt prefill ran 2.5x slower than oneDNN). A decode step's rows are one chunk.
       const int64_t row_bytes = static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(1, mm.K);
       const int64_t chunk = std::max<int64_t>(kMaxRows, 262144 / row_bytes / kMaxRows * kMaxRows);
-      for (int64_t row = 0; row < mm.rows; row += chunk)
-        panel_gemm(mm.x + row * mm.ldx, mm.ldx, std::min(chunk, mm.rows - row), mm.panels, mm.K, mm.y + row * mm.ldy,
-                   mm.ldy, mm.n, mm.swiglu, first, last);
+      for (int64_t row = 0; row < mm.rows; row += chunk) panel_gemm(mm, row, std::min(row + chunk, mm.rows), first, last);
     }
   };
   if (threads == 1) {
@@ -194,14 +255,15 @@ at::Tensor panel_linear_as(const at::Tensor& x, const at::Tensor& panels, int64_
                   panels.is_contiguous(),
               "panels must be a contiguous ", x.scalar_type(), " [P, ", group == 2 ? "K/2, 64" : "K, 32",
               "] tensor, got ", panels.scalar_type(), " ", panels.sizes());
-  TORCH_CHECK(K % group == 0, "bfloat16 panels need an even number of input columns, x has ", K);
+  TORCH_CHECK(K > 0 && K % group == 0, "x needs ", group == 2 ? "an even number of" : "at least one",
+              " input columns for these panels, it has ", K);
   TORCH_CHECK(panels.size(1) * group == K, "x has ", K, " columns, the panels ", panels.sizes());
   TORCH_CHECK(n > 0 && n <= panels.size(0) * (swiglu ? 16 : kPanelWidth), "n = ", n, " does not fit the panels");
   const auto input = x.contiguous();
   auto out = at::empty({x.size(0), n}, x.options());
   if (x.size(0) > 0)
-    panel_gemm_batch<T>({{input.data_ptr<T>(), K, input.size(0), panels.data_ptr<T>(), panels.size(0), K,
-                          out.data_ptr<T>(), n, n, swiglu}});
+    panel_gemm_batch<T>({{input.data_ptr<T>(), K, input.size(0), nullptr, panels.data_ptr<T>(), panels.size(0), K,
+                          out.data_ptr<T>(), n, n, swiglu, nullptr, nullptr}});
   return out;
 }
 

@@ -28,20 +28,28 @@ constexpr int64_t kPanelKGroup = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
 // columns; panels are zero-padded past n), accumulating in float32. swiglu=false: panel p gives
 // columns 32p..32p+31. swiglu=true: the gate_up layout (lanes 0-15 gate columns 16p..16p+15,
 // lanes 16-31 the same up columns); y gets silu(gate) * up, n = the intermediate size.
+// x_rows (optional): row m is x's row x_rows[m], so an expert reads its tokens where they are
+// rather than from a gathered copy. y_rows and y_weights (optional, not with swiglu): instead of
+// storing row m, add y_weights[m] times it into y's row y_rows[m] (an expert's weighted share of
+// each token's output; the threads own disjoint columns, so this needs no lock).
 template <typename T>
 struct PanelMultiply {
   const T* x;
   int64_t ldx, rows;
+  const int64_t* x_rows;
   const T* panels;
   int64_t num_panels, K;
   T* y;
   int64_t ldy, n;
   bool swiglu;
+  const int64_t* y_rows;
+  const float* y_weights;
 };
 
 // Independent multiplies (a step's experts) in one parallel region: each of ATen's threads takes
 // its share of every multiply's panels, so there is one barrier for all of them and the threads
-// finish together however the rows are spread over the multiplies.
+// finish together however the rows are spread over the multiplies. A thread runs its shares in
+// the order given, so multiplies that add into the same y rows add in that order.
 template <typename T>
 void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies);
 

@@ -230,7 +230,7 @@ def test_grouped_swiglu_prefill_sized_calls_reuse_their_scratch_correctly():
              for _ in range(num_slots)]
     experts = [swiglu_linears(*w13.chunk(2), w2) for w13, w2 in dense]
     plain = [(functools.partial(F.linear, weight=w13), functools.partial(F.linear, weight=w2)) for w13, w2 in dense]
-    for num_pairs in (44_000, 60_000, 50_000, 12):  # 896 bytes of scratch a pair: 39, 54, 45 MB, then 11 KB
+    for num_pairs in (100_000, 140_000, 120_000, 12):  # a pair's activations, 384 bytes: 38, 54, 46 MB, then 5 KB
         num_rows = num_pairs // 2 + 1
         hidden = torch.randn(num_rows, d, generator=gen)
         rows = torch.randint(0, num_rows, (num_pairs,), generator=gen)
