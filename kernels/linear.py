@@ -4,7 +4,8 @@
   panels (kernels/panel_linear.py), streamed once per multiply whatever the batch; in float32
   1.7-2.9x faster than oneDNN at one row and at parity from ~64 rows here (2-core EPYC;
   docs/benchmarks.md).
-- other CPU bf16: oneDNN-prepacked. Decode batches are small (a few rows per expert), where MKL's
+- other CPU bf16: oneDNN-prepacked where oneDNN has a bf16 path on this CPU (AVX-512 BW/VL/DQ or
+  AVX-NE-CONVERT; packing fails on a plain AVX2 CPU, which gets F.linear). Decode batches are small (a few rows per expert), where MKL's
   GEMM reads weights at 8-17 GB/s here and oneDNN with a prepacked weight at 26-30 GB/s (8 experts
   768x3072, M=4: 9.1 ms per-expert F.linear, 4.5 ms one bmm, 2.6 ms packed).
 - elsewhere (GPU tensors, no oneDNN, float16): plain F.linear."""
@@ -15,12 +16,14 @@ import torch.nn.functional as F
 from moefleet.kernels.cpu_extension import cpu_ops
 from moefleet.kernels.panel_linear import pack_panels, panels_usable, unpack_panels
 
-_ONEDNN_PACKABLE = (torch.float32, torch.bfloat16)
-
-
 def _onednn_packable(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in _ONEDNN_PACKABLE and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
 
 
 class Linear:

@@ -96,7 +96,8 @@ def test_same_seed_same_sampled_text(arch, engines):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bfloat16_logits_are_as_close_as_transformers_own_bfloat16(arch, engines, hf_model, model_dir):
-    """bfloat16 serving (column panels with AVX512-BF16 where the CPU has it, else oneDNN)
+    """bfloat16 serving (column panels with AVX512-BF16 where the CPU has it, else oneDNN where it
+    has a bf16 path, else plain F.linear)
     against the float32 reference: over prompts of different lengths, our deviation is at most
     twice transformers' own bfloat16 deviation on the same checkpoint. Per prompt, a routing
     decision that flips under bf16 rounding moves both by a similar amount; summed, the
@@ -114,7 +115,11 @@ def test_bfloat16_logits_are_as_close_as_transformers_own_bfloat16(arch, engines
             theirs = hf_bf16(torch.tensor([prompt])).logits[0].float()
         scale = exact.abs().max().item()
         ours = (logits.float() - exact).abs().max().item() / scale
-        assert ours < 0.25, f"{arch} len {len(prompt)}: {ours:.3f} of the scale"
+        theirs_here = (theirs - exact).abs().max().item() / scale
+        # A routing decision that flips under bf16 rounding moves a whole position's logits: on
+        # an AVX2 CPU (plain bf16 GEMMs) transformers' own bf16 deviated 0.34 of the scale on
+        # DeepSeek-V3's 64-token prompt, and ours 0.37. Beyond 0.25 only as far as theirs does.
+        assert ours < max(0.25, 2 * theirs_here), f"{arch} len {len(prompt)}: {ours:.3f} of the scale, transformers {theirs_here:.3f}"
         ours_total += ours
-        theirs_total += (theirs - exact).abs().max().item() / scale
+        theirs_total += theirs_here
     assert ours_total <= 2 * theirs_total, f"{arch}: ours {ours_total:.4f}, transformers bf16 {theirs_total:.4f}"
