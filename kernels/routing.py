@@ -5,20 +5,24 @@ Both return (weights [T, K] float32, expert ids [T, K] int64).
 """
 
 import torch
+import torch.nn.functional as F
 
 from moefleet.kernels.cpu_extension import cpu_ops
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits: [T, E]. Softmax over all experts, keep the top k, optionally renormalise.
-    One compiled call on CPU (the same math as `softmax_topk_reference`)."""
-    ops = cpu_ops() if router_logits.device.type == "cpu" else None
+def router_softmax_topk(x: torch.Tensor, router: torch.Tensor, top_k: int,
+                        renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, D] (any float dtype), router: [E, D] float32. The router's logits in float32, then
+    `softmax_topk`. One compiled call on CPU, where the torch formulation took four."""
+    ops = cpu_ops() if x.device.type == "cpu" and router.dtype == torch.float32 else None
     if ops is not None:
-        return ops.softmax_topk(router_logits.float(), top_k, renormalize)
-    return softmax_topk_reference(router_logits, top_k, renormalize)
+        return ops.router_softmax_topk(x, router, top_k, renormalize)
+    return softmax_topk(F.linear(x.float(), router.float()), top_k, renormalize)
 
 
-def softmax_topk_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E]. Softmax over all experts in float32, keep the top k, optionally
+    renormalise over them (the torch reference of the compiled router)."""
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from moefleet.kernels.attention import AttentionBatch
 from moefleet.kernels.linear import Linear
-from moefleet.kernels.norms import rms_norm
+from moefleet.kernels.norms import add_rms_norm, rms_norm
 from moefleet.kernels.rotary import RotaryCache, rope_tables
 from moefleet.models.attention_layers import build_attention
 from moefleet.models.checkpoint import CheckpointReader
@@ -37,12 +37,11 @@ class DecoderLayer:
         self.window = spec.sliding_windows[layer]
         self.eps = spec.rms_norm_eps
 
-    def attend(self, h, rope, k_cache, v_cache, batches) -> torch.Tensor:
-        x = rms_norm(h, self.input_norm, self.eps)
-        return h + self.attention.forward(x, *rope, k_cache, v_cache, batches[self.window])
-
-    def start_mlp(self, h):
-        return self.mlp.start(rms_norm(h, self.post_attention_norm, self.eps))
+    def attend(self, h, x, rope, k_cache, v_cache, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the residual stream [T, D], x: h under this layer's input norm. Returns the stream
+        after attention and its post-attention norm, the MLP's input."""
+        attended = self.attention.forward(x, *rope, k_cache, v_cache, batches[self.window])
+        return add_rms_norm(h, attended, self.post_attention_norm, self.eps)
 
 
 class MoEDecoder:
@@ -60,32 +59,39 @@ class MoEDecoder:
         self.dtype = self.embed.dtype
 
     def _embed(self, inputs: StepInputs):
-        return F.embedding(inputs.token_ids, self.embed), self.rotary.lookup(inputs.positions, self.dtype)
+        h = F.embedding(inputs.token_ids, self.embed)
+        return h, rms_norm(h, self.layers[0].input_norm, self.spec.rms_norm_eps), self.rotary.lookup(inputs.positions, self.dtype)
 
-    def _logits(self, h: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        h = rms_norm(h[inputs.logits_rows], self.final_norm, self.spec.rms_norm_eps)
-        return self.lm_head(h).float()
+    def _after_mlp(self, layer: int, h: torch.Tensor, delta: torch.Tensor, inputs: StepInputs):
+        """The residual add after a layer's MLP, fused with the norm that follows it: the next
+        layer's input norm, or after the last layer the final norm of the logits rows only.
+        Returns (stream, normed stream)."""
+        if layer + 1 < len(self.layers):
+            return add_rms_norm(h, delta, self.layers[layer + 1].input_norm, self.spec.rms_norm_eps)
+        rows = inputs.logits_rows
+        return add_rms_norm(h[rows], delta[rows], self.final_norm, self.spec.rms_norm_eps)
 
     def forward(self, inputs: StepInputs, kv_caches: list) -> torch.Tensor:
         """kv_caches[layer] = (k_cache, v_cache). Returns float32 logits [N, V]."""
-        h, rope = self._embed(inputs)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h = layer.attend(h, rope, k_cache, v_cache, inputs.batches)
-            h = h + layer.mlp.finish(layer.start_mlp(h))
-        return self._logits(h, inputs)
+        h, x, rope = self._embed(inputs)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            h, x = layer.attend(h, x, rope, k_cache, v_cache, inputs.batches)
+            h, x = self._after_mlp(i, h, layer.mlp.finish(layer.mlp.start(x)), inputs)
+        return self.lm_head(x).float()
 
     def forward_overlapped(self, micro: list[StepInputs], kv_caches: list) -> list[torch.Tensor]:
         """Two (or more) micro-batches in flight: while the shards compute one micro-batch's
         experts, this process runs attention for the next. The math per micro-batch is that
         of `forward`."""
-        hidden, ropes = zip(*(self._embed(m) for m in micro))
-        hidden, pending = list(hidden), [None] * len(micro)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            for i, m in enumerate(micro):
-                if pending[i] is not None:
-                    hidden[i] = hidden[i] + pending[i][0].finish(pending[i][1])
-                hidden[i] = layer.attend(hidden[i], ropes[i], k_cache, v_cache, m.batches)
-                pending[i] = (layer.mlp, layer.start_mlp(hidden[i]))
-        for i in range(len(micro)):
-            hidden[i] = hidden[i] + pending[i][0].finish(pending[i][1])
-        return [self._logits(h, m) for h, m in zip(hidden, micro)]
+        hidden, normed, ropes = (list(z) for z in zip(*(self._embed(m) for m in micro)))
+        pending = [None] * len(micro)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            for j, m in enumerate(micro):
+                if pending[j] is not None:
+                    hidden[j], normed[j] = self._after_mlp(i - 1, hidden[j], self.layers[i - 1].mlp.finish(pending[j]), m)
+                hidden[j], normed[j] = layer.attend(hidden[j], normed[j], ropes[j], k_cache, v_cache, m.batches)
+                pending[j] = layer.mlp.start(normed[j])
+        last = len(self.layers) - 1
+        for j, m in enumerate(micro):
+            hidden[j], normed[j] = self._after_mlp(last, hidden[j], self.layers[last].mlp.finish(pending[j]), m)
+        return [self.lm_head(x).float() for x in normed]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moefleet.kernels.expert_ffn import swiglu, swiglu_linears
-from moefleet.kernels.routing import sigmoid_grouped_topk, softmax_topk
+from moefleet.kernels.routing import router_softmax_topk, sigmoid_grouped_topk
 from moefleet.models.checkpoint import CheckpointReader
 from moefleet.models.spec import ModelSpec
 
@@ -31,8 +31,9 @@ class MoELayer:
         p = f"model.layers.{layer}.{reader.moe_prefix}"
         self.layer, self.moe, self.dispatcher = layer, moe, dispatcher
         # The router runs in float32 whatever the model's dtype, its weight converted once
-        # (converting it per call cost ~4 us a layer). F.linear: for E = 8-256 outputs, MKL's
-        # GEMM beat the packed panel kernel at 1-64 rows (2.5 vs 6.5 us at one row, 9.5 vs 19 at 64).
+        # (converting it per call cost ~4 us a layer). Softmax routers go through one compiled
+        # call (logits, softmax, top k); sigmoid ones through F.linear: for E = 8-256 outputs,
+        # MKL's GEMM beat the packed panel kernel at 1-64 rows (2.5 vs 6.5 us at one row).
         self.router = reader.tensor(f"{p}.gate.weight", (moe.num_experts, d)).float()
         self.bias = reader.tensor(f"{p}.gate.e_score_correction_bias", (moe.num_experts,)) if moe.has_correction_bias else None
         self.shared = None
@@ -44,11 +45,10 @@ class MoELayer:
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K], expert ids [T, K]). The real router always decides."""
         moe = self.moe
-        logits = F.linear(x.float(), self.router)
         if moe.scoring == "sigmoid":
-            return sigmoid_grouped_topk(logits, self.bias, moe.top_k, moe.num_groups, moe.topk_groups,
-                                        moe.renormalize, moe.routed_scaling_factor)
-        weights, ids = softmax_topk(logits, moe.top_k, moe.renormalize)
+            return sigmoid_grouped_topk(F.linear(x.float(), self.router), self.bias, moe.top_k, moe.num_groups,
+                                        moe.topk_groups, moe.renormalize, moe.routed_scaling_factor)
+        weights, ids = router_softmax_topk(x, self.router, moe.top_k, moe.renormalize)
         return weights * moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else weights, ids
 
     def start(self, x: torch.Tensor) -> tuple:

@@ -31,29 +31,6 @@
 namespace moefleet {
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-
-// Element types with a 16-lane widening load (vector_math.h); others go lane by lane.
-template <typename scalar_t>
-constexpr bool kVectorLoads = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-
-// q . k over n entries, q already in float: one 16-lane accumulator, then a halving reduction
-// (summing the lanes one after another was most of the kernel's time).
-template <typename scalar_t>
-inline float dot_row(const float* q, const scalar_t* k, int64_t n) {
-  int64_t c = 0;
-  float dot = 0.f;
-  if constexpr (kVectorLoads<scalar_t>) {
-    vec16 acc{};
-    for (; c + 16 <= n; c += 16) acc += load16(q + c) * load16(k + c);
-    dot = horizontal_sum(acc);
-  }
-  for (; c < n; ++c) dot += q[c] * to_float(k[c]);
-  return dot;
-}
-
 // a[0, n) += w * v[0, n), v widened to float.
 template <typename scalar_t>
 inline void add_scaled_row(float* a, float w, const scalar_t* v, int64_t n) {
@@ -345,85 +322,6 @@ void rotary_and_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Ten
   });
 }
 
-// RMSNorm as the references compute it: in float32, rounded to x's dtype, then times the
-// weight in that dtype. x [..., D], weight [D] -> x's shape. One call instead of ~8 small ops;
-// torch's own rms_norm took 10 us for one row of 256 and ~80 us for 16 rows of 768 here.
-template <typename scalar_t>
-void rms_norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t rows, int64_t D, float eps) {
-  for (int64_t t = 0; t < rows; ++t) {
-    const scalar_t* xt = x + t * D;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < D; ++c) sum += to_float(xt[c]) * to_float(xt[c]);
-    const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
-    scalar_t* ot = out + t * D;
-#pragma omp simd
-    for (int64_t c = 0; c < D; ++c) ot[c] = static_cast<scalar_t>(w[c] * static_cast<scalar_t>(to_float(xt[c]) * inv));
-  }
-}
-
-// Softmax top-k routing as kernels.routing.softmax_topk's reference computes it: softmax over
-// all experts in float32, the k most probable (the lower id first among equal probabilities),
-// optionally renormalised over the k. logits [T, E] float32 -> (weights [T, k] float32,
-// ids [T, k] int64). One call instead of the reference's four ops per MoE layer.
-std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t k, bool renormalize) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "softmax_topk: logits must be float32 [T, E]");
-  const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= E, "softmax_topk: k = ", k, " for ", E, " experts");
-  const auto lc = logits.contiguous();
-  auto weights = at::empty({T, k}, lc.options());
-  auto ids = at::empty({T, k}, lc.options().dtype(at::kLong));
-  const float* lp = lc.data_ptr<float>();
-  float* wp = weights.data_ptr<float>();
-  int64_t* ip = ids.data_ptr<int64_t>();
-  std::vector<float> probs(E);
-  std::vector<char> taken(E);
-  // torch.topk's order: NaN above every number.
-  auto above = [](float a, float b) { return (std::isnan(a) && !std::isnan(b)) || a > b; };
-  for (int64_t t = 0; t < T; ++t) {
-    const float* row = lp + t * E;
-    const float mx = *std::max_element(row, row + E);
-    float sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) sum += probs[e] = std::exp(row[e] - mx);
-    for (int64_t e = 0; e < E; ++e) probs[e] /= sum;
-    float* w = wp + t * k;
-    int64_t* id = ip + t * k;
-    std::fill(taken.begin(), taken.end(), 0);
-    for (int64_t j = 0; j < k; ++j) {  // k is small (2-8): selection beats a sort
-      int64_t best = -1;
-      for (int64_t e = 0; e < E; ++e)
-        if (!taken[e] && (best < 0 || above(probs[e], probs[best]))) best = e;
-      w[j] = probs[best];
-      id[j] = best;
-      taken[best] = 1;
-    }
-    if (renormalize) {
-      float top = 0.f;
-      for (int64_t j = 0; j < k; ++j) top += w[j];
-      for (int64_t j = 0; j < k; ++j) w[j] /= top;
-    }
-  }
-  return {weights, ids};
-}
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.size(-1) == weight.numel(), "rms_norm: weight has ", weight.numel(), " entries for rows of ", x.size(-1));
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
-  const auto xc = x.contiguous();
-  const auto wc = weight.contiguous();
-  auto out = at::empty_like(xc);
-  const int64_t D = x.size(-1), rows = D ? xc.numel() / D : 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    const scalar_t* wp = wc.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
-      rms_norm_rows(xp + begin * D, wp, op + begin * D, end - begin, D, static_cast<float>(eps));
-    });
-  });
-  return out;
-}
-
 // y = x @ w.T with w either a oneDNN-prepacked weight (kernels/linear.py packs them on CPU) or a
 // plain [N, K] tensor. The packed op is reached through the dispatcher, as Python reaches it.
 at::Tensor packed_or_plain_linear(const at::Tensor& x, const at::Tensor& w) {
@@ -619,8 +517,6 @@ at::Tensor grouped_swiglu(const at::Tensor& hidden, const at::Tensor& row_index,
 TORCH_LIBRARY(moefleet, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "int block_size, float scale, int window) -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("softmax_topk(Tensor logits, int k, bool renormalize) -> (Tensor, Tensor)");
   m.def("rotary_and_write_kv(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
   m.def("grouped_swiglu(Tensor hidden, Tensor row_index, Tensor slots, Tensor weights, Tensor[] w13, Tensor[] w2, "
@@ -630,8 +526,6 @@ TORCH_LIBRARY(moefleet, m) {
 TORCH_LIBRARY_IMPL(moefleet, CPU, m) {
   m.impl("paged_decode_attention", &moefleet::paged_decode_attention);
   m.impl("rotary_and_write_kv", &moefleet::rotary_and_write_kv);
-  m.impl("rms_norm", &moefleet::rms_norm);
-  m.impl("softmax_topk", &moefleet::softmax_topk);
 }
 
 // The expert weights are oneDNN-packed tensors (dispatch key MkldnnCPU) or plain CPU tensors:

@@ -136,14 +136,14 @@ void attend_block(const scalar_t* q, int64_t q_row_stride, int64_t q_head_stride
   vec16 mx = minus_inf;
   for (int64_t p = 0; p < span; ++p) {
     const vec16 pos = broadcast(static_cast<float>(lo + p));
-    scores[p] = (pos >= lo_v) & (pos < hi_v) ? scores[p] : minus_inf;
-    mx = mx > scores[p] ? mx : scores[p];
+    scores[p] = where((pos >= lo_v) & (pos < hi_v), scores[p], minus_inf);
+    mx = where(mx > scores[p], mx, scores[p]);
   }
   vec16 sum{};
   for (int64_t p = 0; p < span; ++p) {
     const vec16 x = scores[p] - mx;
-    const vec16 e = exp_clamped(x < -87.f ? broadcast(-87.f) : x);
-    scores[p] = x == minus_inf ? vec16{} : e;  // masked positions weigh exactly 0
+    const vec16 e = exp_clamped(where(x < -87.f, broadcast(-87.f), x));
+    scores[p] = where(x == minus_inf, vec16{}, e);  // masked positions weigh exactly 0
     sum += scores[p];
   }
   // Values: out[c] (lane = query vector) += p_lanes * value[c], a tile of value rows at a time.

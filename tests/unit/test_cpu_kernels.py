@@ -18,8 +18,8 @@ from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason
 from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu, swiglu, swiglu_linears
 from moefleet.kernels.linear import Linear
 from moefleet.kernels.panel_linear import GateUpPanels, pack_gate_up_panels, pack_panels, unpack_gate_up_panels, unpack_panels
-from moefleet.kernels.norms import rms_norm, rms_norm_reference
-from moefleet.kernels.routing import softmax_topk_reference
+from moefleet.kernels.norms import add_rms_norm, rms_norm, rms_norm_reference
+from moefleet.kernels.routing import softmax_topk
 
 
 def test_kernels_build_where_a_compiler_exists():
@@ -28,39 +28,64 @@ def test_kernels_build_where_a_compiler_exists():
     assert cpu_ops() is not None, unavailable_reason()
 
 
-@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (60, 4), (4, 4), (16, 1)])
+def _router_case(num_tokens, num_experts, hidden, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num_tokens, hidden, generator=gen), torch.randn(num_experts, hidden, generator=gen) * 0.2
+
+
+# Routers of E x D up to 64K weights run in the kernel's own loop, larger ones through ATen's GEMM:
+# (60, 2048) is the second; hidden sizes that are not a multiple of 16 take the tail loop.
+@pytest.mark.parametrize("num_experts,top_k,hidden", [(8, 2, 256), (60, 4, 64), (4, 4, 37), (16, 1, 100), (60, 4, 2048)])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_softmax_topk_matches_the_reference(num_experts, top_k, renormalize):
+def test_router_softmax_topk_matches_the_reference(num_experts, top_k, hidden, renormalize):
     ops = cpu_ops()
     assert ops is not None, unavailable_reason()
-    logits = torch.randn(37, num_experts, generator=torch.Generator().manual_seed(num_experts)) * 3
-    weights, ids = ops.softmax_topk(logits, top_k, renormalize)
-    ref_weights, ref_ids = softmax_topk_reference(logits, top_k, renormalize)
+    x, router = _router_case(37, num_experts, hidden, num_experts + hidden)
+    weights, ids = ops.router_softmax_topk(x, router, top_k, renormalize)
+    ref_weights, ref_ids = softmax_topk(F.linear(x, router), top_k, renormalize)
     assert torch.equal(ids, ref_ids)
-    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-6)
-    empty_weights, empty_ids = ops.softmax_topk(logits[:0], top_k, renormalize)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    empty_weights, empty_ids = ops.router_softmax_topk(x[:0], router, top_k, renormalize)
     assert empty_weights.shape == (0, top_k) and empty_ids.shape == (0, top_k)
 
 
-def test_softmax_topk_keeps_ids_in_range_when_a_row_is_nan():
-    # A NaN logit makes the whole row's softmax NaN; the selection must still return k distinct,
-    # valid expert ids (the engine indexes experts with them) rather than read out of bounds.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_softmax_topk_widens_half_precision_rows_to_float32(dtype):
     ops = cpu_ops()
     assert ops is not None, unavailable_reason()
-    logits = torch.randn(3, 8)
-    logits[1, 5] = float("nan")
-    weights, ids = ops.softmax_topk(logits, 3, True)
+    x, router = _router_case(9, 8, 96, 3)
+    x = x.to(dtype)
+    weights, ids = ops.router_softmax_topk(x, router, 2, True)
+    ref_weights, ref_ids = softmax_topk(F.linear(x.float(), router), 2, True)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_router_softmax_topk_keeps_ids_in_range_when_a_row_is_nan():
+    # A NaN in a token's hidden state makes its whole softmax NaN; the selection must still
+    # return k distinct, valid expert ids (the engine indexes experts with them) rather than
+    # read out of bounds.
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    x, router = _router_case(3, 8, 32, 5)
+    x[1, 5] = float("nan")
+    weights, ids = ops.router_softmax_topk(x, router, 3, True)
     assert ids.min() >= 0 and ids.max() < 8 and all(len(set(row)) == 3 for row in ids.tolist())
-    assert torch.equal(ids[[0, 2]], softmax_topk_reference(logits[[0, 2]], 3, True)[1])
+    assert torch.equal(ids[[0, 2]], softmax_topk(F.linear(x[[0, 2]], router), 3, True)[1])
 
 
-def test_softmax_topk_rejects_bad_input_with_a_message():
+def test_router_softmax_topk_rejects_bad_input_with_a_message():
     ops = cpu_ops()
     assert ops is not None, unavailable_reason()
+    x, router = _router_case(2, 8, 32, 7)
     with pytest.raises(RuntimeError, match="k = 9 for 8 experts"):
-        ops.softmax_topk(torch.randn(2, 8), 9, True)
-    with pytest.raises(RuntimeError, match="float32"):
-        ops.softmax_topk(torch.randn(2, 8).double(), 2, True)
+        ops.router_softmax_topk(x, router, 9, True)
+    with pytest.raises(RuntimeError, match="float32 \\[E, 32\\]"):
+        ops.router_softmax_topk(x, router.double(), 2, True)
+    with pytest.raises(RuntimeError, match="float32 \\[E, 32\\]"):
+        ops.router_softmax_topk(x, router[:, :16], 2, True)
+    with pytest.raises(RuntimeError, match="x must be \\[T, D\\]"):
+        ops.router_softmax_topk(x[0], router, 2, True)
 
 
 def _paged_case(num_seqs, num_heads, num_kv_heads, dk, dv, block_size, lens, dtype, values_in_keys, seed):
@@ -287,12 +312,37 @@ def test_rms_norm_matches_the_reference(dtype, shape, torch_threads):
     torch.testing.assert_close(got, rms_norm_reference(x, weight, 1e-6), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 256), (16, 768), (3, 4, 32), (0, 64)])
+def test_add_rms_norm_matches_the_add_then_the_norm(dtype, shape, torch_threads):
+    assert cpu_ops() is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(7 + shape[-1])
+    residual, delta = ((torch.randn(*shape, generator=gen) * 3).to(dtype) for _ in range(2))
+    weight = torch.rand(shape[-1], generator=gen).to(dtype)
+    h, normed = add_rms_norm(residual, delta, weight, 1e-6)
+    expected_h = residual + delta
+    assert torch.equal(h, expected_h)  # rounded to the dtype once, as torch's add rounds it
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(normed, rms_norm_reference(expected_h, weight, 1e-6), atol=tolerance, rtol=tolerance)
+
+
+def test_add_rms_norm_rejects_mismatched_operands_with_a_message():
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    residual, weight = torch.randn(4, 32), torch.rand(32)
+    with pytest.raises(RuntimeError, match="delta is"):
+        ops.add_rms_norm(residual, torch.randn(4, 16), weight, 1e-6)
+    with pytest.raises(RuntimeError, match="weight has 16 entries for rows of 32"):
+        ops.add_rms_norm(residual, residual, weight[:16], 1e-6)
+
+
 def expected_layout(dtype: torch.dtype, in_features: int) -> str:
     """float32 weights always go in column panels; bfloat16 ones where the CPU has AVX512-BF16
-    and the input width is even (the kernel multiplies k in pairs), else oneDNN."""
+    and the input width is even (the kernel multiplies k in pairs), else oneDNN where it has a
+    bf16 path on this CPU, else plain."""
     if dtype == torch.float32 or (in_features % 2 == 0 and cpu_ops().bf16_panels_supported()):
         return "panels"
-    return "onednn"
+    return "onednn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "plain"
 
 
 def assert_close_to(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, atol: float = 1e-5) -> None:
@@ -336,7 +386,7 @@ def test_gate_up_panels_fuse_swiglu(dtype, intermediate, torch_threads):
     gate_up, down = swiglu_linears(*w13.chunk(2), w2)
     assert isinstance(gate_up, GateUpPanels) == (expected_layout(dtype, 24) == "panels")
     if not isinstance(gate_up, GateUpPanels):
-        pytest.skip("no bfloat16 panels on this CPU (no AVX512-BF16): the oneDNN path is covered by "
+        pytest.skip("no bfloat16 panels on this CPU (no AVX512-BF16): the oneDNN/plain path is covered by "
                     "test_grouped_swiglu_matches_the_reference")
     gate, up = F.linear(x.float(), w13.float()).chunk(2, dim=-1)
     activation = F.silu(gate) * up  # in float32: the kernel rounds once, after silu(gate) * up
