@@ -9,13 +9,25 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def vector_width(flags: set[str]) -> str:
+    """The widest vector unit the kernels are built for (the same "AMD EPYC" name has covered
+    Zen 3 with AVX2 and Zen 4 with AVX-512 here, and they differ several-fold in speed)."""
+    if "avx512f" in flags:
+        return "AVX-512" + (" + AVX512-BF16" if "avx512_bf16" in flags else "")
+    return "AVX2" if "avx2" in flags else "no AVX2"
+
+
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
+    cpu, flags = platform.processor() or "cpu", set()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            lines = f.readlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+        flags = set(next(ln for ln in lines if ln.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
+    width = f" ({vector_width(flags)})" if flags else ""
+    return f"{cpu}{width}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
