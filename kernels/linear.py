@@ -1,11 +1,11 @@
 """Linear layers with weights stored in the layout the CPU multiplies fastest.
 
-- float32 on CPU with the compiled kernels, and bfloat16 where the CPU has AVX512-BF16: column
-  panels (kernels/panel_linear.py), streamed once per multiply whatever the batch; in float32
-  1.7-2.9x faster than oneDNN at one row and at parity from ~64 rows here (2-core EPYC;
-  docs/benchmarks.md).
+- float32 and bfloat16 on CPU with the compiled kernels: column panels (kernels/panel_linear.py),
+  streamed once per multiply whatever the batch; in float32 1.7-2.9x faster than oneDNN at one
+  row and at parity from ~64 rows here (2-core EPYC; docs/benchmarks.md). bfloat16 panels hold k
+  in pairs where the CPU has AVX512-BF16 (an odd input width cannot use them).
 - other CPU bf16: oneDNN-prepacked where oneDNN has a bf16 path on this CPU (AVX-512 BW/VL/DQ or
-  AVX-NE-CONVERT; packing fails on a plain AVX2 CPU, which gets F.linear). Decode batches are small (a few rows per expert), where MKL's
+  AVX-NE-CONVERT), else F.linear. Decode batches are small (a few rows per expert), where MKL's
   GEMM reads weights at 8-17 GB/s here and oneDNN with a prepacked weight at 26-30 GB/s (8 experts
   768x3072, M=4: 9.1 ms per-expert F.linear, 4.5 ms one bmm, 2.6 ms packed).
 - elsewhere (GPU tensors, no oneDNN, float16): plain F.linear."""

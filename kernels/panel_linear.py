@@ -5,8 +5,8 @@ weight once, in order, with the rows of a decode step inside that stream. The ga
 an expert is packed with 16 gate columns beside the same 16 up columns in each panel, so the
 kernel can apply SwiGLU before anything leaves its registers.
 
-kernels.linear.Linear uses panels for every float32 weight on CPU, and for bfloat16 ones where the
-CPU has AVX512-BF16 (panels_usable); GateUpPanels is an expert's (or a dense MLP's) gate_up
+kernels.linear.Linear uses panels for every float32 and bfloat16 weight on CPU (panels_usable;
+bfloat16 ones need an even number of input columns where the CPU has AVX512-BF16); GateUpPanels is an expert's (or a dense MLP's) gate_up
 projection with the activation fused."""
 
 import torch
@@ -18,9 +18,9 @@ _HALF = PANEL_WIDTH // 2
 
 
 def _k_group(dtype: torch.dtype) -> int:
-    """Input columns per panel element group: bfloat16 panels hold k in pairs (the operand of
-    AVX512-BF16's pair dot product), float32 panels one k at a time."""
-    return 2 if dtype == torch.bfloat16 else 1
+    """Input columns per panel element group: bfloat16 panels hold k in pairs where the CPU has
+    AVX512-BF16 (the operand of its pair dot product), other panels one k at a time."""
+    return cpu_ops().bf16_panel_k_group() if dtype == torch.bfloat16 else 1
 
 
 def _empty_panels(columns: int, k: int, per_panel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _lanes_to_rows(panels: torch.Tensor, lanes: slice, n: int) -> torch.Tensor:
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N / 32), K, 32] (bfloat16: [ceil(N / 32), K / 2, 64]), columns past N zero."""
+    """[N, K] -> [ceil(N / 32), K, 32] (paired bfloat16: [ceil(N / 32), K / 2, 64]), columns past N zero."""
     panels = _empty_panels(weight.shape[0], weight.shape[1], PANEL_WIDTH, weight.dtype)
     _fill_lanes(panels, slice(0, PANEL_WIDTH), weight)
     return panels.flatten(2)
@@ -62,7 +62,7 @@ def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def pack_gate_up_panels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up [I, K] -> [ceil(I / 16), K, 32] (bfloat16: K / 2, 64): lanes 0-15 gate columns
+    """gate, up [I, K] -> [ceil(I / 16), K, 32] (paired bfloat16: K / 2, 64): lanes 0-15 gate columns
     16p..16p+15, lanes 16-31 the same up columns (past I zero). Packed from the two weights as
     the checkpoint holds them: concatenating them first cost a copy of both per expert, ~a third
     of the CPU a shard spends staging an expert (page faults on the new memory, mostly)."""
@@ -80,11 +80,11 @@ def unpack_gate_up_panels(panels: torch.Tensor, intermediate: int) -> torch.Tens
 
 def panels_usable(weight: torch.Tensor) -> bool:
     """Column panels serve CPU weights when the compiled kernels are loaded: float32 always,
-    bfloat16 with an even number of input columns where the CPU has AVX512-BF16."""
-    if weight.device.type != "cpu" or (ops := cpu_ops()) is None:
+    bfloat16 when the input columns fill its k groups (pairs where the CPU has AVX512-BF16)."""
+    if weight.device.type != "cpu" or cpu_ops() is None:
         return False
     if weight.dtype == torch.bfloat16:
-        return weight.shape[-1] % 2 == 0 and ops.bf16_panels_supported()
+        return weight.shape[-1] % _k_group(weight.dtype) == 0
     return weight.dtype == torch.float32
 
 

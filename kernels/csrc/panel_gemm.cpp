@@ -41,11 +41,12 @@ inline vec16 exp16(vec16 x) {
 }
 
 // acc[m] += x[m][k] * panel row k for `rows` rows (1..kMaxRows, a template parameter so the loops
-// unroll and the sums stay in registers); `first` sets the sums instead.
+// unroll and the sums stay in registers); `first` sets the sums instead. bfloat16 panels of one k
+// per row (no AVX512-BF16) widen inputs and weights to float here.
 // With `prefetch`, it also asks for the weights kWeightAhead rows on (panel_gemm says when;
-// bfloat16 panels do not: not measured).
-template <int rows, bool prefetch, bool first>
-inline void multiply_row(const float* const* x, const float* panel, int64_t k, vec16 (&lo)[rows], vec16 (&hi)[rows]) {
+// paired bfloat16 panels do not: not measured).
+template <int rows, bool prefetch, bool first, typename T>
+inline void multiply_row(const T* const* x, const T* panel, int64_t k, vec16 (&lo)[rows], vec16 (&hi)[rows]) {
   if constexpr (prefetch) {  // past the panel's end: the next panel, read next (a prefetch never faults)
     __builtin_prefetch(panel + (k + kWeightAhead) * kPanelWidth, 0, 1);
     __builtin_prefetch(panel + (k + kWeightAhead) * kPanelWidth + 16, 0, 1);
@@ -54,7 +55,7 @@ inline void multiply_row(const float* const* x, const float* panel, int64_t k, v
   keep_in_register(w_lo);  // loaded once per k, not once per row (vector_math.h says why)
   keep_in_register(w_hi);
   for (int m = 0; m < rows; ++m) {
-    const float v = x[m][k];
+    const float v = to_float(x[m][k]);
     if constexpr (first) {
       lo[m] = v * w_lo;
       hi[m] = v * w_hi;
@@ -68,9 +69,8 @@ inline void multiply_row(const float* const* x, const float* panel, int64_t k, v
 // lo/hi[m] = x[m] @ panel, x[m] being row m's first input column. The first k sets the sums:
 // zeroing them first became two memset calls per block for 9-12 rows (~1.5% of a float32
 // decode step's samples).
-template <int rows, bool prefetch>
-inline void multiply_block(const float* const* x, const float* panel, int64_t K, vec16 (&lo)[rows],
-                           vec16 (&hi)[rows]) {
+template <int rows, bool prefetch, typename T>
+inline void multiply_block(const T* const* x, const T* panel, int64_t K, vec16 (&lo)[rows], vec16 (&hi)[rows]) {
   multiply_row<rows, prefetch, true>(x, panel, 0, lo, hi);  // K >= 1 (panel_linear checks)
   for (int64_t k = 1; k < K; ++k) multiply_row<rows, prefetch, false>(x, panel, k, lo, hi);
 }
@@ -94,6 +94,7 @@ inline void multiply_pair_row(const bf16* const* x, const bf16* panel, int64_t j
 
 template <int rows, bool prefetch>
 inline void multiply_block(const bf16* const* x, const bf16* panel, int64_t K, vec16 (&lo)[rows], vec16 (&hi)[rows]) {
+  // Overloads the generic template above for paired panels (partial ordering picks this one).
   __m512 acc_lo[rows], acc_hi[rows];
   multiply_pair_row<rows, true>(x, panel, 0, acc_lo, acc_hi);  // K is even and at least 2 (panel_linear checks)
   for (int64_t j = 1; j < K / 2; ++j) multiply_pair_row<rows, false>(x, panel, j, acc_lo, acc_hi);
@@ -240,16 +241,8 @@ void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies) {
 }
 
 template void panel_gemm_batch<float>(const std::vector<PanelMultiply<float>>&);
-#ifdef __AVX512BF16__
 template void panel_gemm_batch<bf16>(const std::vector<PanelMultiply<bf16>>&);
-bool bf16_panels_supported() { return true; }
-#else
-template <>
-void panel_gemm_batch<bf16>(const std::vector<PanelMultiply<bf16>>&) {
-  TORCH_CHECK(false, "bfloat16 column panels need a CPU with AVX512-BF16 (this build has none)");
-}
-bool bf16_panels_supported() { return false; }
-#endif
+int64_t bf16_panel_k_group() { return kBf16PanelKGroup; }
 
 namespace {
 
@@ -286,7 +279,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n
 
 TORCH_LIBRARY_FRAGMENT(moefleet, m) {
   m.def("panel_linear(Tensor x, Tensor panels, int n, bool swiglu) -> Tensor");
-  m.def("bf16_panels_supported() -> bool", &bf16_panels_supported);
+  m.def("bf16_panel_k_group() -> int", &bf16_panel_k_group);
 }
 
 TORCH_LIBRARY_IMPL(moefleet, CPU, m) { m.impl("panel_linear", &panel_linear); }

@@ -4,9 +4,12 @@
 // give an expert 1-16 rows, where oneDNN's packed GEMM read weights at ~24 GB/s here; this layout
 // lets the row loop sit inside the weight stream.
 //   float32:  [P, K, 32]
-//   bfloat16: [P, K/2, 64] (K even), k in pairs: element 2c+t of pair row j is W[32p+c, 2j+t],
-//             the operand order of AVX512-BF16's dot product, which multiplies a pair of
-//             bf16 weights by a pair of bf16 inputs into one float32 lane.
+//   bfloat16 with AVX512-BF16: [P, K/2, 64] (K even), k in pairs: element 2c+t of pair row j is
+//             W[32p+c, 2j+t], the operand order of AVX512-BF16's dot product, which multiplies
+//             a pair of bf16 weights by a pair of bf16 inputs into one float32 lane.
+//   bfloat16 without it: [P, K, 32], float32's layout; the kernel widens weights and inputs to
+//             float in registers (a bf16 product is exact in float32, so both forms give the
+//             exact products summed in float32, up to order).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -19,10 +22,15 @@ namespace moefleet {
 
 constexpr int64_t kPanelWidth = 32;
 
-// Input columns per panel element group: bfloat16 panels hold k in pairs, float32 one at a time.
-// A panel holds K x 32 elements either way.
+// Input columns per panel element group: bfloat16 panels hold k in pairs where the CPU has
+// AVX512-BF16, every other panel one k at a time. A panel holds K x 32 elements either way.
+#ifdef __AVX512BF16__
+constexpr int64_t kBf16PanelKGroup = 2;
+#else
+constexpr int64_t kBf16PanelKGroup = 1;
+#endif
 template <typename T>
-constexpr int64_t kPanelKGroup = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
+constexpr int64_t kPanelKGroup = std::is_same_v<T, c10::BFloat16> ? kBf16PanelKGroup : 1;
 
 // One multiply: y = x @ W.T for `rows` rows of x (row stride ldx) into y (row stride ldy, n valid
 // columns; panels are zero-padded past n), accumulating in float32. swiglu=false: panel p gives
@@ -53,7 +61,7 @@ struct PanelMultiply {
 template <typename T>
 void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies);
 
-// Whether this build has the bfloat16 panel kernel (the CPU has AVX512-BF16).
-bool bf16_panels_supported();
+// kBf16PanelKGroup, for the packing code (kernels/panel_linear.py).
+int64_t bf16_panel_k_group();
 
 }  // namespace moefleet

@@ -223,8 +223,8 @@ def torch_threads(request):
 @pytest.mark.parametrize("num_pairs", [0, 1, 7, 40])
 def test_grouped_swiglu_matches_the_reference(dtype, num_pairs, torch_threads):
     """The fused expert kernel (one call per shard and layer) against the torch loop, with the
-    weights as shards hold them (column panels for float32, and for bf16 where the CPU has
-    AVX512-BF16, else oneDNN-packed) and experts that get no rows."""
+    weights as shards hold them (column panels, of k pairs for bf16 where the CPU has AVX512-BF16)
+    and experts that get no rows."""
     assert cpu_ops() is not None, unavailable_reason()
     gen = torch.Generator().manual_seed(num_pairs)
     d, inter, num_slots, num_rows = 16, 24, 5, 9
@@ -337,10 +337,10 @@ def test_add_rms_norm_rejects_mismatched_operands_with_a_message():
 
 
 def expected_layout(dtype: torch.dtype, in_features: int) -> str:
-    """float32 weights always go in column panels; bfloat16 ones where the CPU has AVX512-BF16
-    and the input width is even (the kernel multiplies k in pairs), else oneDNN where it has a
-    bf16 path on this CPU, else plain."""
-    if dtype == torch.float32 or (in_features % 2 == 0 and cpu_ops().bf16_panels_supported()):
+    """float32 weights always go in column panels; bfloat16 ones too where the input width fills
+    the panels' k groups (pairs where the CPU has AVX512-BF16), else oneDNN where it has a bf16
+    path on this CPU, else plain."""
+    if dtype == torch.float32 or in_features % cpu_ops().bf16_panel_k_group() == 0:
         return "panels"
     return "onednn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "plain"
 
@@ -406,16 +406,23 @@ def test_panel_packing_round_trips_and_pads_with_zeros():
     assert torch.equal(unpack_gate_up_panels(gate_up, 20), weight[:40])
 
 
-def test_bfloat16_panels_hold_k_in_pairs():
-    """bfloat16 panels [P, K/2, 64]: element 2c+t of pair row j is W[32p+c, 2j+t], the operand
-    order of AVX512-BF16's pair dot product."""
+def test_bfloat16_panels_hold_k_as_this_cpus_kernel_reads_it():
+    """bfloat16 panels where the CPU has AVX512-BF16: [P, K/2, 64], element 2c+t of pair row j
+    is W[32p+c, 2j+t] (the operand order of its pair dot product); elsewhere float32's
+    [P, K, 32], widened to float in registers."""
+    assert cpu_ops() is not None, unavailable_reason()
     weight = torch.arange(50 * 4, dtype=torch.float32).reshape(50, 4).to(torch.bfloat16)  # exact in bf16
     panels = pack_panels(weight)
-    assert panels.shape == (2, 2, 64) and panels[1, :, 36:].abs().sum() == 0
-    assert panels[0, 1, 2 * 5 + 1] == weight[5, 3] and panels[1, 0, 2 * 3] == weight[35, 0]
-    assert torch.equal(unpack_panels(panels, 50), weight)
     gate_up = pack_gate_up_panels(weight[:20], weight[20:40])  # I = 20
-    assert gate_up.shape == (2, 2, 64) and gate_up[1, 0, 2 * 16 + 1] == weight[36, 1]
+    if cpu_ops().bf16_panel_k_group() == 2:
+        assert panels.shape == (2, 2, 64) and panels[1, :, 36:].abs().sum() == 0
+        assert panels[0, 1, 2 * 5 + 1] == weight[5, 3] and panels[1, 0, 2 * 3] == weight[35, 0]
+        assert gate_up.shape == (2, 2, 64) and gate_up[1, 0, 2 * 16 + 1] == weight[36, 1]
+    else:
+        assert panels.shape == (2, 4, 32) and panels[1, :, 18:].abs().sum() == 0
+        assert panels[0, 3, 5] == weight[5, 3] and panels[1, 0, 3] == weight[35, 0]
+        assert gate_up.shape == (2, 4, 32) and gate_up[1, 1, 16] == weight[36, 1]
+    assert torch.equal(unpack_panels(panels, 50), weight)
     assert torch.equal(unpack_gate_up_panels(gate_up, 20), weight[:40])
 
 
