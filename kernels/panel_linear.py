@@ -6,8 +6,8 @@ an expert is packed with 16 gate columns beside the same 16 up columns in each p
 kernel can apply SwiGLU before anything leaves its registers.
 
 kernels.linear.Linear uses panels for every float32 and bfloat16 weight on CPU (panels_usable;
-bfloat16 ones need an even number of input columns where the CPU has AVX512-BF16); GateUpPanels is an expert's (or a dense MLP's) gate_up
-projection with the activation fused."""
+bfloat16 ones need an even number of input columns where the CPU has AVX512-BF16); GateUpPanels
+is an expert's (or a dense MLP's) gate_up projection with the activation fused."""
 
 import torch
 

@@ -22,14 +22,17 @@ namespace {
 
 using bf16 = c10::BFloat16;
 // Rows per register block: 12 x 2 accumulators of 16 lanes fill 24 of AVX-512's 32 registers.
-// AVX2 has 16 (of 8 lanes): 4 rows x 4 accumulators, the weights read as operands (2 and 4 rows
-// measured alike on a Zen 3 EPYC, 4 ahead by 5-20% at 4-64 rows in some shapes).
+// AVX2 has 16 registers of 8 lanes: 4 rows x 4 accumulators, the weights read as FMA operands.
+// GCC spills 2 of the 16 accumulators there (the broadcast input needs a register); 2 and 4 rows
+// measured alike on a Zen 3 EPYC within its noise, and 3 rows (no spill) 393-397 vs 428-473 us
+// for 64 rows of a 1024x256 layer with cold weights, alike at 16 rows, not yet tried in the engine.
 #ifdef __AVX512F__
 constexpr int kMaxRows = 12;
 #else
 constexpr int kMaxRows = 4;
 #endif
-// Float32 weight rows (of 128 bytes) the first row block of a panel asks for ahead: 4 KB.
+// Weight rows the first row block of a panel asks for ahead: 4 KB of float32 (rows of 128 bytes),
+// 2 KB of bfloat16 in the unpaired layout.
 constexpr int64_t kWeightAhead = 32;
 
 // e^x for the SwiGLU gate, x clamped to exp_clamped's range (libm's expf, one call per element,
@@ -52,7 +55,7 @@ inline void multiply_row(const T* const* x, const T* panel, int64_t k, vec16 (&l
     __builtin_prefetch(panel + (k + kWeightAhead) * kPanelWidth + 16, 0, 1);
   }
   vec16 w_lo = load16(panel + k * kPanelWidth), w_hi = load16(panel + k * kPanelWidth + 16);
-  keep_in_register(w_lo);  // loaded once per k, not once per row (vector_math.h says why)
+  keep_in_register(w_lo);  // loaded once per k, not once per row (vec16.h says why)
   keep_in_register(w_hi);
   for (int m = 0; m < rows; ++m) {
     const float v = to_float(x[m][k]);

@@ -8,7 +8,8 @@
 //
 // Both forms offer: + - * / (vector or float on either side), unary -, +=, comparisons giving a
 // mask16, mask16 &, where(mask, a, b) for the lane-wise choice (a GCC vector's `m ? a : b`),
-// v[i] for a lane, load16 from float or bfloat16, pow2_integral, horizontal_sum, sum_lanes_16.
+// v[i] for a lane, load16 from float or bfloat16, pow2_integral, horizontal_sum, sum_lanes_16,
+// keep_in_register.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -37,6 +38,13 @@ typedef vec16i mask16;
 typedef uint16_t vec16u16 __attribute__((vector_size(32), aligned(2), may_alias));
 
 inline vec16 where(mask16 m, vec16 a, vec16 b) { return m ? a : b; }
+
+// Makes the compiler hold v in a register from here on instead of folding its load into each
+// instruction that uses it. GCC folds a panel's weight vector into every row's multiply-add as a
+// memory operand, one 64-byte load per multiply-add: on Zen 4, which loads one 64-byte vector a
+// cycle, a 4-row block then waited on loads (158 vs 198-213 GFLOP/s at 4 rows with the weights in
+// L3, float32 3072x768 panels; kernels/csrc/panel_gemm.cpp).
+inline void keep_in_register(vec16& v) { asm("" : "+v"(v)); }
 
 inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
 
@@ -121,6 +129,10 @@ inline mask16 operator&(const mask16& a, const mask16& b) { return {{a.h[0] & b.
 inline vec16 where(const mask16& m, const vec16& a, const vec16& b) {
   return {{m.h[0] ? a.h[0] : b.h[0], m.h[1] ? a.h[1] : b.h[1]}};
 }
+
+// A no-op here: the constraint applies to one register, and a pair of halves held for the weights
+// would take 4 of the 16 registers the accumulators need (the weights are read as FMA operands).
+inline void keep_in_register(vec16&) {}
 
 inline vec16 load16(const float* p) {
   return {{*reinterpret_cast<const vec8f_in*>(p), *reinterpret_cast<const vec8f_in*>(p + 8)}};

@@ -17,23 +17,9 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// Element types with a 16-lane widening load (load16 below); others go lane by lane.
+// Element types with a 16-lane widening load (vec16.h's load16); others go lane by lane.
 template <typename scalar_t>
 constexpr bool kVectorLoads = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-
-// Makes the compiler hold v in a register from here on instead of folding its load into each
-// instruction that uses it. GCC folds a panel's weight vector into every row's multiply-add as a
-// memory operand, one 64-byte load per multiply-add: on Zen 4, which loads one 64-byte vector a
-// cycle, a 4-row block then waited on loads (158 vs 198-213 GFLOP/s at 4 rows with the weights in
-// L3, float32 3072x768 panels; kernels/csrc/panel_gemm.cpp). A no-op without AVX-512, where
-// vec16 spans two registers and the constraint does not apply.
-inline void keep_in_register(vec16& v) {
-#ifdef __AVX512F__
-  asm("" : "+v"(v));
-#else
-  (void)v;
-#endif
-}
 
 // q . k over n entries, q already in float: one 16-lane accumulator, then a halving reduction
 // (summing the lanes one after another was most of the kernel's time).
