@@ -4,10 +4,11 @@
   streamed once per multiply whatever the batch; in float32 1.7-2.9x faster than oneDNN at one
   row and at parity from ~64 rows here (2-core EPYC; docs/benchmarks.md). bfloat16 panels hold k
   in pairs where the CPU has AVX512-BF16 (an odd input width cannot use them).
-- other CPU bf16: oneDNN-prepacked where oneDNN has a bf16 path on this CPU (AVX-512 BW/VL/DQ or
-  AVX-NE-CONVERT), else F.linear. Decode batches are small (a few rows per expert), where MKL's
-  GEMM reads weights at 8-17 GB/s here and oneDNN with a prepacked weight at 26-30 GB/s (8 experts
-  768x3072, M=4: 9.1 ms per-expert F.linear, 4.5 ms one bmm, 2.6 ms packed).
+- bf16 with an odd input width on a CPU with AVX512-BF16: oneDNN-prepacked where oneDNN has a
+  bf16 path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT), else F.linear. Decode batches are small (a few
+  rows per expert), where MKL's GEMM reads weights at 8-17 GB/s here and oneDNN with a prepacked
+  weight at 26-30 GB/s (8 experts 768x3072, M=4: 9.1 ms per-expert F.linear, 4.5 ms one bmm,
+  2.6 ms packed).
 - elsewhere (GPU tensors, no oneDNN, float16): plain F.linear."""
 
 import torch
