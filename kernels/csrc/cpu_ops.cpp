@@ -21,11 +21,13 @@
 #include "vector_math.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace moefleet {
@@ -64,6 +66,62 @@ struct PagedContext {
   }
 };
 
+// q . k over dk entries (a multiple of 16) as a 16-lane vector whose lanes are still to be
+// summed; DK > 0 is dk known at compile time. The same multiply-adds, in the same order, either way.
+template <int64_t DK, typename scalar_t>
+inline vec16 partial_dot(const float* q, const scalar_t* k, int64_t dk) {
+  const int64_t n = DK > 0 ? DK : dk;
+  vec16 a = load16(q) * load16(k);
+  for (int64_t c = 16; c < n; c += 16) a += load16(q + c) * load16(k + c);
+  return a;
+}
+
+// Query heads whose value sums one pass keeps in registers (4 running sums each): 4 x 4 of
+// AVX-512's 32 vector registers; AVX2's 16 hold one head's (each vec16 is two registers there).
+#ifdef __AVX512F__
+constexpr int64_t kValueHeads = 4;
+#else
+constexpr int64_t kValueHeads = 1;
+#endif
+
+// a[h][0, 16) += sum over positions i in [p0, p1) of s[h][i] * (v_i's 16 values at v), for NH
+// query heads that share one kv head: each value vector is loaded once for all of them (a pass
+// per head loaded it, its slot and its address once per head). Four running sums per head so
+// that consecutive multiply-adds do not wait on each other, summed as (0 + 1) + (2 + 3).
+template <int NH, typename scalar_t>
+void add_values(const float* const* s, float* const* a, const scalar_t* v, const int64_t* slots, int64_t slot_stride,
+                int64_t p0, int64_t p1) {
+  vec16 sum[NH][4];
+  for (int h = 0; h < NH; ++h) {
+    sum[h][0] = load16(a[h]);
+    sum[h][1] = sum[h][2] = sum[h][3] = vec16{};
+  }
+  int64_t i = p0;
+  for (; i + 4 <= p1; i += 4) {
+    vec16 value[4];
+    for (int t = 0; t < 4; ++t) value[t] = load16(v + slots[i + t] * slot_stride);
+    for (int h = 0; h < NH; ++h)
+      for (int t = 0; t < 4; ++t) sum[h][t] += s[h][i + t] * value[t];
+  }
+  for (; i < p1; ++i) {
+    const vec16 value = load16(v + slots[i] * slot_stride);
+    for (int h = 0; h < NH; ++h) sum[h][0] += s[h][i] * value;
+  }
+  for (int h = 0; h < NH; ++h) {
+    const vec16 total = (sum[h][0] + sum[h][1]) + (sum[h][2] + sum[h][3]);
+    std::memcpy(a[h], &total, sizeof total);
+  }
+}
+
+template <typename scalar_t>
+using AddValuesFn = void (*)(const float* const*, float* const*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t);
+template <typename scalar_t, size_t... N>
+constexpr std::array<AddValuesFn<scalar_t>, sizeof...(N)> make_add_values(std::index_sequence<N...>) {
+  return {add_values<N + 1, scalar_t>...};
+}
+template <typename scalar_t>
+constexpr auto kAddValues = make_add_values<scalar_t>(std::make_index_sequence<kValueHeads>{});  // [heads - 1]
+
 // Per-thread scratch an item reuses: scaled queries, scores and output sums in float, each
 // head's per-position score vectors of a chunk, and the cache slot of each attended position.
 struct AttendScratch {
@@ -90,10 +148,14 @@ constexpr int64_t kL2Ahead = 12;
 // earlier with prefetcht2 (outer caches), so that the paced L1 prefetch mostly finds it on chip
 // rather than in memory (tiny float32 at 64 sequences in the engine: 1.17-1.24 -> 0.89-1.00 ms
 // of attention per decode step; small's head dim 64, cache flushed: 664-732 -> 528-563 us a layer;
-// bfloat16 within this VM's noise). Values go in chunks and, inside a chunk, head by head:
-// each head's value sums stay in registers over the chunk, where slot-by-slot loops read and
-// wrote every head's sums in memory at each position. Scores are direct dot products along the
-// head dim; a head's result does not depend on which other heads share its item.
+// bfloat16 within this VM's noise). Values go in chunks and, inside a chunk, kv head by kv head:
+// the value sums of the query heads sharing it stay in registers over the chunk (add_values),
+// where slot-by-slot loops read and wrote every head's sums in memory at each position. Scores
+// are direct dot products along the head dim; a head's result does not depend on which other
+// heads share its item. With the cache warm, the dot products at a compile-time head dim, the
+// shared value loads and a vector max took 370-405 -> 168-182 us for 64 sequences of 32-96
+// positions (tiny's heads, Sapphire Rapids); with 48 MB read between calls, as the weights
+// pass between layers in the engine, 627 -> 552 us (small's: 1100 -> 940).
 template <typename scalar_t>
 void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const PagedContext<scalar_t>& ctx,
                   int64_t g0, int64_t g1, int64_t start, int64_t len, int64_t r, int64_t dk, int64_t dv, float scale,
@@ -134,45 +196,55 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
   }
   scratch.partials.resize(static_cast<size_t>(heads * kScoreChunk));
   vec16* partials = scratch.partials.data();  // [heads, kScoreChunk]
-  prefetch(k0, ctx.k_slot_stride, k_bytes, 0, kKeyAhead, l1);
-  for (int64_t i0 = 0; i0 < span; i0 += kScoreChunk) {
-    const int64_t n = std::min(kScoreChunk, span - i0);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = i0 + j;
-      prefetch(k0, ctx.k_slot_stride, k_bytes, i + kL2Ahead, i + kL2Ahead + 1, l2);
-      prefetch(v0, ctx.v_slot_stride, v_bytes, i + kL2Ahead, i + kL2Ahead + 1, l2);
-      prefetch(k0, ctx.k_slot_stride, k_bytes, i + kKeyAhead, i + kKeyAhead + 1, l1);
-      prefetch(v0, ctx.v_slot_stride, v_bytes, i, i + 1, l1);  // read after the softmax, from L2
-      const scalar_t* row = k0 + slots[i] * ctx.k_slot_stride;
-      for (int64_t g = 0; g < g1 - g0; ++g) {
-        const scalar_t* kp = row + g * ctx.k_head_stride;
-        for (int64_t h = g * r; h < (g + 1) * r; ++h) {
-          const float* qh = qf + h * dk;
-          if constexpr (kVectorLoads<scalar_t>) {
-            if (vector_scores) {  // the product stays a vector until the chunk's reduction
-              vec16 a{};
-              for (int64_t c = 0; c < dk; c += 16) a += load16(qh + c) * load16(kp + c);
-              partials[h * kScoreChunk + j] = a;
-              continue;
+  // The score pass, for a head dim fixed at compile time (DK > 0: the products unroll and stay
+  // in registers; a loop of runtime length per head and position, its pointers spilled, was about
+  // a third of the kernel's time with the cache warm) or of any length (DK = 0).
+  auto score_pass = [&](auto dk_tag) {
+    constexpr int64_t DK = decltype(dk_tag)::value;
+    prefetch(k0, ctx.k_slot_stride, k_bytes, 0, kKeyAhead, l1);
+    for (int64_t i0 = 0; i0 < span; i0 += kScoreChunk) {
+      const int64_t n = std::min(kScoreChunk, span - i0);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = i0 + j;
+        prefetch(k0, ctx.k_slot_stride, k_bytes, i + kL2Ahead, i + kL2Ahead + 1, l2);
+        prefetch(v0, ctx.v_slot_stride, v_bytes, i + kL2Ahead, i + kL2Ahead + 1, l2);
+        prefetch(k0, ctx.k_slot_stride, k_bytes, i + kKeyAhead, i + kKeyAhead + 1, l1);
+        prefetch(v0, ctx.v_slot_stride, v_bytes, i, i + 1, l1);  // read after the softmax, from L2
+        const scalar_t* row = k0 + slots[i] * ctx.k_slot_stride;
+        for (int64_t g = 0; g < g1 - g0; ++g) {
+          const scalar_t* kp = row + g * ctx.k_head_stride;
+          for (int64_t h = g * r; h < (g + 1) * r; ++h) {
+            if constexpr (kVectorLoads<scalar_t>) {
+              if (vector_scores) {  // the product stays a vector until the chunk's reduction
+                partials[h * kScoreChunk + j] = partial_dot<DK>(qf + h * dk, kp, dk);
+                continue;
+              }
             }
+            scores[h * span + i] = dot_row(qf + h * dk, kp, dk);
           }
-          scores[h * span + i] = dot_row(qh, kp, dk);
+        }
+      }
+      if (vector_scores) {
+        // One transposing reduction (sum_lanes_16) per head gives the chunk's scores.
+        for (int64_t h = 0; h < heads; ++h) {
+          vec16* part = partials + h * kScoreChunk;
+          for (int64_t j = n; j < kScoreChunk; ++j) part[j] = vec16{};
+          const vec16 sums = sum_lanes_16(part);
+          std::memcpy(scores + h * span + i0, &sums, n * sizeof(float));
         }
       }
     }
-    if (vector_scores) {
-      // One transposing reduction (sum_lanes_16) per head gives the chunk's scores.
-      for (int64_t h = 0; h < heads; ++h) {
-        vec16* part = partials + h * kScoreChunk;
-        for (int64_t j = n; j < kScoreChunk; ++j) part[j] = vec16{};
-        const vec16 sums = sum_lanes_16(part);
-        std::memcpy(scores + h * span + i0, &sums, n * sizeof(float));
-      }
-    }
+  };
+  switch (vector_scores ? dk : 0) {
+    case 32: score_pass(std::integral_constant<int64_t, 32>{}); break;
+    case 64: score_pass(std::integral_constant<int64_t, 64>{}); break;
+    case 128: score_pass(std::integral_constant<int64_t, 128>{}); break;
+    default: score_pass(std::integral_constant<int64_t, 0>{});
   }
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores + h * span;
     float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)  // a chain of scalar maxes was ~8% of the kernel's time
     for (int64_t i = 0; i < span; ++i) mx = std::max(mx, s[i]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -188,30 +260,27 @@ void attend_heads(const scalar_t* q, int64_t q_head_stride, scalar_t* out, const
     const int64_t p1 = std::min(span, p0 + kValueChunk);
     for (int64_t g = g0; g < g1; ++g) {
       const scalar_t* vg = ctx.v + g * ctx.v_head_stride;
-      for (int64_t h = (g - g0) * r; h < (g - g0 + 1) * r; ++h) {
-        const float* s = scores + h * span;
-        float* a = acc + h * dv;
-        if constexpr (kVectorLoads<scalar_t>) {
-          if (vector_values) {
+      const int64_t h_end = (g - g0 + 1) * r;
+      if constexpr (kVectorLoads<scalar_t>) {
+        if (vector_values) {
+          // The query heads sharing this kv head, kValueHeads at a time, each value vector loaded once for them.
+          for (int64_t h = (g - g0) * r; h < h_end; h += kValueHeads) {
+            const int64_t nh = std::min(kValueHeads, h_end - h);
+            const float* s[kValueHeads];
+            float* a[kValueHeads];
             for (int64_t c = 0; c < dv; c += 16) {
-              // Four running sums so that consecutive multiply-adds do not wait on each other.
-              vec16 sum0 = load16(a + c), sum1{}, sum2{}, sum3{};
-              int64_t i = p0;
-              for (; i + 4 <= p1; i += 4) {
-                sum0 += s[i] * load16(vg + slots[i] * ctx.v_slot_stride + c);
-                sum1 += s[i + 1] * load16(vg + slots[i + 1] * ctx.v_slot_stride + c);
-                sum2 += s[i + 2] * load16(vg + slots[i + 2] * ctx.v_slot_stride + c);
-                sum3 += s[i + 3] * load16(vg + slots[i + 3] * ctx.v_slot_stride + c);
+              for (int64_t t = 0; t < nh; ++t) {
+                s[t] = scores + (h + t) * span;
+                a[t] = acc + (h + t) * dv + c;
               }
-              for (; i < p1; ++i) sum0 += s[i] * load16(vg + slots[i] * ctx.v_slot_stride + c);
-              const vec16 total = (sum0 + sum1) + (sum2 + sum3);
-              std::memcpy(a + c, &total, sizeof total);
+              kAddValues<scalar_t>[nh - 1](s, a, vg + c, slots, ctx.v_slot_stride, p0, p1);
             }
-            continue;
           }
+          continue;
         }
-        for (int64_t i = p0; i < p1; ++i) add_scaled_row(a, s[i], vg + slots[i] * ctx.v_slot_stride, dv);
       }
+      for (int64_t h = (g - g0) * r; h < h_end; ++h)
+        for (int64_t i = p0; i < p1; ++i) add_scaled_row(acc + h * dv, scores[h * span + i], vg + slots[i] * ctx.v_slot_stride, dv);
     }
   }
   for (int64_t h = 0; h < heads; ++h)
