@@ -7,6 +7,7 @@ would have drawn next. Logprobs come from the model's raw distribution."""
 import torch
 
 from moefleet.cluster.sequence import Sequence
+from moefleet.kernels.greedy import argmax_rows
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -62,7 +63,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.
     if any(s.params.repetition_penalty != 1.0 for s in seqs):
         logits = logits.clone()
         apply_repetition_penalty(logits, seqs)
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = argmax_rows(logits).tolist()
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
         probs = filtered_probs(logits[random_rows], [seqs[i] for i in random_rows])

