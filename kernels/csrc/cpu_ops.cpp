@@ -372,22 +372,28 @@ void rotary_and_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Ten
     scalar_t* vc = v_cache.data_ptr<scalar_t>();
     const int64_t* slot = slots.data_ptr<int64_t>();
     const int64_t num_slots = k_cache.size(0);
-    std::vector<scalar_t> head(d);
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < T; ++t)
       TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "cache slot ", slot[t], " outside [0, ", num_slots, ")");
-      const scalar_t* ct = cp + t * d;
-      const scalar_t* st = sp + t * d;
-      for (int64_t h = 0; h < H; ++h) {
-        scalar_t* x = qp + t * q.stride(0) + h * q.stride(1);
-        rotate_half(x, ct, st, head.data(), d);
-        std::copy(head.begin(), head.end(), x);
+    // Tokens shared among the threads, 8 at least a task: a decode step's writes go to scattered
+    // cache slots that are mostly not in cache, and two threads keep twice the misses in flight
+    // (tiny float32 at 64 sequences: ~110 us a layer on one thread in the engine, ~30 us warm).
+    at::parallel_for(0, T, 8, [&](int64_t t_begin, int64_t t_end) {
+      std::vector<scalar_t> head(d);
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const scalar_t* ct = cp + t * d;
+        const scalar_t* st = sp + t * d;
+        for (int64_t h = 0; h < H; ++h) {
+          scalar_t* x = qp + t * q.stride(0) + h * q.stride(1);
+          rotate_half(x, ct, st, head.data(), d);
+          std::copy(head.begin(), head.end(), x);
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          rotate_half(kp + t * k.stride(0) + g * k.stride(1), ct, st, kc + slot[t] * k_cache.stride(0) + g * k_cache.stride(1), d);
+          const scalar_t* vs = vp + t * v.stride(0) + g * v.stride(1);
+          std::copy(vs, vs + dv, vc + slot[t] * v_cache.stride(0) + g * v_cache.stride(1));
+        }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        rotate_half(kp + t * k.stride(0) + g * k.stride(1), ct, st, kc + slot[t] * k_cache.stride(0) + g * k_cache.stride(1), d);
-        const scalar_t* vs = vp + t * v.stride(0) + g * v.stride(1);
-        std::copy(vs, vs + dv, vc + slot[t] * v_cache.stride(0) + g * v_cache.stride(1));
-      }
-    }
+    });
   });
 }
 
