@@ -41,6 +41,11 @@ def _sources() -> list[str]:
     return sorted(os.path.join(_CSRC, name) for name in os.listdir(_CSRC) if name.endswith(".cpp"))
 
 
+def cache_root() -> str:
+    """$MOEFLEET_CACHE, else ~/.cache/moefleet: where built kernels (and generated models) are kept."""
+    return os.environ.get("MOEFLEET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moefleet"))
+
+
 def _build_dir() -> str:
     source = b""
     for name in sorted(os.listdir(_CSRC)):  # headers too: a change to one must rebuild
@@ -48,8 +53,7 @@ def _build_dir() -> str:
             source += name.encode() + b"\0" + f.read()
     key_parts = [source, torch.__version__.encode(), _cpu_flags().encode(), " ".join(_CFLAGS + _LDFLAGS).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
-    root = os.environ.get("MOEFLEET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moefleet"))
-    path = os.path.join(root, "kernels", key)
+    path = os.path.join(cache_root(), "kernels", key)
     os.makedirs(path, exist_ok=True)
     return path
 

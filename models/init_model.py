@@ -8,6 +8,7 @@ import tempfile
 
 import torch
 
+from moefleet.kernels.cpu_extension import cache_root
 from moefleet.models.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
@@ -87,8 +88,7 @@ def init_model(arch: str, size: str, out_dir: str, seed: int = 0) -> str:
 
 def default_model_dir(arch: str = "mixtral", size: str = "tiny") -> str:
     """Where generated models are cached, made on first use."""
-    root = os.environ.get("MOEFLEET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moefleet"))
-    path = os.path.join(root, "models", f"{arch}-{size}-v1")
+    path = os.path.join(cache_root(), "models", f"{arch}-{size}-v1")
     if not os.path.isfile(os.path.join(path, "config.json")):
         init_model(arch, size, path)
     return path
