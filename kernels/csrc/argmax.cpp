@@ -20,7 +20,7 @@ namespace {
 int64_t argmax_row(const float* x, int64_t n) {
   float best = -std::numeric_limits<float>::infinity();
   int64_t at = 0;
-  bool nan = false;
+  bool maybe_nan = false;  // set by a NaN or an infinity
   int64_t i = 0;
   if (n >= 16 && n < (int64_t{1} << 24)) {  // indices exact in float
     // Per lane: the largest entry so far and its first index (a strict > keeps the first; NaN
@@ -42,7 +42,7 @@ int64_t argmax_row(const float* x, int64_t n) {
         best = most[lane];
         at = lane_at;
       }
-      nan |= poison[lane] != poison[lane];
+      maybe_nan |= poison[lane] != poison[lane];
     }
   }
   for (; i < n; ++i) {
@@ -50,9 +50,9 @@ int64_t argmax_row(const float* x, int64_t n) {
       best = x[i];
       at = i;
     }
-    nan |= std::isinf(x[i]) || x[i] != x[i];
+    maybe_nan |= std::isinf(x[i]) || x[i] != x[i];
   }
-  if (nan)  // a NaN or an infinity somewhere: the first NaN if there is one
+  if (maybe_nan)  // the first NaN, if there is one
     for (int64_t j = 0; j < n; ++j)
       if (x[j] != x[j]) return j;
   return at;
