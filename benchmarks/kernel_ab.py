@@ -15,7 +15,6 @@ the same tokens (greedy decoding). Nothing is written to docs/.
 """
 
 import argparse
-import hashlib
 import os
 import pkgutil
 import subprocess
@@ -47,24 +46,20 @@ def build(sources: dict[str, str]):
     """Build the sources as torch.ops.moefleet_ab. Every "moefleet" becomes the new name, the C++
     namespace too, so neither library's symbols stand in for the other's."""
     import torch
-    from torch.utils.cpp_extension import load
 
-    from moefleet.kernels.cpu_extension import _CFLAGS, _LDFLAGS, cache_root
+    from moefleet.kernels.cpu_extension import compile_library, keyed_build_dir
 
     renamed = {name: text.replace("moefleet", NAMESPACE) for name, text in sources.items()}
-    key = hashlib.sha256("".join(n + "\0" + t for n, t in sorted(renamed.items())).encode()).hexdigest()[:16]
-    build_dir = os.path.join(cache_root(), "kernels-ab", key)
-    os.makedirs(build_dir, exist_ok=True)
+    build_dir = keyed_build_dir({name: text.encode() for name, text in renamed.items()}, "kernels-ab")
     paths = []
     for name, text in renamed.items():
         path = os.path.join(build_dir, name)
-        if not os.path.exists(path) or open(path).read() != text:  # an unchanged file keeps ninja's cache
+        if not os.path.exists(path):  # the directory is keyed by the sources: a file there is this text
             with open(path, "w") as f:
                 f.write(text)
         if name.endswith(".cpp"):
             paths.append(path)
-    load(name=f"{NAMESPACE}_ops", sources=paths, extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-         build_directory=build_dir, is_python_module=False, verbose=False)
+    compile_library(f"{NAMESPACE}_ops", paths, build_dir)
     return getattr(torch.ops, NAMESPACE)
 
 

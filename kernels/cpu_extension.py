@@ -46,16 +46,32 @@ def cache_root() -> str:
     return os.environ.get("MOEFLEET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moefleet"))
 
 
-def _build_dir() -> str:
-    source = b""
-    for name in sorted(os.listdir(_CSRC)):  # headers too: a change to one must rebuild
-        with open(os.path.join(_CSRC, name), "rb") as f:
-            source += name.encode() + b"\0" + f.read()
+def keyed_build_dir(sources: dict[str, bytes], kind: str = "kernels") -> str:
+    """$MOEFLEET_CACHE/<kind>/<key>, made if absent: the key covers the sources (file name ->
+    bytes, headers too: a change to one must rebuild), torch's version, this CPU's flags and the
+    compile flags, so another CPU or torch never loads a build that was not made for it."""
+    source = b"".join(name.encode() + b"\0" + sources[name] for name in sorted(sources))
     key_parts = [source, torch.__version__.encode(), _cpu_flags().encode(), " ".join(_CFLAGS + _LDFLAGS).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
-    path = os.path.join(cache_root(), "kernels", key)
+    path = os.path.join(cache_root(), kind, key)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def compile_library(name: str, cpp_paths: list[str], build_dir: str) -> None:
+    """Compile and link the sources as lib <name>.so in build_dir and load it (its ops register)."""
+    from torch.utils.cpp_extension import load
+
+    load(name=name, sources=cpp_paths, extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir,
+         is_python_module=False, verbose=False)
+
+
+def _build_dir() -> str:
+    sources = {}
+    for name in os.listdir(_CSRC):
+        with open(os.path.join(_CSRC, name), "rb") as f:
+            sources[name] = f.read()
+    return keyed_build_dir(sources)
 
 
 def _load():
@@ -70,11 +86,8 @@ def _load():
     if os.path.exists(finished):
         torch.ops.load_library(os.path.join(build_dir, f"{_LIBRARY}.so"))
     else:
-        from torch.utils.cpp_extension import load
-
         log.warning("building moefleet's CPU kernels for this machine (once; ~15 s) in %s", build_dir)
-        load(name=_LIBRARY, sources=_sources(), extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir,
-             is_python_module=False, verbose=False)
+        compile_library(_LIBRARY, _sources(), build_dir)
         with open(finished, "w") as f:  # after the link: the library is whole
             f.write(torch.__version__)
     return torch.ops.moefleet, ""
