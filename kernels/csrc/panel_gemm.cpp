@@ -5,10 +5,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cstring>
 #include <cmath>
 #include <type_traits>
 #include <utility>
@@ -150,32 +153,36 @@ template <typename T>
   }
 }
 
+// Row m's 32 results (lo, hi) out: swiglu gives silu(gate) * up into columns 16p.., otherwise
+// panel p's columns are stored, or added times the row's weight.
+template <typename T>
+[[gnu::always_inline]] inline void finish_row(T* out, const float* weight, const vec16& lo, const vec16& hi, int64_t n,
+                                              bool swiglu, int64_t p) {
+  if (swiglu) {
+    const int64_t first = p * 16, count = std::min<int64_t>(16, n - first);
+    const vec16 act = lo / (1.f + exp16(-lo)) * hi;  // silu(gate) * up, as F.silu computes it
+    if constexpr (std::is_same_v<T, float>) {
+      if (count == 16) {
+        std::memcpy(out + first, &act, sizeof act);
+        return;
+      }
+    }
+    for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(act[j]);
+  } else {
+    const int64_t first = p * kPanelWidth, count = std::min<int64_t>(kPanelWidth, n - first);
+    if (weight != nullptr)
+      add_weighted_columns(out + first, lo, hi, count, *weight);
+    else
+      store_columns(out + first, lo, hi, count);
+  }
+}
+
 template <typename T, int rows, bool prefetch>
 void run_block(const RowBlock<T>& block, const T* panel, int64_t K, int64_t n, bool swiglu, int64_t p) {
   vec16 lo[rows], hi[rows];
   multiply_block<rows, prefetch>(block.x, panel, K, lo, hi);
-  for (int m = 0; m < rows; ++m) {
-    T* out = block.y[m];
-    if (swiglu) {
-      const int64_t first = p * 16, count = std::min<int64_t>(16, n - first);
-      const vec16 act = lo[m] / (1.f + exp16(-lo[m])) * hi[m];  // silu(gate) * up, as F.silu computes it
-      bool stored = false;
-      if constexpr (std::is_same_v<T, float>) {
-        if (count == 16) {
-          std::memcpy(out + first, &act, sizeof act);
-          stored = true;
-        }
-      }
-      if (!stored)
-        for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(act[j]);
-    } else {
-      const int64_t first = p * kPanelWidth, count = std::min<int64_t>(kPanelWidth, n - first);
-      if (block.weight != nullptr)
-        add_weighted_columns(out + first, lo[m], hi[m], count, block.weight[m]);
-      else
-        store_columns(out + first, lo[m], hi[m], count);
-    }
-  }
+  for (int m = 0; m < rows; ++m)
+    finish_row(block.y[m], block.weight != nullptr ? block.weight + m : nullptr, lo[m], hi[m], n, swiglu, p);
 }
 
 template <typename T>
@@ -212,6 +219,68 @@ void panel_gemm(const PanelMultiply<T>& mm, int64_t row_begin, int64_t row_end, 
   }
 }
 
+#ifdef __AMX_BF16__
+// Paired bfloat16 panels through oneDNN's batch-reduce GEMM micro-kernel (ATen's cpublas::brgemm,
+// JIT-compiled for this CPU, cached per shape and thread): a paired panel [K/2, 64] is the VNNI
+// layout it takes as B, so on AMX CPUs the tiles multiply our weights as they lie. x's rows are
+// gathered into one block first where an expert reads them by index; each tile of up to
+// kTileRows rows lands in a float32 buffer and leaves through the register path's epilogues.
+// Tiles outer, panels inner: a thread's panels stay in L2 while the tiles pass, and one kernel
+// serves every full tile (a kernel switch reconfigures the AMX tiles).
+constexpr int64_t kTileRows = 32;
+static_assert(kBf16PanelKGroup == 2, "brgemm reads bfloat16 panels in k pairs (AMX CPUs have AVX512-BF16)");
+
+void panel_gemm_brgemm(const PanelMultiply<bf16>& mm, int64_t row_begin, int64_t row_end, int64_t panel_begin,
+                       int64_t panel_end) {
+  thread_local std::vector<bf16> gathered;
+  const bf16* a = mm.x + row_begin * mm.ldx;
+  int64_t lda = mm.ldx;
+  if (mm.x_rows != nullptr) {
+    gathered.resize((row_end - row_begin) * mm.K);
+    for (int64_t m = row_begin; m < row_end; ++m)
+      std::memcpy(gathered.data() + (m - row_begin) * mm.K, mm.x + mm.x_rows[m] * mm.ldx, mm.K * sizeof(bf16));
+    a = gathered.data();
+    lda = mm.K;
+  }
+  alignas(64) float tile[kTileRows * kPanelWidth];
+  for (int64_t m0 = row_begin; m0 < row_end; m0 += kTileRows) {
+    const int64_t rows = std::min<int64_t>(kTileRows, row_end - m0);
+    for (int64_t p = panel_begin; p < panel_end; ++p) {
+      at::native::cpublas::brgemm(rows, kPanelWidth, mm.K, lda, kPanelWidth, kPanelWidth, false,
+                                  a + (m0 - row_begin) * lda, mm.panels + p * mm.K * kPanelWidth, tile, true);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t m = m0 + i;
+        bf16* out = mm.y + (mm.y_rows != nullptr ? mm.y_rows[m] : m) * mm.ldy;
+        finish_row(out, mm.y_weights != nullptr ? mm.y_weights + m : nullptr, load16(tile + i * kPanelWidth),
+                   load16(tile + i * kPanelWidth + 16), mm.n, mm.swiglu, p);
+      }
+    }
+  }
+}
+#endif
+
+// bfloat16 multiplies of at least this many rows go to brgemm on AMX CPUs (0: none). At 4 rows
+// it was 1.0-1.5x the register path (1-2 threads), at 16 2.3-3.8x, at 64-2048 4-9x; at 1-2
+// rows 0.93-0.98x.
+std::atomic<int64_t> g_brgemm_min_rows{4};
+
+// Rows [row_begin, row_end) of mm through panels [panel_begin, panel_end), by brgemm or the
+// register blocks; returns whether brgemm ran (its AMX context is released after a batch).
+template <typename T>
+bool panel_rows(const PanelMultiply<T>& mm, int64_t row_begin, int64_t row_end, int64_t panel_begin, int64_t panel_end) {
+#ifdef __AMX_BF16__
+  if constexpr (std::is_same_v<T, bf16>) {
+    const int64_t min_rows = g_brgemm_min_rows.load(std::memory_order_relaxed);
+    if (min_rows > 0 && mm.rows >= min_rows) {
+      panel_gemm_brgemm(mm, row_begin, row_end, panel_begin, panel_end);
+      return true;
+    }
+  }
+#endif
+  panel_gemm(mm, row_begin, row_end, panel_begin, panel_end);
+  return false;
+}
+
 }  // namespace
 
 template <typename T>
@@ -224,6 +293,7 @@ void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies) {
   // parts of each weight side by side (measured faster from memory than each thread streaming
   // whole experts of its own: 37 vs 25 GB/s here) and finish together however skewed the rows.
   auto run = [&](int64_t t) {
+    bool brgemm_ran = false;
     for (const auto& mm : multiplies) {
       const int64_t first = mm.num_panels * t / threads, last = mm.num_panels * (t + 1) / threads;
       // Many rows (a prefill) are taken in chunks of ~256 KB of x, so that a chunk stays in L2
@@ -231,8 +301,10 @@ void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies) {
       // memory (a 64-prompt prefill ran 2.5x slower than oneDNN). A decode step's rows are one chunk.
       const int64_t row_bytes = static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(1, mm.K);
       const int64_t chunk = std::max<int64_t>(kMaxRows, 262144 / row_bytes / kMaxRows * kMaxRows);
-      for (int64_t row = 0; row < mm.rows; row += chunk) panel_gemm(mm, row, std::min(row + chunk, mm.rows), first, last);
+      for (int64_t row = 0; row < mm.rows; row += chunk)
+        brgemm_ran |= panel_rows(mm, row, std::min(row + chunk, mm.rows), first, last);
     }
+    if (brgemm_ran) at::native::cpublas::brgemm_release(true);
   };
   if (threads == 1) {
     run(0);
@@ -246,6 +318,14 @@ void panel_gemm_batch(const std::vector<PanelMultiply<T>>& multiplies) {
 template void panel_gemm_batch<float>(const std::vector<PanelMultiply<float>>&);
 template void panel_gemm_batch<bf16>(const std::vector<PanelMultiply<bf16>>&);
 int64_t bf16_panel_k_group() { return kBf16PanelKGroup; }
+
+// torch.ops.moefleet.bf16_brgemm_min_rows(min_rows): from how many rows bfloat16 multiplies use
+// brgemm on AMX CPUs (0: never; elsewhere it has no effect); a negative value only asks.
+// Returns the setting in force (A/B measurements switch it within one process).
+int64_t bf16_brgemm_min_rows(int64_t min_rows) {
+  if (min_rows >= 0) g_brgemm_min_rows.store(min_rows);
+  return g_brgemm_min_rows.load();
+}
 
 namespace {
 
@@ -283,6 +363,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n
 TORCH_LIBRARY_FRAGMENT(moefleet, m) {
   m.def("panel_linear(Tensor x, Tensor panels, int n, bool swiglu) -> Tensor");
   m.def("bf16_panel_k_group() -> int", &bf16_panel_k_group);
+  m.def("bf16_brgemm_min_rows(int min_rows) -> int", &bf16_brgemm_min_rows);
 }
 
 TORCH_LIBRARY_IMPL(moefleet, CPU, m) { m.impl("panel_linear", &panel_linear); }

@@ -451,3 +451,40 @@ def test_argmax_rows_chooses_as_torch_argmax():
     assert ops.argmax_rows(logits[:0]).shape == (0,)
     with pytest.raises(RuntimeError, match="float32"):
         ops.argmax_rows(logits.double())
+
+
+@pytest.fixture
+def bf16_brgemm_off():
+    """Yields a function that switches bfloat16's brgemm path off (0) or on from n rows."""
+    ops = cpu_ops()
+    assert ops is not None, unavailable_reason()
+    before = ops.bf16_brgemm_min_rows(-1)
+    yield ops.bf16_brgemm_min_rows
+    ops.bf16_brgemm_min_rows(before)
+
+
+@pytest.mark.parametrize("rows", [4, 31, 33, 70])
+def test_bfloat16_brgemm_path_agrees_with_the_register_path(rows, bf16_brgemm_off, torch_threads):
+    """On AMX CPUs bfloat16 multiplies of 4+ rows go through oneDNN's brgemm over the same paired
+    panels (tiles of 32 rows: 31, 33 and 70 cross them): linears and the fused experts (rows
+    gathered by index, outputs added by weight) agree with the register path within bf16 rounding."""
+    set_min_rows = bf16_brgemm_off
+    if "amx_bf16" not in open("/proc/cpuinfo").read():
+        pytest.skip("no AMX on this CPU: bfloat16 stays on the register path")
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=gen).bfloat16()
+    x = torch.randn(rows, 64, generator=gen).bfloat16()
+    d, inter, num_slots = 64, 48, 3
+    experts = [swiglu_linears(*(torch.randn(2 * inter, d, generator=gen) * 0.2).bfloat16().chunk(2),
+                              (torch.randn(d, inter, generator=gen) * 0.2).bfloat16()) for _ in range(num_slots)]
+    pair_rows = torch.randint(0, rows, (3 * rows,), generator=gen)
+    slots = torch.arange(3 * rows) % num_slots
+    weights = torch.rand(3 * rows, generator=gen)
+    results = []
+    for min_rows in (0, 4):
+        set_min_rows(min_rows)
+        assert set_min_rows(-1) == min_rows
+        results.append((Linear(weight)(x), grouped_swiglu(x, pair_rows, slots, weights, experts, rows, expert_weight_lists(experts))))
+    (linear_regs, experts_regs), (linear_brgemm, experts_brgemm) = results
+    assert_close_to(linear_brgemm, linear_regs.float(), torch.bfloat16)
+    torch.testing.assert_close(experts_brgemm.float(), experts_regs.float(), atol=2e-2, rtol=2.0**-7)
