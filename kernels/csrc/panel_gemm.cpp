@@ -131,6 +131,15 @@ template <typename T>
       return;
     }
   }
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (count == kPanelWidth) {
+      store16(out, lo);
+      store16(out + 16, hi);
+      return;
+    }
+  }
+#endif
   for (int64_t j = 0; j < count; ++j) out[j] = static_cast<T>(j < 16 ? lo[j] : hi[j - 16]);
 }
 
@@ -147,6 +156,16 @@ template <typename T>
       return;
     }
   }
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, bf16>) {  // the same three roundings, 16 lanes at a time
+    if (count == kPanelWidth) {
+      const float wf = static_cast<float>(w);
+      store16(out, load16(out) + round_to_bf16(round_to_bf16(lo) * wf));
+      store16(out + 16, load16(out + 16) + round_to_bf16(round_to_bf16(hi) * wf));
+      return;
+    }
+  }
+#endif
   for (int64_t j = 0; j < count; ++j) {
     const T v = static_cast<T>(j < 16 ? lo[j] : hi[j - 16]);
     out[j] = static_cast<T>(out[j] + static_cast<T>(v * w));
@@ -167,6 +186,14 @@ template <typename T>
         return;
       }
     }
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (count == 16) {
+        store16(out + first, act);
+        return;
+      }
+    }
+#endif
     for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(act[j]);
   } else {
     const int64_t first = p * kPanelWidth, count = std::min<int64_t>(kPanelWidth, n - first);
@@ -225,9 +252,12 @@ void panel_gemm(const PanelMultiply<T>& mm, int64_t row_begin, int64_t row_end, 
 // layout it takes as B, so on AMX CPUs the tiles multiply our weights as they lie. x's rows are
 // gathered into one block first where an expert reads them by index; each tile of up to
 // kTileRows rows lands in a float32 buffer and leaves through the register path's epilogues.
-// Tiles outer, panels inner: a thread's panels stay in L2 while the tiles pass, and one kernel
-// serves every full tile (a kernel switch reconfigures the AMX tiles).
+// Panels go in groups of ~512 KB that stay in L2 while every tile of rows passes over them
+// (tiles outer over all of a thread's panels re-read a small-model expert's 2.4 MB share from
+// memory for every tile); within a group one kernel serves every full tile (a kernel switch
+// reconfigures the AMX tiles).
 constexpr int64_t kTileRows = 32;
+constexpr int64_t kBrgemmPanelBytes = 512 << 10;
 static_assert(kBf16PanelKGroup == 2, "brgemm reads bfloat16 panels in k pairs (AMX CPUs have AVX512-BF16)");
 
 void panel_gemm_brgemm(const PanelMultiply<bf16>& mm, int64_t row_begin, int64_t row_end, int64_t panel_begin,
@@ -243,9 +273,11 @@ void panel_gemm_brgemm(const PanelMultiply<bf16>& mm, int64_t row_begin, int64_t
     lda = mm.K;
   }
   alignas(64) float tile[kTileRows * kPanelWidth];
+  const int64_t group = std::max<int64_t>(1, kBrgemmPanelBytes / (mm.K * kPanelWidth * static_cast<int64_t>(sizeof(bf16))));
+  for (int64_t g0 = panel_begin; g0 < panel_end; g0 += group)
   for (int64_t m0 = row_begin; m0 < row_end; m0 += kTileRows) {
     const int64_t rows = std::min<int64_t>(kTileRows, row_end - m0);
-    for (int64_t p = panel_begin; p < panel_end; ++p) {
+    for (int64_t p = g0; p < std::min(g0 + group, panel_end); ++p) {
       at::native::cpublas::brgemm(rows, kPanelWidth, mm.K, lda, kPanelWidth, kPanelWidth, false,
                                   a + (m0 - row_begin) * lda, mm.panels + p * mm.K * kPanelWidth, tile, true);
       for (int64_t i = 0; i < rows; ++i) {

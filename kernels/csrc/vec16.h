@@ -60,6 +60,25 @@ inline vec16 pow2_integral(vec16 n) {
   return reinterpret_cast<const vec16&>(bits);
 }
 
+typedef uint32_t vec16u32 __attribute__((vector_size(64)));
+
+// Each lane rounded to bfloat16 as c10::BFloat16(float) rounds it (to nearest, ties to even; a
+// NaN becomes 0x7FC0), still as a float: its low 16 bits zero.
+inline vec16 round_to_bf16(vec16 v) {
+  const vec16u32 bits = reinterpret_cast<const vec16u32&>(v);
+  vec16u32 rounded = (bits + (0x7FFFu + ((bits >> 16) & 1u))) & 0xFFFF0000u;
+  rounded = v != v ? vec16u32{} + 0x7FC00000u : rounded;
+  return reinterpret_cast<const vec16&>(rounded);
+}
+
+// 16 lanes stored as bfloat16, rounded as round_to_bf16 rounds them (a bfloat16 store of 16 lanes
+// one at a time was most of an AMX tile's epilogue).
+inline void store16(c10::BFloat16* p, vec16 v) {
+  const vec16 rounded = round_to_bf16(v);
+  const vec16u32 high = reinterpret_cast<const vec16u32&>(rounded) >> 16;
+  *reinterpret_cast<vec16u16*>(p) = __builtin_convertvector(high, vec16u16);
+}
+
 inline float horizontal_sum(vec16 v) {
   return horizontal_sum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
