@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 namespace moefleet {
 namespace {
@@ -28,10 +29,42 @@ void rms_norm_row(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t D
   for (int64_t c = 0; c < D; ++c) out[c] = static_cast<scalar_t>(w[c] * static_cast<scalar_t>(to_float(x[c]) * inv));
 }
 
+#ifdef __AVX512F__
+// bfloat16 rows of a multiple of 16, 16 lanes at a time with the same roundings (c10's
+// BFloat16 conversions do not vectorize: the scalar loops took ~2.5 ms for a 2048 x 768 prefill).
+template <>
+void rms_norm_row(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* out, int64_t D, float eps) {
+  if (D % 16 != 0) {
+    float sum = 0.f;
+    for (int64_t c = 0; c < D; ++c) sum += to_float(x[c]) * to_float(x[c]);
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+    for (int64_t c = 0; c < D; ++c)
+      out[c] = static_cast<c10::BFloat16>(w[c] * static_cast<c10::BFloat16>(to_float(x[c]) * inv));
+    return;
+  }
+  vec16 squares{};
+  for (int64_t c = 0; c < D; c += 16) {
+    const vec16 v = load16(x + c);
+    squares += v * v;
+  }
+  const float inv = 1.f / std::sqrt(horizontal_sum(squares) / static_cast<float>(D) + eps);
+  for (int64_t c = 0; c < D; c += 16) store16(out + c, load16(w + c) * round_to_bf16(load16(x + c) * inv));
+}
+#endif
+
 // sum = residual + delta, rounded to the dtype (as torch's add rounds it), then its norm.
 template <typename scalar_t>
 void add_rms_norm_row(const scalar_t* residual, const scalar_t* delta, const scalar_t* w, scalar_t* sum,
                       scalar_t* out, int64_t D, float eps) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (D % 16 == 0) {
+      for (int64_t c = 0; c < D; c += 16) store16(sum + c, load16(residual + c) + load16(delta + c));
+      rms_norm_row(sum, w, out, D, eps);
+      return;
+    }
+  }
+#endif
 #pragma omp simd
   for (int64_t c = 0; c < D; ++c) sum[c] = static_cast<scalar_t>(to_float(residual[c]) + to_float(delta[c]));
   rms_norm_row(sum, w, out, D, eps);
