@@ -346,6 +346,29 @@ inline void rotate_half(const scalar_t* x, const scalar_t* cos, const scalar_t* 
   }
 }
 
+#ifdef __AVX512F__
+// bfloat16 heads whose half is a multiple of 16: 16 lanes at a time, each product and the sum
+// rounded as above (c10's scalar conversions kept the loop above scalar: a 2048-token prefill
+// of the small Mixtral spent ~1.8 ms a layer here).
+template <>
+inline void rotate_half(const c10::BFloat16* x, const c10::BFloat16* cos, const c10::BFloat16* sin, c10::BFloat16* out,
+                        int64_t d) {
+  const int64_t half = d / 2;
+  if (half % 16 != 0) {
+    for (int64_t c = 0; c < d; ++c) {
+      const c10::BFloat16 rotated = c < half ? static_cast<c10::BFloat16>(-x[c + half]) : x[c - half];
+      out[c] = static_cast<c10::BFloat16>(static_cast<c10::BFloat16>(x[c] * cos[c]) + static_cast<c10::BFloat16>(rotated * sin[c]));
+    }
+    return;
+  }
+  for (int64_t c = 0; c < half; c += 16) {
+    const vec16 first = load16(x + c), second = load16(x + c + half);
+    store16(out + c, round_to_bf16(first * load16(cos + c)) + round_to_bf16(-second * load16(sin + c)));
+    store16(out + c + half, round_to_bf16(second * load16(cos + c + half)) + round_to_bf16(first * load16(sin + c + half)));
+  }
+}
+#endif
+
 // One step's new tokens: q [T, H, d] rotated in place; k [T, G, d] rotated and v [T, G, dv]
 // copied into the cache slots slot_mapping [T] of k_cache [S, G, d] and v_cache [S, G, dv].
 // cos, sin: [T, d] (or [T, 1, d]) in q's dtype. Replaces ~14 small ops per layer.
