@@ -4,6 +4,7 @@
 #include "vector_math.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <atomic>
 #include <cstring>
 #include <cmath>
+#include <exception>
 #include <type_traits>
 #include <utility>
 
@@ -274,20 +276,41 @@ void panel_gemm_brgemm(const PanelMultiply<bf16>& mm, int64_t row_begin, int64_t
   }
   alignas(64) float tile[kTileRows * kPanelWidth];
   const int64_t group = std::max<int64_t>(1, kBrgemmPanelBytes / (mm.K * kPanelWidth * static_cast<int64_t>(sizeof(bf16))));
-  for (int64_t g0 = panel_begin; g0 < panel_end; g0 += group)
-  for (int64_t m0 = row_begin; m0 < row_end; m0 += kTileRows) {
-    const int64_t rows = std::min<int64_t>(kTileRows, row_end - m0);
-    for (int64_t p = g0; p < std::min(g0 + group, panel_end); ++p) {
-      at::native::cpublas::brgemm(rows, kPanelWidth, mm.K, lda, kPanelWidth, kPanelWidth, false,
-                                  a + (m0 - row_begin) * lda, mm.panels + p * mm.K * kPanelWidth, tile, true);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t m = m0 + i;
-        bf16* out = mm.y + (mm.y_rows != nullptr ? mm.y_rows[m] : m) * mm.ldy;
-        finish_row(out, mm.y_weights != nullptr ? mm.y_weights + m : nullptr, load16(tile + i * kPanelWidth),
-                   load16(tile + i * kPanelWidth + 16), mm.n, mm.swiglu, p);
+  for (int64_t g0 = panel_begin; g0 < panel_end; g0 += group) {
+    for (int64_t m0 = row_begin; m0 < row_end; m0 += kTileRows) {
+      const int64_t rows = std::min<int64_t>(kTileRows, row_end - m0);
+      for (int64_t p = g0; p < std::min(g0 + group, panel_end); ++p) {
+        at::native::cpublas::brgemm(rows, kPanelWidth, mm.K, lda, kPanelWidth, kPanelWidth, false,
+                                    a + (m0 - row_begin) * lda, mm.panels + p * mm.K * kPanelWidth, tile, true);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t m = m0 + i;
+          bf16* out = mm.y + (mm.y_rows != nullptr ? mm.y_rows[m] : m) * mm.ldy;
+          finish_row(out, mm.y_weights != nullptr ? mm.y_weights + m : nullptr, load16(tile + i * kPanelWidth),
+                     load16(tile + i * kPanelWidth + 16), mm.n, mm.swiglu, p);
+        }
       }
     }
   }
+}
+
+// Whether ATen's brgemm takes paired bf16 panels here: it needs oneDNN's micro-kernels built into
+// torch (else it raises) and oneDNN left on (torch.backends.mkldnn.enabled). Probed once with a
+// 1 x 32 x 2 multiply; the switch is read at every call, as a user may turn oneDNN off.
+bool brgemm_usable() {
+  static const bool built_in = [] {
+    try {
+      const bf16 a[2] = {bf16(1.f), bf16(2.f)};
+      bf16 b[2 * kPanelWidth];
+      for (int64_t j = 0; j < 2 * kPanelWidth; ++j) b[j] = bf16(1.f);
+      float c[kPanelWidth];
+      at::native::cpublas::brgemm(1, kPanelWidth, 2, 2, kPanelWidth, kPanelWidth, false, a, b, c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c[0] == 3.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return built_in && at::globalContext().userEnabledMkldnn();
 }
 #endif
 
@@ -303,7 +326,7 @@ bool panel_rows(const PanelMultiply<T>& mm, int64_t row_begin, int64_t row_end, 
 #ifdef __AMX_BF16__
   if constexpr (std::is_same_v<T, bf16>) {
     const int64_t min_rows = g_brgemm_min_rows.load(std::memory_order_relaxed);
-    if (min_rows > 0 && mm.rows >= min_rows) {
+    if (min_rows > 0 && mm.rows >= min_rows && brgemm_usable()) {
       panel_gemm_brgemm(mm, row_begin, row_end, panel_begin, panel_end);
       return true;
     }

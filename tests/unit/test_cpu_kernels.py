@@ -488,3 +488,16 @@ def test_bfloat16_brgemm_path_agrees_with_the_register_path(rows, bf16_brgemm_of
     (linear_regs, experts_regs), (linear_brgemm, experts_brgemm) = results
     assert_close_to(linear_brgemm, linear_regs.float(), torch.bfloat16)
     torch.testing.assert_close(experts_brgemm.float(), experts_regs.float(), atol=2e-2, rtol=2.0**-7)
+
+
+def test_bfloat16_multiplies_serve_with_onednn_switched_off():
+    """torch.backends.mkldnn.enabled = False makes ATen's brgemm refuse paired bf16 panels: the
+    multiply must then stay on the register path rather than raise mid-request."""
+    assert cpu_ops() is not None, unavailable_reason()
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(64, 32, generator=gen).bfloat16()
+    x = torch.randn(40, 32, generator=gen).bfloat16()
+    linear = Linear(weight)
+    with torch.backends.mkldnn.flags(enabled=False):
+        got = linear(x)
+    assert_close_to(got, F.linear(x.float(), weight.float()), torch.bfloat16, atol=2.0**-7 * 8)
