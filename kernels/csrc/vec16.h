@@ -71,8 +71,8 @@ inline vec16 round_to_bf16(vec16 v) {
   return reinterpret_cast<const vec16&>(rounded);
 }
 
-// 16 lanes stored as bfloat16, rounded as round_to_bf16 rounds them (a bfloat16 store of 16 lanes
-// one at a time was most of an AMX tile's epilogue).
+// 16 lanes stored as bfloat16, rounded as round_to_bf16 rounds them (c10's conversion, one lane
+// at a time, keeps a loop of bfloat16 stores scalar).
 inline void store16(c10::BFloat16* p, vec16 v) {
   const vec16 rounded = round_to_bf16(v);
   const vec16u32 high = reinterpret_cast<const vec16u32&>(rounded) >> 16;

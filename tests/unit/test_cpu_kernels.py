@@ -454,8 +454,9 @@ def test_argmax_rows_chooses_as_torch_argmax():
 
 
 @pytest.fixture
-def bf16_brgemm_off():
-    """Yields a function that switches bfloat16's brgemm path off (0) or on from n rows."""
+def set_bf16_brgemm_min_rows():
+    """Yields the op that sets from how many rows bfloat16 multiplies take brgemm (0: never), and
+    restores the setting afterwards."""
     ops = cpu_ops()
     assert ops is not None, unavailable_reason()
     before = ops.bf16_brgemm_min_rows(-1)
@@ -464,11 +465,11 @@ def bf16_brgemm_off():
 
 
 @pytest.mark.parametrize("rows", [4, 31, 33, 70])
-def test_bfloat16_brgemm_path_agrees_with_the_register_path(rows, bf16_brgemm_off, torch_threads):
+def test_bfloat16_brgemm_path_agrees_with_the_register_path(rows, set_bf16_brgemm_min_rows, torch_threads):
     """On AMX CPUs bfloat16 multiplies of 4+ rows go through oneDNN's brgemm over the same paired
     panels (tiles of 32 rows: 31, 33 and 70 cross them): linears and the fused experts (rows
     gathered by index, outputs added by weight) agree with the register path within bf16 rounding."""
-    set_min_rows = bf16_brgemm_off
+    set_min_rows = set_bf16_brgemm_min_rows
     if "amx_bf16" not in open("/proc/cpuinfo").read():
         pytest.skip("no AMX on this CPU: bfloat16 stays on the register path")
     gen = torch.Generator().manual_seed(rows)
