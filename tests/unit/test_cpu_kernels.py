@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moefleet.kernels.attention import AttentionBatch, _decode_reference, rotate_and_write_kv, write_kv
 from moefleet.kernels.rotary import apply_rotary
-from moefleet.kernels.cpu_extension import cpu_ops, unavailable_reason
+from moefleet.kernels.cpu_extension import _cpu_flags, cpu_ops, unavailable_reason
 from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu, swiglu, swiglu_linears
 from moefleet.kernels.linear import Linear
 from moefleet.kernels.panel_linear import GateUpPanels, pack_gate_up_panels, pack_panels, unpack_gate_up_panels, unpack_panels
@@ -470,7 +470,7 @@ def test_bfloat16_brgemm_path_agrees_with_the_register_path(rows, set_bf16_brgem
     panels (tiles of 32 rows: 31, 33 and 70 cross them): linears and the fused experts (rows
     gathered by index, outputs added by weight) agree with the register path within bf16 rounding."""
     set_min_rows = set_bf16_brgemm_min_rows
-    if "amx_bf16" not in open("/proc/cpuinfo").read():
+    if "amx_bf16" not in _cpu_flags().split():
         pytest.skip("no AMX on this CPU: bfloat16 stays on the register path")
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=gen).bfloat16()
