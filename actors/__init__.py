@@ -1,1 +1,2 @@
-"""Processes of a cluster as plain classes; Ray shells are applied late, where they are started."""
+"""The Ray shells: thin actor classes and ray.remote factories over the plain classes in cluster/
+(this package imports cluster/; cluster/ never imports it)."""

@@ -5,12 +5,12 @@ stream through it at once)."""
 import asyncio
 import os
 
-from moefleet.cluster.async_engine import AsyncEngine, Delta
-from moefleet.cluster.config import EngineConfig
-from moefleet.cluster.engine import LLMEngine
+from moefleet.cluster.config.engine_config import EngineConfig
+from moefleet.cluster.engine.async_engine import AsyncEngine, Delta
+from moefleet.cluster.engine.llm_engine import LLMEngine
 from moefleet.cluster.errors import InvalidRequestError
-from moefleet.cluster.placement import Placement
-from moefleet.cluster.placement_planner import plan_placement, scale_limits
+from moefleet.cluster.placement.placement import Placement
+from moefleet.cluster.placement.planner import plan_placement, scale_limits
 from moefleet.cluster.sampling_params import SamplingParams
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "stop",
@@ -104,7 +104,7 @@ class Replica:
                                 for row, layer in enumerate(engine.spec.moe_layer_indices)]}
 
     def metrics_text(self) -> str:
-        from moefleet.cluster.metrics import render_prometheus
+        from moefleet.cluster.engine.metrics import render_prometheus
 
         return render_prometheus(self.engine.engine, {"replica": self.replica_id})
 

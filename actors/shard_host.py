@@ -7,50 +7,12 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from moefleet.actors.expert_shard import ExpertShard
+from moefleet.cluster.experts.expert_shard import ExpertShard
+from moefleet.cluster.experts.wire import TORCH_DTYPES, ShardReply, ShardRequest, from_numpy, to_numpy
 from moefleet.kernels.cpu_extension import cpu_ops
-
-
-@dataclass(frozen=True)
-class ShardRequest:
-    """One shard's work for one MoE layer, as numpy buffers (see transport.ShardWork)."""
-
-    layer: int
-    rows: np.ndarray  # [R, D] activations (bfloat16/float16 travel as their raw 16-bit pattern)
-    row_index: np.ndarray  # [N] int64
-    experts: np.ndarray  # [N] int64
-    weights: np.ndarray  # [N] float32
-    dtype: str  # torch dtype name of rows
-    epoch: int = 0  # placement epoch whose slots answer it
-
-
-@dataclass(frozen=True)
-class ShardReply:
-    partial: np.ndarray | None  # [R, D] in the request's dtype; None when the shard failed
-    compute_s: float
-    error: str | None = None  # repr of the exception the shard raised (it stays up)
-
-
-# Ray hands received buffers over read-only; shards only read them, so torch's warning is noise.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """Zero-copy where possible; 16-bit floats travel as int16 bit patterns (numpy has no bfloat16)."""
-    t = t.contiguous()
-    return t.view(torch.int16).numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
-
-
-def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(a)
-    return t.view(_TORCH_DTYPES[dtype]) if dtype in ("bfloat16", "float16") else t
 
 
 class ExpertShardHost:
@@ -59,18 +21,21 @@ class ExpertShardHost:
 
     def __init__(self, shard_id: int, model_dir: str, dtype: str, experts_by_layer: dict[int, tuple[int, ...]],
                  num_threads: int = 1, epoch: int = 0, staging_when_idle: bool = False, malloc_keep_mib: int = 0):
-        from moefleet.cluster.malloc_tuning import keep_freed_memory
+        from moefleet.cluster.engine.malloc_tuning import keep_freed_memory
         from moefleet.models.checkpoint import CheckpointReader
         from moefleet.models.spec import load_spec
 
         keep_freed_memory(malloc_keep_mib)  # EngineConfig.malloc_keep_mib says why
+        # This process is the shard's own: Ray hands received buffers over read-only and the shard
+        # only reads them, so torch's not-writable warning is noise here (never set at import).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         # Shards share the machine with the replica and each other: a deliberate, small thread
         # count avoids oversubscription (two busy processes with two threads each ran 5-70x slower).
         torch.set_num_threads(num_threads)
         self.shard_id = shard_id
         spec = load_spec(model_dir)
         self.dtype = dtype
-        self.reader = CheckpointReader(model_dir, spec, _TORCH_DTYPES[dtype])
+        self.reader = CheckpointReader(model_dir, spec, TORCH_DTYPES[dtype])
         self.shard = ExpertShard.from_checkpoint(shard_id, self.reader, experts_by_layer, epoch)
         cpu_ops()  # build or load the CPU kernels at start, not inside the first compute call
         self.injected_failure: str | None = None
@@ -188,8 +153,3 @@ def remote_shard_class():
     # Control calls (info, stage, export, retire_before) run on a thread of their own, so staging
     # the next epoch never queues behind, or holds up, the compute calls of the serving one.
     return ray.remote(concurrency_groups={"control": 1})(ExpertShardHost)
-
-
-def control(actor, method: str):
-    """`actor.method` as a control call (see remote_shard_class); use `.remote(...)` on it."""
-    return getattr(actor, method).options(concurrency_group="control")

@@ -1,1 +1,1 @@
-"""Autoscaling policy, its config schema and actuators. Nothing here yet: the autoscaler has its own issue."""
+"""Autoscaling policies: pure functions of metrics to decisions, with their config schemas."""

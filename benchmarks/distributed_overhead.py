@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from moefleet import LLM
-    from moefleet.cluster.ray_runtime import ensure_ray
+    from moefleet.actors.ray_runtime import ensure_ray
     from moefleet.models.init_model import default_model_dir
 
     model = default_model_dir("mixtral", args.size)

@@ -62,7 +62,7 @@ def start_deployment(model: str, shards: int, standby: int, name: str, pace_s: f
                      staging_when_idle: bool | None = None):
     import ray
 
-    from moefleet.cluster.controller import remote_controller_class
+    from moefleet.actors.controller_host import remote_controller_class
 
     controller = remote_controller_class().options(name=name).remote({
         "engine": {"model": model, "kv_cache_blocks": 2048, "enable_prefix_caching": False, "transport": "actor",
@@ -85,7 +85,7 @@ async def changes_while_serving(args, model: str, standby: int, changes: int, re
     """`changes` add-shard changes in a row, then `rebalances` rebalances, each after a steady window."""
     import ray
 
-    from moefleet.cluster.replica_pool import RayReplicaHandle
+    from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
 
     controller = start_deployment(model, args.shards, standby, f"bench-elastic-{uuid.uuid4().hex[:8]}", pace_s,
                                   args.staging_when_idle)
@@ -143,7 +143,7 @@ async def changes_while_serving(args, model: str, standby: int, changes: int, re
 async def cold_restart(args, model: str) -> float:
     import ray
 
-    from moefleet.cluster.replica_pool import RayReplicaHandle
+    from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
 
     started = time.perf_counter()
     controller = start_deployment(model, args.shards + 1, 0, "bench-cold")
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="print only: write neither docs/benchmarks.md nor benchmarks/results/")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from moefleet.cluster.ray_runtime import ensure_ray
+    from moefleet.actors.ray_runtime import ensure_ray
 
     ensure_ray()
     r = asyncio.run(measure(args))

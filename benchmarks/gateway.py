@@ -83,8 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from moefleet.cluster.serve import LocalDeployment
-    from moefleet.cluster.serve_config import ServeConfig
+    from moefleet.cluster.config.serve_config import ServeConfig
+    from moefleet.serve import LocalDeployment
 
     deployment = LocalDeployment(ServeConfig(grpc_port=0, http_port=0, gateways=args.gateways, replicas=1))
     deployment.start()

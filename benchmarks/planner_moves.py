@@ -30,9 +30,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.report import markdown_table, record  # noqa: E402
-from moefleet.cluster.placement import Placement, round_robin_placement  # noqa: E402
-from moefleet.cluster.placement_planner import (  # noqa: E402
-    pack_layer, diff, imbalance, plan_placement, scale_limits)
+from moefleet.cluster.placement.placement import Placement, round_robin_placement  # noqa: E402
+from moefleet.cluster.placement.planner import diff, imbalance, pack_layer, plan_placement, scale_limits  # noqa: E402
 
 CASES = [  # (experts, MoE layers, shards)
     (8, 4, 5),

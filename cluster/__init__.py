@@ -1,1 +1,3 @@
-"""The engine, placement, dispatcher and (later) the controller, state store and gateway."""
+"""The parts a replica, a gateway and the controller are made of, as plain classes; the Ray
+shells over them live in actors/. Sub-packages: engine, experts, placement, control, gateway,
+config."""

@@ -76,8 +76,8 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
-    from moefleet.cluster.serve import run_serve
-    from moefleet.cluster.serve_config import load_serve_config
+    from moefleet.cluster.config.serve_config import load_serve_config
+    from moefleet.serve import run_serve
 
     config = load_serve_config(args.config, {
         "model": args.model, "host": args.host, "grpc_port": args.grpc_port, "http_port": args.http_port,

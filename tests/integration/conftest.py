@@ -16,8 +16,8 @@ def replica(model_dir):
 
 
 def start_gateway(handles, **options):
-    from moefleet.cluster.auth import TokenAuth
-    from moefleet.cluster.gateway import Gateway
+    from moefleet.cluster.gateway.auth import TokenAuth
+    from moefleet.cluster.gateway.gateway import Gateway
 
     auth = options.pop("auth", TokenAuth((ADMIN_TOKEN,), ()))
     gateway = Gateway(handles, "mixtral-tiny", auth, **options)
@@ -27,7 +27,7 @@ def start_gateway(handles, **options):
 
 @pytest.fixture(scope="session")
 def gateway(replica):
-    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
 
     gw, grpc_port, http_port = start_gateway([LocalReplicaHandle(replica)])
     gw.grpc_port, gw.http_port = grpc_port, http_port

@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moefleet import SamplingParams
 from moefleet.client import AsyncClient, Client
-from moefleet.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
+from moefleet.v1 import admin_pb2, admin_pb2_grpc
 from tests.integration.conftest import ADMIN_TOKEN, start_gateway, wait_until
 
 
@@ -67,7 +67,7 @@ def test_expired_deadline_is_deadline_exceeded_and_frees_blocks(client, replica)
 
 
 def test_backpressure_is_resource_exhausted_with_retry_hint(replica):
-    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
 
     gw, port, _ = start_gateway([LocalReplicaHandle(replica)], http_port=None, max_outstanding_tokens=100)
     try:
@@ -124,7 +124,7 @@ def test_health_reflection_and_admin(gateway, client, replica):
 
 def test_draining_replica_answers_unavailable(model_dir):
     from moefleet.actors.replica import Replica
-    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
 
     r = Replica("replica-d", {"model": model_dir("olmoe"), "kv_cache_blocks": 64, "num_threads": 1})
     gw, port, _ = start_gateway([LocalReplicaHandle(r)], http_port=None)
@@ -141,8 +141,8 @@ def test_draining_replica_answers_unavailable(model_dir):
 
 
 def test_inference_token_when_configured(replica):
-    from moefleet.cluster.auth import TokenAuth
-    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from moefleet.cluster.gateway.auth import TokenAuth
+    from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
 
     auth = TokenAuth((ADMIN_TOKEN,), ("user-token",))
     gw, port, _ = start_gateway([LocalReplicaHandle(replica)], http_port=None, auth=auth)
@@ -160,7 +160,7 @@ def test_inference_token_when_configured(replica):
 def test_tls(replica, tmp_path):
     import subprocess
 
-    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),

@@ -55,8 +55,8 @@ def test_health_and_metrics(gateway):
 
 
 def test_bad_token_is_401(replica):
-    from moefleet.cluster.auth import TokenAuth
-    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from moefleet.cluster.gateway.auth import TokenAuth
+    from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
     from tests.integration.conftest import start_gateway
 
     gw, _, http_port = start_gateway([LocalReplicaHandle(replica)], auth=TokenAuth(("a",), ("user-token",)))
@@ -72,7 +72,7 @@ def test_bad_token_is_401(replica):
 
 def test_overloaded_is_429_with_retry_after_and_draining_is_503(model_dir):
     from moefleet.actors.replica import Replica
-    from moefleet.cluster.replica_pool import LocalReplicaHandle
+    from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
     from tests.integration.conftest import start_gateway
 
     r = Replica("replica-h", {"model": model_dir("olmoe"), "kv_cache_blocks": 64, "num_threads": 1}, max_waiting=1)

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from moefleet.cluster.placement import round_robin_placement
-from moefleet.cluster.state_store import InMemoryStore, RedisStore
+from moefleet.cluster.control.state_store import InMemoryStore, RedisStore
+from moefleet.cluster.placement.placement import round_robin_placement
 from tests.redis_server import RedisServer
 
 

@@ -26,7 +26,8 @@ def redis_server(tmp_path):
 @pytest.fixture
 def controller(ray_cluster, model_dir, redis_server):
     """controller(**config) -> a named controller actor (Ray restarts it when killed) over Redis."""
-    from moefleet.cluster.controller import CONTROLLER_NAME, remote_controller_class
+    from moefleet.actors.controller_host import remote_controller_class
+    from moefleet.cluster.control.controller import CONTROLLER_NAME
 
     made = []
 
@@ -51,7 +52,7 @@ def controller(ray_cluster, model_dir, redis_server):
 
 def _pool_following(controller_actor):
     """A ReplicaPool that refreshes its replicas from the controller, like a gateway does."""
-    from moefleet.cluster.replica_pool import RayReplicaHandle, ReplicaPool
+    from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool
 
     pool = ReplicaPool([])
 
@@ -173,9 +174,9 @@ def _gateway_health(controller_actor):
     import json
     import urllib.request
 
-    from moefleet.cluster.auth import TokenAuth
-    from moefleet.cluster.gateway import Gateway
-    from moefleet.cluster.replica_pool import RayReplicaHandle
+    from moefleet.cluster.gateway.auth import TokenAuth
+    from moefleet.cluster.gateway.gateway import Gateway
+    from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
 
     handles = [RayReplicaHandle(a, rid) for rid, a, _ in ray.get(controller_actor.replicas.remote())]
     gateway = Gateway(handles, "mixtral-tiny", TokenAuth(("admin",), ()), "127.0.0.1:0", "127.0.0.1", 0, None,
@@ -261,7 +262,7 @@ def test_paced_control_calls_run_one_after_another_in_order(ray_cluster):
     are all in flight together. Results come back in the order of the items either way."""
     import ray
 
-    from moefleet.cluster.epoch_staging import paced
+    from moefleet.cluster.experts.staging import paced
 
     @ray.remote(num_cpus=0)
     class Recorder:

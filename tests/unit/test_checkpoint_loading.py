@@ -52,7 +52,7 @@ def test_fused_and_sharded_layouts_match_per_expert(arch, model_dir, hf_model, e
 
 
 def test_shard_loads_only_its_experts(model_dir):
-    from moefleet.actors.expert_shard import ExpertShard
+    from moefleet.cluster.experts.expert_shard import ExpertShard
     from moefleet.models.checkpoint import CheckpointReader
 
     path = model_dir("mixtral")

@@ -36,7 +36,7 @@ def test_a_generated_admin_token_passes_as_the_token_argument(monkeypatch):
     """`moefleet serve` prints the token it made for `moefleet admin --token <token>`; a token
     that began with "-" was read as an option there (one urlsafe token in 64 did)."""
     from moefleet.cli import build_parser
-    from moefleet.cluster.auth import TokenAuth
+    from moefleet.cluster.gateway.auth import TokenAuth
 
     monkeypatch.delenv("MOEFLEET_ADMIN_TOKEN", raising=False)
     parser = build_parser()

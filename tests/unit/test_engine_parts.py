@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from moefleet import SamplingParams
-from moefleet.actors.expert_shard import ExpertShard
-from moefleet.cluster.block_manager import BlockManager
-from moefleet.cluster.dispatcher import Dispatcher
-from moefleet.cluster.placement import Placement, round_robin_placement
-from moefleet.cluster.sampler import filtered_probs
-from moefleet.cluster.sequence import Sequence
-from moefleet.cluster.transport import InProcessTransport
+from moefleet.cluster.engine.block_manager import BlockManager
+from moefleet.cluster.engine.sampler import filtered_probs
+from moefleet.cluster.engine.sequence import Sequence
+from moefleet.cluster.experts.dispatcher import Dispatcher
+from moefleet.cluster.experts.expert_shard import ExpertShard
+from moefleet.cluster.experts.transport import InProcessTransport
+from moefleet.cluster.placement.placement import Placement, round_robin_placement
 
 
 def test_block_manager_shares_prefix_blocks_and_frees_them():
@@ -97,7 +97,7 @@ def test_top_k_top_p_min_p_filters():
 def test_prometheus_metrics_count_tokens_traffic_and_fanout(engines):
     import urllib.request
 
-    from moefleet.cluster.metrics import start_metrics_server
+    from moefleet.cluster.engine.metrics import start_metrics_server
 
     llm = engines("mixtral", expert_shards=2, transport="local")
     spec = llm.engine.spec

@@ -4,11 +4,11 @@ requests to the others keep naming the slot maps those shards already hold."""
 import pytest
 import torch
 
-from moefleet.actors.expert_shard import ExpertShard
-from moefleet.cluster.dispatcher import Dispatcher
-from moefleet.cluster.epoch_staging import layout_epochs
-from moefleet.cluster.placement import Placement, placement_from_dict, placement_to_dict
-from moefleet.cluster.transport import InProcessTransport
+from moefleet.cluster.experts.dispatcher import Dispatcher
+from moefleet.cluster.experts.expert_shard import ExpertShard
+from moefleet.cluster.experts.transport import InProcessTransport
+from moefleet.cluster.placement.placement import Placement, placement_from_dict, placement_to_dict
+from moefleet.cluster.placement.staging_plan import layout_epochs
 
 
 def test_unchanged_shards_keep_their_layout_epoch():

@@ -45,9 +45,9 @@ def test_epochs_keep_unchanged_experts_in_place_and_load_only_moves(model_dir):
     that stay); only moved experts are taken, from their peer, never re-read."""
     import torch
 
-    from moefleet.cluster.config import EngineConfig
-    from moefleet.cluster.engine import LLMEngine
-    from moefleet.cluster.placement_planner import plan_placement, scale_limits
+    from moefleet.cluster.config.engine_config import EngineConfig
+    from moefleet.cluster.engine.llm_engine import LLMEngine
+    from moefleet.cluster.placement.planner import plan_placement, scale_limits
 
     engine = LLMEngine(EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=32, num_threads=1, expert_shards=2,
                                     transport="local"))

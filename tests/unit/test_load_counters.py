@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from moefleet.cluster.load_counters import ExpertLoadCounters
+from moefleet.cluster.engine.load_counters import ExpertLoadCounters
 
 
 def test_window_and_total_against_a_plain_bincount():

@@ -17,7 +17,7 @@ import pytest
 _PATTERN = """
 import ctypes, json, resource, sys
 import torch
-from moefleet.cluster.malloc_tuning import keep_freed_memory
+from moefleet.cluster.engine.malloc_tuning import keep_freed_memory
 taken = keep_freed_memory(256) if sys.argv[1] == "keep" else ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10) == 1
 def step():
     held = [torch.ones(2 << 18) for _ in range(4)]
@@ -46,6 +46,6 @@ def test_kept_memory_is_reused_where_fresh_mappings_fault_in_every_step():
 
 
 def test_nothing_is_changed_when_asked_to_keep_nothing():
-    from moefleet.cluster.malloc_tuning import keep_freed_memory
+    from moefleet.cluster.engine.malloc_tuning import keep_freed_memory
 
     assert keep_freed_memory(0) is False

@@ -3,9 +3,16 @@
 import numpy as np
 import pytest
 
-from moefleet.cluster.placement import Placement, round_robin_placement
-from moefleet.cluster.placement_planner import (ExpertMove, PlacementLimits, pack_layer, diff, imbalance, plan_placement,
-                                                scale_limits)
+from moefleet.cluster.placement.placement import Placement, round_robin_placement
+from moefleet.cluster.placement.planner import (
+    ExpertMove,
+    PlacementLimits,
+    diff,
+    imbalance,
+    pack_layer,
+    plan_placement,
+    scale_limits,
+)
 
 
 def test_balanced_packing_golden():

@@ -1,8 +1,9 @@
 """The automatic-rebalance rule and the epoch staging plan: pure functions, no cluster, no clock."""
 
-from moefleet.cluster.epoch_staging import peer_sources, without_shards
-from moefleet.cluster.placement import Placement
-from moefleet.cluster.rebalance_policy import AutoRebalance, rebalance_due
+from moefleet.autoscaler.rebalance_config import AutoRebalance
+from moefleet.autoscaler.rebalance_rule import rebalance_due
+from moefleet.cluster.placement.placement import Placement
+from moefleet.cluster.placement.staging_plan import peer_sources, without_shards
 
 POLICY = AutoRebalance(enabled=True, threshold=1.5, window_s=10.0, interval_s=1.0, cooldown_s=30.0)
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from moefleet.cluster.errors import InvalidRequestError, ReplicaLostError
-from moefleet.cluster.replica_pool import LocalReplicaHandle, ReplicaPool
+from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle, ReplicaPool
 
 
 class DiesAfter(LocalReplicaHandle):

@@ -6,7 +6,7 @@ would have drawn next. Logprobs come from the model's raw distribution."""
 
 import torch
 
-from moefleet.cluster.sequence import Sequence
+from moefleet.cluster.engine.sequence import Sequence
 from moefleet.kernels.greedy import argmax_rows
 
 

@@ -4,7 +4,7 @@ pydantic (flags override the file)."""
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moefleet.cluster.rebalance_policy import AutoRebalance
+from moefleet.autoscaler.rebalance_config import AutoRebalance
 
 
 class ServeConfig(BaseModel):

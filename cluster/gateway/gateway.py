@@ -1,87 +1,18 @@
 """Gateway: one stateless front-door process serving gRPC (Inference, Admin, health, reflection)
 and the OpenAI-compatible HTTP API on its own event loop, routing to replicas. Several gateways
 bind the same ports (SO_REUSEPORT) and the kernel spreads connections among them. A plain class
-(`Gateway.start()` runs it in a background thread); `remote_gateway_class()` is its Ray shell."""
+(`Gateway.start()` runs it in a background thread); actors/gateway_host.py is its Ray shell."""
 
 import asyncio
 import threading
 import time
 
-from moefleet.cluster.auth import TokenAuth
-from moefleet.cluster.errors import DrainingError, InvalidRequestError
-from moefleet.cluster.gateway_grpc import NOT_SERVING, SERVING, build_grpc_server
-from moefleet.cluster.gateway_http import HttpApi
-from moefleet.cluster.replica_pool import RayReplicaHandle, ReplicaPool
-from moefleet.v1 import admin_pb2
-
-
-class GatewayAdmin:
-    """The Admin API's operations. Shard scaling and rebalancing go to the controller when it owns
-    the expert shards, else they run the epoch protocol on each replica (prepare while serving,
-    commit between steps, retire); the autoscaler is not built yet, so its policy calls answer
-    UNIMPLEMENTED and say so."""
-
-    def __init__(self, gateway):
-        self.gateway = gateway
-
-    async def GetClusterState(self, request):  # noqa: N802
-        states = await asyncio.gather(*(h.call("state") for h in self.gateway.pool.handles.values()))
-        replicas = [admin_pb2.ReplicaState(
-            replica_id=s["replica_id"], status=s["status"], running=s["running"], waiting=s["waiting"],
-            outstanding_tokens=s["outstanding_tokens"], shards=[admin_pb2.ShardState(**x) for x in s["shards"]],
-            expert_load=[admin_pb2.ExpertLoad(**x) for x in s["expert_load"]]) for s in states]
-        epoch = max((s["placement_epoch"] for s in states), default=0)
-        return admin_pb2.ClusterState(model=self.gateway.model_id, placement_epoch=epoch, replicas=replicas,
-                                      gateways=self.gateway.num_gateways)
-
-    async def ScaleReplicas(self, request):  # noqa: N802
-        if request.replicas < 1:
-            raise InvalidRequestError("replicas", f"must be >= 1, got {request.replicas}")
-        if self.gateway.controller is None:
-            raise NotImplementedError("this gateway has no controller to start replicas")
-        message = await self.gateway.controller.scale_replicas.remote(request.replicas)
-        await self.gateway.refresh_replicas()
-        return admin_pb2.OperationResult(accepted=True, message=message)
-
-    async def Drain(self, request):  # noqa: N802
-        handle = self.gateway.pool.handles.get(request.replica_id)
-        if handle is None:
-            raise InvalidRequestError("replica_id", f"unknown replica {request.replica_id!r}; "
-                                                    f"replicas: {sorted(self.gateway.pool.handles)}")
-        await handle.call("drain")
-        self.gateway.pool.mark_draining(request.replica_id)
-        if self.gateway.controller is not None:
-            await self.gateway.controller.mark_draining.remote(request.replica_id)
-        return admin_pb2.OperationResult(accepted=True, message=f"replica {request.replica_id} is draining")
-
-    async def ScaleShards(self, request):  # noqa: N802
-        if request.shards < 1:
-            raise InvalidRequestError("shards", f"must be >= 1, got {request.shards}")
-        if await self._controller_owns_shards():
-            done = await self.gateway.controller.scale_shards.remote(request.shards)
-            return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards; placement epoch "
-                                                                    f"{done['epoch']} serving")
-        epochs = await asyncio.gather(*(h.call("scale_shards", request.shards) for h in self.gateway.pool.handles.values()))
-        return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards per replica; "
-                                                                f"placement epochs {sorted(set(epochs))}")
-
-    async def Rebalance(self, request):  # noqa: N802
-        if await self._controller_owns_shards():
-            done = await self.gateway.controller.rebalance.remote()
-            return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epoch {done['epoch']}")
-        epochs = await asyncio.gather(*(h.call("rebalance") for h in self.gateway.pool.handles.values()))
-        return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epochs {sorted(set(epochs))}")
-
-    async def _controller_owns_shards(self) -> bool:
-        if self.gateway.controller is None:
-            return False
-        return (await self.gateway.controller.health.remote())["shards"] > 0
-
-    async def GetAutoscalingPolicy(self, request):  # noqa: N802
-        raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy")
-
-    async def SetAutoscalingPolicy(self, request):  # noqa: N802
-        raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy to set")
+from moefleet.cluster.errors import DrainingError
+from moefleet.cluster.gateway.admin import GatewayAdmin
+from moefleet.cluster.gateway.auth import TokenAuth
+from moefleet.cluster.gateway.grpc_server import NOT_SERVING, SERVING, build_grpc_server
+from moefleet.cluster.gateway.http_server import HttpApi
+from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool
 
 
 class Gateway:
@@ -207,28 +138,3 @@ class Gateway:
         """Drain and stop a gateway started with start()."""
         asyncio.run_coroutine_threadsafe(self.drain(grace_s), self.loop).result(timeout=grace_s + 10)
         self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-class GatewayHost:
-    """Inside a gateway actor: a Gateway over the controller's replicas."""
-
-    def __init__(self, controller_name: str, model_id: str, auth: TokenAuth, grpc_address: str, http_host: str,
-                 http_port: int | None, tls, num_gateways: int):
-        import ray
-
-        controller = ray.get_actor(controller_name)
-        handles = [RayReplicaHandle(actor, rid) for rid, actor, _ in ray.get(controller.replicas.remote())]
-        self.gateway = Gateway(handles, model_id, auth, grpc_address, http_host, http_port, tls, controller, num_gateways)
-        self.ports = self.gateway.start()
-
-    def ports_bound(self) -> tuple[int, int | None]:
-        return self.ports
-
-    def drain(self, grace_s: float) -> None:
-        self.gateway.stop(grace_s)
-
-
-def remote_gateway_class():
-    import ray
-
-    return ray.remote(num_cpus=0)(GatewayHost)

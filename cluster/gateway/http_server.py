@@ -8,8 +8,8 @@ import uuid
 
 from aiohttp import web
 
-from moefleet.cluster.error_codes import classify, retry_after_s
 from moefleet.cluster.errors import InvalidRequestError, ModelNotFoundError
+from moefleet.cluster.gateway.error_codes import classify, retry_after_s
 
 _SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
                   "repetition_penalty": "repetition_penalty", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos"}
@@ -107,7 +107,7 @@ class HttpApi:
         return await self._run(request, req, body, chat=True)
 
     async def _run(self, http_request, req: dict, body: dict, chat: bool):
-        from moefleet.cluster.gateway_grpc import request_cost
+        from moefleet.cluster.gateway.grpc_server import request_cost
 
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         model = self.gateway.model_id

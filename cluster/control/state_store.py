@@ -8,7 +8,7 @@ import json
 import threading
 from typing import Protocol
 
-from moefleet.cluster.placement import Placement, placement_from_dict, placement_to_dict
+from moefleet.cluster.placement.placement import Placement, placement_from_dict, placement_to_dict
 
 
 class StateStore(Protocol):

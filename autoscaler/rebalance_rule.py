@@ -1,21 +1,19 @@
 """When to rebalance on its own: a pure function of the imbalance samples the controller takes
-(max / mean shard load, see placement_planner.imbalance), so the rule is testable without a
-cluster or a clock."""
+(max / mean shard load, see placement/planner.imbalance), so the rule is testable without a
+cluster or a clock. It reads its settings through the small protocol below (an AutoRebalance
+from rebalance_config.py fits it), so the rule itself imports only the standard library."""
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class AutoRebalance(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enabled: bool = Field(False, description="Rebalance without being asked when the imbalance stays high.")
-    threshold: float = Field(1.5, gt=1.0, description="Imbalance (max / mean shard load) that counts as high.")
-    window_s: float = Field(30.0, gt=0, description="How long the imbalance must stay above the threshold.")
-    interval_s: float = Field(5.0, gt=0, description="How often the controller samples the load.")
-    cooldown_s: float = Field(60.0, ge=0, description="Least time between two automatic rebalances.")
+from typing import Protocol
 
 
-def rebalance_due(samples: list[tuple[float, float]], now: float, policy: AutoRebalance,
+class RebalanceSettings(Protocol):
+    enabled: bool
+    threshold: float
+    window_s: float
+    cooldown_s: float
+
+
+def rebalance_due(samples: list[tuple[float, float]], now: float, policy: RebalanceSettings,
                   last_change_at: float | None) -> bool:
     """samples: (time, imbalance), oldest first. Due when the samples cover the whole window,
     every one inside it is above the threshold, and the cooldown since the last change is over

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from moefleet.actors.expert_shard import ExpertShard
+from moefleet.cluster.experts.expert_shard import ExpertShard
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import time
 import ray
 import torch
 
-from moefleet.actors.shard_host import ShardReply, ShardRequest, control, from_numpy, to_numpy
 from moefleet.cluster.errors import ShardUnavailableError
-from moefleet.cluster.transport import ShardTraffic, ShardWork
+from moefleet.cluster.experts.transport import ShardTraffic, ShardWork
+from moefleet.cluster.experts.wire import ShardRequest, control, from_numpy, to_numpy
 
 
 def _request(work: ShardWork) -> ShardRequest:

@@ -7,9 +7,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from moefleet.cluster.error_codes import unwrap
 from moefleet.cluster.errors import DrainingError, OverloadedError, ReplicaLostError
-from moefleet.cluster.router import ReplicaLoad, choose_replica, prefix_key
+from moefleet.cluster.gateway.error_codes import unwrap
+from moefleet.cluster.gateway.router import ReplicaLoad, choose_replica, prefix_key
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,16 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from moefleet.cluster.engine import LLMEngine
-from moefleet.cluster.errors import (DrainingError, InvalidRequestError, OverloadedError, RequestAbortedError,
-                                     ShardUnavailableError)
+from moefleet.cluster.engine.llm_engine import LLMEngine
+from moefleet.cluster.engine.sequence import Sequence
+from moefleet.cluster.errors import (
+    DrainingError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestAbortedError,
+    ShardUnavailableError,
+)
 from moefleet.cluster.sampling_params import SamplingParams
-from moefleet.cluster.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

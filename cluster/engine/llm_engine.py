@@ -8,21 +8,28 @@ import uuid
 
 import torch
 
-from moefleet.cluster.block_manager import BlockManager
-from moefleet.cluster.config import EngineConfig
-from moefleet.cluster.dispatcher import Dispatcher
+from moefleet.cluster.config.engine_config import EngineConfig
+from moefleet.cluster.engine.block_manager import BlockManager
+from moefleet.cluster.engine.load_counters import ExpertLoadCounters
+from moefleet.cluster.engine.malloc_tuning import keep_freed_memory
+from moefleet.cluster.engine.model_runner import ModelRunner
+from moefleet.cluster.engine.outputs import CompletionOutput, RequestOutput
+from moefleet.cluster.engine.sampler import sample
+from moefleet.cluster.engine.scheduler import Scheduler
+from moefleet.cluster.engine.sequence import Sequence
+from moefleet.cluster.engine.tokenizer import Tokenizer
 from moefleet.cluster.errors import InvalidRequestError
-from moefleet.cluster.expert_backend import attach_backend, build_expert_backend, named_actors, prepare_next, shard_infos
-from moefleet.cluster.load_counters import ExpertLoadCounters
-from moefleet.cluster.malloc_tuning import keep_freed_memory
-from moefleet.cluster.model_runner import ModelRunner
-from moefleet.cluster.outputs import CompletionOutput, RequestOutput
-from moefleet.cluster.placement import Placement, placement_from_dict, round_robin_placement
-from moefleet.cluster.sampler import sample
+from moefleet.cluster.experts.backend import (
+    attach_backend,
+    build_expert_backend,
+    named_actors,
+    prepare_next,
+    shard_infos,
+)
+from moefleet.cluster.experts.dispatcher import Dispatcher
+from moefleet.cluster.experts.wire import TORCH_DTYPES
+from moefleet.cluster.placement.placement import Placement, placement_from_dict, round_robin_placement
 from moefleet.cluster.sampling_params import SamplingParams
-from moefleet.cluster.scheduler import Scheduler
-from moefleet.cluster.sequence import Sequence
-from moefleet.cluster.tokenizer import Tokenizer
 from moefleet.kernels.cpu_extension import cpu_ops
 from moefleet.models.checkpoint import CheckpointReader
 from moefleet.models.decoder import MoEDecoder
@@ -30,15 +37,12 @@ from moefleet.models.spec import load_spec
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         keep_freed_memory(config.malloc_keep_mib)
         self.spec = spec = load_spec(config.model)
-        reader = CheckpointReader(config.model, spec, _DTYPES[config.dtype])
+        reader = CheckpointReader(config.model, spec, TORCH_DTYPES[config.dtype])
         self.reader = reader
         self._attached: dict[str, tuple] = {}  # shard actor name -> (handle, info), for the controller's shards
         if config.attach_shards:
@@ -210,7 +214,7 @@ class LLMEngine:
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Next-token logits at every position of each prompt ([len, V] float32), computed in
         one batched forward through the paged cache (for scoring and for checking the model)."""
-        from moefleet.cluster.scheduler import ScheduledChunk
+        from moefleet.cluster.engine.scheduler import ScheduledChunk
 
         seqs = [self.make_sequence({"prompt_token_ids": p}, SamplingParams()) for p in prompts]
         if self.scheduler.running or self.scheduler.waiting:

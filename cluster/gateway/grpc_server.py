@@ -8,8 +8,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moefleet.cluster.error_codes import classify, retry_after_s
 from moefleet.cluster.errors import InvalidRequestError, ModelNotFoundError
+from moefleet.cluster.gateway.error_codes import classify, retry_after_s
 from moefleet.v1 import admin_pb2, inference_pb2
 
 INFERENCE, ADMIN = "moefleet.v1.Inference", "moefleet.v1.Admin"

@@ -7,9 +7,17 @@ import uuid
 
 import grpc
 
-from moefleet.cluster.errors import (AuthError, ControlUnavailableError, DrainingError, InvalidRequestError,
-                                     ModelNotFoundError, OverloadedError, ReplicaLostError, RequestAbortedError,
-                                     ShardUnavailableError)
+from moefleet.cluster.errors import (
+    AuthError,
+    ControlUnavailableError,
+    DrainingError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    ReplicaLostError,
+    RequestAbortedError,
+    ShardUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moefleet.cluster.placement import Placement
-from moefleet.cluster.placement_repair import Layout, improve, make_feasible
+from moefleet.cluster.placement.placement import Placement
+from moefleet.cluster.placement.repair import Layout, improve, make_feasible
 
 
 @dataclass(frozen=True)

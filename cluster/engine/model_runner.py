@@ -5,10 +5,10 @@ from array import array
 
 import torch
 
+from moefleet.cluster.engine.scheduler import ScheduledChunk
 from moefleet.kernels.attention import AttentionBatch, PrefillChunk
 from moefleet.models.attention_layers import kv_cache_layout
 from moefleet.models.decoder import MoEDecoder, StepInputs
-from moefleet.cluster.scheduler import ScheduledChunk
 
 
 def long_tensor(values: list[int]) -> torch.Tensor:

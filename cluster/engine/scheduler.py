@@ -7,9 +7,8 @@ from collections import deque
 from dataclasses import dataclass
 from operator import attrgetter
 
-from moefleet.cluster.block_manager import BlockManager
-from moefleet.cluster.sequence import Sequence, SequenceStatus
-
+from moefleet.cluster.engine.block_manager import BlockManager
+from moefleet.cluster.engine.sequence import Sequence, SequenceStatus
 
 _arrival = attrgetter("arrival")
 

@@ -7,8 +7,8 @@ import signal
 import sys
 import threading
 
-from moefleet.cluster.auth import TokenAuth
-from moefleet.cluster.serve_config import ServeConfig
+from moefleet.cluster.config.serve_config import ServeConfig
+from moefleet.cluster.gateway.auth import TokenAuth
 
 
 def _tls(config: ServeConfig):
@@ -27,9 +27,10 @@ class LocalDeployment:
     def start(self) -> None:
         import ray
 
-        from moefleet.cluster.controller import CONTROLLER_NAME, remote_controller_class
-        from moefleet.cluster.gateway import remote_gateway_class
-        from moefleet.cluster.ray_runtime import RAY_NAMESPACE
+        from moefleet.actors.controller_host import remote_controller_class
+        from moefleet.actors.gateway_host import remote_gateway_class
+        from moefleet.actors.ray_runtime import RAY_NAMESPACE
+        from moefleet.cluster.control.controller import CONTROLLER_NAME
         from moefleet.models.init_model import default_model_dir
 
         config = self.config

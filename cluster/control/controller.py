@@ -3,7 +3,7 @@ while serving by the epoch protocol: plan -> stage on the shards while the curre
 -> commit (compare-and-set in the state store, then every replica switches between two steps)
 -> retire (after every replica acknowledged: old slots freed, removed shards stopped).
 
-A plain class; `remote_controller_class()` applies the Ray shell (a named actor that Ray restarts
+A plain class; actors/controller_host.py applies the Ray shell (a named actor that Ray restarts
 when it dies). All it needs to carry on lives in the state store: a restarted controller reads
 the committed epoch and the actor names of the deployment, re-attaches to the (detached) shard
 and replica actors, replaces the ones that died meanwhile and goes on. Replicas do not need the
@@ -22,42 +22,22 @@ from collections import deque
 from dataclasses import replace
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from moefleet.actors.shard_host import control
-from moefleet.cluster.config import EngineConfig
-from moefleet.cluster.epoch_staging import layout_epochs, paced, stage_remote
+from moefleet.autoscaler.rebalance_rule import rebalance_due
+from moefleet.cluster.config.controller_config import ControllerConfig
+from moefleet.cluster.config.engine_config import EngineConfig
+from moefleet.cluster.control.state_store import store_from_url
 from moefleet.cluster.errors import ControlUnavailableError, InvalidRequestError
-from moefleet.cluster.placement import Placement, placement_to_dict, round_robin_placement
-from moefleet.cluster.placement_planner import imbalance, plan_placement, scale_limits
-from moefleet.cluster.rebalance_policy import AutoRebalance, rebalance_due
-from moefleet.cluster.state_store import store_from_url
+from moefleet.cluster.experts.staging import paced, stage_remote
+from moefleet.cluster.experts.wire import control
+from moefleet.cluster.placement.placement import Placement, placement_to_dict, round_robin_placement
+from moefleet.cluster.placement.planner import imbalance, plan_placement, scale_limits
+from moefleet.cluster.placement.staging_plan import layout_epochs
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "moefleet-controller"
 DEPLOYMENT = "deployment"  # the state-store record naming the deployment's actors
-
-
-class ControllerConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    engine: dict = Field(description="EngineConfig options of every replica (model, dtype, threads, ...).")
-    model_id: str = Field(description="The model name clients ask for.")
-    max_waiting: int = Field(256, gt=0, description="Requests a replica holds before it answers 'overloaded'.")
-    expert_shards: int = Field(0, ge=0, description="Shard actors the controller owns and shares among replicas; 0: each replica keeps its experts in process.")
-    standby_shards: int = Field(0, ge=0, description="Empty shard actors kept started, so adding or replacing a shard skips "
-                                                      "the process start (most of its cost); refilled after use.")
-    state_store: str | None = Field(None, description="redis://host:port/db, or None for the in-memory store (lost with the controller).")
-    store_prefix: str = Field("moefleet", description="Key prefix in Redis (one per deployment).")
-    store_wait_s: float = Field(10.0, ge=0, description="How long a control change waits for an unreachable store before it fails.")
-    auto_rebalance: AutoRebalance = Field(default_factory=AutoRebalance)
-    ack_timeout_s: float = Field(60.0, gt=0, description="Longest wait for replicas to switch to a committed epoch.")
-    stage_pace_s: float = Field(0.03, ge=0, description="Pause between staging one shard and the next, and between retiring "
-                                                        "them: a change's control calls are spread over several engine "
-                                                        "steps instead of stalling one (0: all shards at once).")
-    monitor_interval_s: float = Field(1.0, gt=0, description="How often replicas are checked and load is sampled.")
-    replace_lost_replicas: bool = Field(True, description="Start a new replica when one dies, to keep the count.")
 
 
 def _store_errors() -> tuple[type, ...]:
@@ -226,7 +206,7 @@ class Controller:
                     pass
 
     def _start_shards(self, names: list[str], indices, placement: Placement | None) -> list:
-        from moefleet.cluster.expert_backend import start_shard_actors
+        from moefleet.cluster.experts.backend import start_shard_actors
 
         epoch = placement.epoch if placement is not None else 0
         import ray
@@ -594,10 +574,3 @@ def _replica_actor_name(rid: str) -> str:
 
 def _new_shard_name() -> str:
     return f"moefleet-shard-{uuid.uuid4().hex[:8]}"
-
-
-def remote_controller_class():
-    import ray
-
-    # Restarted by Ray when it dies; the restarted one recovers from the state store.
-    return ray.remote(num_cpus=0, max_concurrency=32, max_restarts=-1)(Controller)

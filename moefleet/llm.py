@@ -2,9 +2,9 @@
 
 from collections.abc import Iterator
 
-from moefleet.cluster.config import EngineConfig
-from moefleet.cluster.engine import LLMEngine
-from moefleet.cluster.outputs import RequestOutput
+from moefleet.cluster.config.engine_config import EngineConfig
+from moefleet.cluster.engine.llm_engine import LLMEngine
+from moefleet.cluster.engine.outputs import RequestOutput
 from moefleet.cluster.sampling_params import SamplingParams
 
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moefleet.cluster.load_counters import ExpertLoadCounters
-from moefleet.cluster.placement import Placement
-from moefleet.cluster.transport import ShardWork, Transport
+from moefleet.cluster.engine.load_counters import ExpertLoadCounters
+from moefleet.cluster.experts.transport import ShardWork, Transport
+from moefleet.cluster.placement.placement import Placement
 
 
 @dataclass

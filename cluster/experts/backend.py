@@ -11,12 +11,12 @@ its own shards) or attaches to shards the controller owns (then it never stops t
 import logging
 from dataclasses import dataclass, field
 
-from moefleet.actors.expert_shard import ExpertShard
-from moefleet.actors.shard_host import control
-from moefleet.cluster.config import EngineConfig
-from moefleet.cluster.epoch_staging import stage_local, stage_remote
-from moefleet.cluster.placement import Placement
-from moefleet.cluster.transport import InProcessTransport
+from moefleet.cluster.config.engine_config import EngineConfig
+from moefleet.cluster.experts.expert_shard import ExpertShard
+from moefleet.cluster.experts.staging import stage_local, stage_remote
+from moefleet.cluster.experts.transport import InProcessTransport
+from moefleet.cluster.experts.wire import control
+from moefleet.cluster.placement.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ExpertBackend:
         """Build a deferred compiled graph (Ray lets an actor belong to one graph at a time, so
         the next epoch's graph is compiled only after the old one was torn down)."""
         if self.transport is None:
-            from moefleet.cluster.ray_transport import CompiledGraphTransport
+            from moefleet.cluster.experts.ray_transport import CompiledGraphTransport
 
             self.transport = CompiledGraphTransport(self.actors, self.timeout_s, [i["local"] for i in self.shard_info])
 
@@ -84,8 +84,8 @@ def start_shard_actors(config: EngineConfig, indices: list[int], placement: Plac
     """Shard actors for `indices` (each loading its experts of `placement`; none if None).
     Named ones are detached: they outlive their creator (the controller), which finds them again
     by name after a restart."""
+    from moefleet.actors.ray_runtime import ensure_ray
     from moefleet.actors.shard_host import remote_shard_class
-    from moefleet.cluster.ray_runtime import ensure_ray
 
     ensure_ray(config.ray_address)
     shard_class = remote_shard_class()
@@ -127,7 +127,7 @@ def _choose_transport(config: EngineConfig, info: list[dict]) -> str:
 
 def _remote_backend(config: EngineConfig, actors: list, info: list[dict], kind: str, deferred: bool,
                     owned: bool = True) -> ExpertBackend:
-    from moefleet.cluster.ray_transport import ActorTransport, CompiledGraphTransport
+    from moefleet.cluster.experts.ray_transport import ActorTransport, CompiledGraphTransport
 
     local = [i["local"] for i in info]
     if kind == "compiled_graph":

@@ -11,7 +11,7 @@ slower than a reused one here (164 us against 16 us for one step's 64 tokens).""
 
 from collections import OrderedDict
 
-from moefleet.cluster.sequence import Sequence
+from moefleet.cluster.engine.sequence import Sequence
 
 
 class BlockManager:

@@ -1,0 +1,31 @@
+"""GatewayHost: the Ray shell of a gateway process — a Gateway (cluster/gateway) over the
+controller's replicas, started on its own event loop inside the actor."""
+
+from moefleet.cluster.gateway.auth import TokenAuth
+from moefleet.cluster.gateway.gateway import Gateway
+from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
+
+
+class GatewayHost:
+    """Inside a gateway actor: a Gateway over the controller's replicas."""
+
+    def __init__(self, controller_name: str, model_id: str, auth: TokenAuth, grpc_address: str, http_host: str,
+                 http_port: int | None, tls, num_gateways: int):
+        import ray
+
+        controller = ray.get_actor(controller_name)
+        handles = [RayReplicaHandle(actor, rid) for rid, actor, _ in ray.get(controller.replicas.remote())]
+        self.gateway = Gateway(handles, model_id, auth, grpc_address, http_host, http_port, tls, controller, num_gateways)
+        self.ports = self.gateway.start()
+
+    def ports_bound(self) -> tuple[int, int | None]:
+        return self.ports
+
+    def drain(self, grace_s: float) -> None:
+        self.gateway.stop(grace_s)
+
+
+def remote_gateway_class():
+    import ray
+
+    return ray.remote(num_cpus=0)(GatewayHost)

@@ -1,0 +1,1 @@
+"""The configuration tree: ServeConfig -> ControllerConfig -> EngineConfig (pydantic, frozen)."""
