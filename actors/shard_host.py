@@ -10,8 +10,11 @@ import warnings
 
 import torch
 
+from moefleet.actors.ray_runtime import ensure_ray
+from moefleet.cluster.config.engine_config import EngineConfig
 from moefleet.cluster.experts.expert_shard import ExpertShard
 from moefleet.cluster.experts.wire import TORCH_DTYPES, ShardReply, ShardRequest, from_numpy, to_numpy
+from moefleet.cluster.placement.placement import Placement
 from moefleet.kernels.cpu_extension import cpu_ops
 
 
@@ -153,3 +156,26 @@ def remote_shard_class():
     # Control calls (info, stage, export, retire_before) run on a thread of their own, so staging
     # the next epoch never queues behind, or holds up, the compute calls of the serving one.
     return ray.remote(concurrency_groups={"control": 1})(ExpertShardHost)
+
+
+def start_shard_actors(config: EngineConfig, indices: list[int], placement: Placement | None, epoch: int = 0,
+                       names: list[str] | None = None) -> list:
+    """Shard actors for `indices` (each loading its experts of `placement`; none if None).
+    Named ones are detached: they outlive their creator (the controller), which finds them again
+    by name after a restart."""
+    ensure_ray(config.ray_address)
+    shard_class = remote_shard_class()
+    actors = []
+    for n, i in enumerate(indices):
+        # OMP_NUM_THREADS before torch loads in the actor: its OpenMP pool is sized at import.
+        options = {"num_cpus": config.shard_num_cpus, "max_restarts": 0,
+                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(config.shard_num_threads)}}}
+        if config.shard_resources:
+            options["resources"] = config.shard_resources[i % len(config.shard_resources)]
+        if names is not None:
+            options.update(name=names[n], lifetime="detached")
+        experts = placement.experts_of_shard(i) if placement is not None else {}
+        actors.append(shard_class.options(**options).remote(i, config.model, config.dtype, experts,
+                                                            config.shard_num_threads, epoch,
+                                                            config.shard_staging_when_idle, config.malloc_keep_mib))
+    return actors

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from moefleet.cluster.config.engine_config import EngineConfig
 from moefleet.cluster.engine.llm_engine import LLMEngine
 from moefleet.cluster.engine.outputs import RequestOutput
+from moefleet.cluster.experts.backend import uses_remote_shards
 from moefleet.cluster.sampling_params import SamplingParams
 
 
@@ -12,7 +13,19 @@ class LLM:
     """LLM(model=PATH, dtype="float32", **engine options) — see EngineConfig for the options."""
 
     def __init__(self, model: str, dtype: str = "float32", **kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
+        config = EngineConfig(model=model, dtype=dtype, **kwargs)
+        self.engine = LLMEngine(config, self._expert_source(config))
+
+    @staticmethod
+    def _expert_source(config: EngineConfig):
+        """Shard actors this LLM starts and owns when the config asks for remote shards (Ray is
+        imported only then); None keeps the engine's in-process shards."""
+        if not uses_remote_shards(config):
+            return None
+        from moefleet.actors.shard_host import start_shard_actors
+        from moefleet.cluster.experts.remote_backend import OwnedShardActors
+
+        return OwnedShardActors(start_shard_actors)
 
     def shutdown(self) -> None:
         """Stop this engine's remote expert shards (a no-op for in-process shards)."""

@@ -49,8 +49,3 @@ class EngineConfig(BaseModel):
                                "defaults.")
     seed: int = Field(0, description="Seed of the generator used by sampled requests without their own seed.")
     load_window_steps: int = Field(256, gt=0, description="Steps in the per-expert load window.")
-    attach_shards: list[str] | None = Field(
-        None, description="Set by the controller: names of the shard actors it owns, which this replica reaches by actor "
-                          "calls instead of starting its own (expert_shards and transport are then ignored).")
-    attach_placement: dict | None = Field(None, description="Set by the controller: the committed placement of attach_shards.")
-    controller: str | None = Field(None, description="Set by the controller: its actor name, told when a shard is lost.")

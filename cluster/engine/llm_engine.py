@@ -5,6 +5,7 @@ finish (which tokens come out)."""
 import logging
 import os
 import uuid
+from collections.abc import Callable
 
 import torch
 
@@ -19,16 +20,11 @@ from moefleet.cluster.engine.scheduler import Scheduler
 from moefleet.cluster.engine.sequence import Sequence
 from moefleet.cluster.engine.tokenizer import Tokenizer
 from moefleet.cluster.errors import InvalidRequestError
-from moefleet.cluster.experts.backend import (
-    attach_backend,
-    build_expert_backend,
-    named_actors,
-    prepare_next,
-    shard_infos,
-)
+from moefleet.cluster.experts.backend import ExpertBackend, ExpertSource, InProcessExperts, uses_remote_shards
 from moefleet.cluster.experts.dispatcher import Dispatcher
 from moefleet.cluster.experts.wire import TORCH_DTYPES
-from moefleet.cluster.placement.placement import Placement, placement_from_dict, round_robin_placement
+from moefleet.cluster.placement.epoch_record import EpochRecord
+from moefleet.cluster.placement.placement import Placement
 from moefleet.cluster.sampling_params import SamplingParams
 from moefleet.kernels.cpu_extension import cpu_ops
 from moefleet.models.checkpoint import CheckpointReader
@@ -38,20 +34,25 @@ from moefleet.models.spec import load_spec
 log = logging.getLogger(__name__)
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    """`experts`: where the routed experts live (default: shards in this process; moefleet.LLM and
+    the Replica actor hand in sources over shard actors). `on_shard_lost(shard or None, epoch)`:
+    who replaces a failed shard and answers the epoch to switch to (the controller, for shards it
+    owns); without it the engine's own source replaces the shard."""
+
+    def __init__(self, config: EngineConfig, experts: ExpertSource | None = None,
+                 on_shard_lost: Callable[[int | None, int], EpochRecord] | None = None):
         self.config = config
         keep_freed_memory(config.malloc_keep_mib)
         self.spec = spec = load_spec(config.model)
         reader = CheckpointReader(config.model, spec, TORCH_DTYPES[config.dtype])
         self.reader = reader
-        self._attached: dict[str, tuple] = {}  # shard actor name -> (handle, info), for the controller's shards
-        if config.attach_shards:
-            self.placement, self.experts = self.attached_backend_for(
-                {"placement": config.attach_placement, "shards": config.attach_shards})
-        else:
-            self.placement = round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts,
-                                                   max(1, config.expert_shards), config.replicate_experts)
-            self.experts = build_expert_backend(config, reader, self.placement)
+        if experts is None and uses_remote_shards(config):
+            raise ValueError(f"expert_shards={config.expert_shards} with transport={config.transport!r} needs shard "
+                             "actors: build the engine through moefleet.LLM, which starts them")
+        self.source = experts or InProcessExperts()
+        self.on_shard_lost = on_shard_lost
+        self.experts = self.source.first(config, reader)
+        self.placement = self.experts.placement
         # Default: the cores that shard actors on this node leave free. Oversubscribed torch
         # threads wait on each other: a 15 ms forward became 70-1,100 ms beside a busy process.
         cores = len(os.sched_getaffinity(0))
@@ -136,25 +137,33 @@ class LLMEngine:
         return True
 
     # ----- placement epochs (prepare while serving, commit between steps, then retire) -----
-    def prepare_placement(self, placement: Placement, lost: set[int] = frozenset()):
-        """Stage `placement` on the shards (kept shards load only the experts they lack; shards
-        beyond the current count start; `lost` ones are replaced); the current epoch keeps
-        serving meanwhile (call from any thread, one change at a time)."""
-        return prepare_next(self.config, self.reader, self.experts, self.placement, placement, lost)
+    def prepare_epoch(self, record: EpochRecord, lost: frozenset[int] = frozenset()) -> ExpertBackend:
+        """The backend of `record`'s epoch, made by the expert source while the current epoch
+        keeps serving (call from any thread, one change at a time)."""
+        return self.source.for_epoch(self.config, self.reader, record, self.experts, lost)
 
-    def commit_placement(self, placement: Placement, backend):
-        """Switch to the prepared epoch. Call only between steps (on the engine thread): a step
+    def commit_epoch(self, backend: ExpertBackend) -> ExpertBackend:
+        """Switch to a prepared epoch. Call only between steps (on the engine thread): a step
         always finishes on the epoch it started with. Returns the old backend, to retire with
-        `old.retire(backend, placement.epoch)`."""
+        `old.retire(backend, backend.placement.epoch)`."""
         old = self.experts
         if backend.transport is None:  # a compiled graph over the same actors: the old one goes first
             old.release_transport()
             backend.activate()
-        self.dispatcher.set_placement(placement)
+        self.dispatcher.set_placement(backend.placement)
         self.dispatcher.transport = backend.transport
-        self.placement, self.experts = placement, backend
+        self.placement, self.experts = backend.placement, backend
         self.runner.overlap = self._overlap_for(backend)
         return old
+
+    def switch_to(self, record: EpochRecord, lost: frozenset[int] = frozenset()) -> bool:
+        """Prepare, commit and retire `record`'s epoch now (engine thread, between steps);
+        False when the engine already serves that epoch or a later one."""
+        if record.epoch <= self.placement.epoch:
+            return False
+        backend = self.prepare_epoch(record, lost)
+        self.commit_epoch(backend).retire(backend, record.epoch)
+        return True
 
     def _overlap_for(self, backend) -> bool:
         """Micro-batch overlap as configured, where the transport allows two sends in flight."""
@@ -169,40 +178,14 @@ class LLMEngine:
     def replace_shards(self, lost: int | None) -> None:
         """After shard `lost` (None: unknown, so all) failed: a fresh shard takes its index in the
         next epoch, taking its experts from peers that hold copies, else from the checkpoint.
-        The failed step changed no sequence state, so it can simply run again. Shards the
-        controller owns are its to replace: it answers with the epoch to switch to."""
-        if self.config.controller:
-            import ray
-
-            controller = ray.get_actor(self.config.controller)
-            record = ray.get(controller.shard_lost.remote(lost, self.placement.epoch), timeout=self.config.shard_start_timeout_s)
-            self.install_record(record)
-            return
-        placement = Placement(self.placement.epoch + 1, self.placement.num_experts, self.placement.shard_experts)
-        lost_set = set(range(placement.num_shards)) if lost is None else {lost}
-        backend = self.prepare_placement(placement, lost_set)
-        old = self.commit_placement(placement, backend)
-        old.retire(backend, placement.epoch)
-
-    def attached_backend_for(self, record: dict):
-        """(placement, backend) of a controller's epoch record; any thread. Shards already known
-        are not looked up again (an epoch switch should cost the serving process nothing)."""
-        names = record["shards"]
-        new = [n for n in names if n not in self._attached]
-        if new:
-            actors = named_actors(new)
-            self._attached.update(zip(new, zip(actors, shard_infos(actors, self.config.shard_timeout_s))))
-        self._attached = {n: self._attached[n] for n in names}
-        actors, info = zip(*(self._attached[n] for n in names))
-        return placement_from_dict(record["placement"]), attach_backend(self.config, list(actors), list(info))
-
-    def install_record(self, record: dict) -> bool:
-        """Switch to a controller's epoch now (engine thread, between steps); False if already there."""
-        if record["placement"]["epoch"] <= self.placement.epoch:
-            return False
-        placement, backend = self.attached_backend_for(record)
-        self.commit_placement(placement, backend).retire()
-        return True
+        The failed step changed no sequence state, so it can simply run again."""
+        lost_set = frozenset(range(self.placement.num_shards)) if lost is None else frozenset({lost})
+        if self.on_shard_lost is not None:
+            record = self.on_shard_lost(lost, self.placement.epoch)
+        else:
+            record = EpochRecord(Placement(self.placement.epoch + 1, self.placement.num_experts,
+                                           self.placement.shard_experts))
+        self.switch_to(record, lost_set)
 
     def close(self) -> None:
         """Stop remote shards (if any) and free the transport."""

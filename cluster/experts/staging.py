@@ -48,16 +48,3 @@ def paced(call, items: list, pace_s: float, timeout_s: float) -> list:
             time.sleep(pace_s)
         results.append(ray.get(call(item), timeout=timeout_s))
     return results
-
-
-def stage_local(old_shards: list, new_shards: list, reader, old: Placement | None, new: Placement,
-                lost: set[int] = frozenset()) -> None:
-    """The in-process twin: a peer's expert is shared (same weight objects, no copy)."""
-    for target, by_source in peer_sources(old, new, lost).items():
-        for source, keys in by_source.items():
-            for key in keys:
-                new_shards[target].weights.setdefault(key, old_shards[source].weights[key])
-    for target, shard in enumerate(new_shards):
-        experts = new.experts_of_shard(target)
-        shard.load_missing(reader, experts)
-        shard.install_epoch(new.epoch, experts)

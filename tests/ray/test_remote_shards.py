@@ -88,21 +88,27 @@ def test_remote_shards_rescale_while_serving(transport, ray_cluster, model_dir, 
     import asyncio
 
     from moefleet.actors.replica import Replica
+    from moefleet.cluster.config.engine_config import EngineConfig
+    from moefleet.cluster.placement.epoch_record import EpochRecord
+    from moefleet.cluster.placement.planner import plan_placement, scale_limits
 
     sampling = {"temperature": 0, "max_tokens": 800, "ignore_eos": True}  # long enough to outlast the new shards starting
     static = engines("mixtral")
     prompts = random_prompts(static.engine.spec.vocab_size, (9, 31), seed=41)
     expected = [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
                                                                  SamplingParams(**sampling))]
-    replica = Replica("remote-live", {"model": model_dir("mixtral"), "kv_cache_blocks": 128, "num_threads": 1,
-                                      "expert_shards": 2, "transport": transport, "shard_timeout_s": 30,
-                                      **head_pinned({"transport": transport})})
+    replica = Replica("remote-live", EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=128, num_threads=1,
+                                      expert_shards=2, transport=transport, shard_timeout_s=30,
+                                      **head_pinned({"transport": transport})))
     old_actors = list(replica.engine.engine.experts.actors)
 
     async def run():
         tasks = [asyncio.create_task(collect_tokens(replica, p, sampling)) for p in prompts]
         await asyncio.sleep(0.1)
-        epoch = await replica.scale_shards(3)
+        engine = replica.engine.engine  # this replica owns its shards: the test plays the controller's part
+        placement = plan_placement(engine.load.window(), engine.placement, engine.spec.moe_layer_indices,
+                                   scale_limits(engine.spec.moe.num_experts, 3))
+        epoch = await replica.install_epoch(EpochRecord(placement))
         assert not all(t.done() for t in tasks)
         return await asyncio.gather(*tasks), epoch
 
@@ -127,15 +133,16 @@ def test_lost_shard_is_replaced_and_requests_finish_unchanged(transport, ray_clu
     import asyncio
 
     from moefleet.actors.replica import Replica
+    from moefleet.cluster.config.engine_config import EngineConfig
 
     sampling = {"temperature": 0, "max_tokens": 200, "ignore_eos": True}
     static = engines("qwen3_moe")
     prompts = random_prompts(static.engine.spec.vocab_size, (6, 25), seed=51)
     expected = [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
                                                                  SamplingParams(**sampling))]
-    replica = Replica("recovering", {"model": model_dir("qwen3_moe"), "kv_cache_blocks": 128, "num_threads": 1,
-                                     "expert_shards": 2, "transport": transport, "shard_timeout_s": 10,
-                                     **head_pinned({"transport": transport})})
+    replica = Replica("recovering", EngineConfig(model=model_dir("qwen3_moe"), kv_cache_blocks=128, num_threads=1,
+                                     expert_shards=2, transport=transport, shard_timeout_s=10,
+                                     **head_pinned({"transport": transport})))
 
     async def run():
         tasks = [asyncio.create_task(collect_tokens(replica, p, sampling)) for p in prompts]
