@@ -72,10 +72,25 @@ def random_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-async def collect_tokens(replica, prompt_token_ids: list[int], sampling: dict) -> list[int]:
-    """All tokens a Replica streams for one request."""
+def shard_with_layer(shard_id: int, num_experts: int, layer: int, experts: tuple[int, ...], w13, w2,
+                     epoch: int = 0):
+    """An ExpertShard holding `experts` of one layer (w13 [S, 2I, D], w2 [S, D, I]) mapped in `epoch`."""
+    from moefleet.cluster.experts.expert_shard import ExpertShard
+
+    shard = ExpertShard(shard_id, num_experts)
+    for i, e in enumerate(experts):
+        shard.put_expert(layer, e, w13[i], w2[i])
+    shard.install_epoch(epoch, {layer: tuple(experts)})
+    return shard
+
+
+async def collect_tokens(replica, prompt_token_ids: list[int], params) -> list[int]:
+    """All tokens a Replica streams for one request (`params`: its SamplingParams)."""
+    from moefleet.cluster.messages import GenerateRequest
+
     tokens = []
-    async for delta in replica.generate_stream({"prompt_token_ids": prompt_token_ids, "sampling": sampling}):
+    request = GenerateRequest(prompt_token_ids=prompt_token_ids, sampling_params=params)
+    async for delta in replica.generate_stream(request):
         tokens += delta.token_ids
     return tokens
 

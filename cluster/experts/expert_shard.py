@@ -97,12 +97,6 @@ class ExpertShard:
             del self.weights[key]
         return len(unused)
 
-    def set_layer(self, layer: int, experts: tuple[int, ...], w13: torch.Tensor, w2: torch.Tensor, epoch: int = 0) -> None:
-        """Test helper: load `experts` of one layer (w13 [S, 2I, D], w2 [S, D, I]) and map them in `epoch`."""
-        for i, e in enumerate(experts):
-            self.put_expert(layer, e, w13[i], w2[i])
-        self.install_epoch(epoch, {**self.experts_of(epoch), layer: tuple(experts)})
-
     def experts_of(self, epoch: int) -> dict[int, tuple[int, ...]]:
         """Logical experts per layer in slot order, for `epoch` (empty if unknown)."""
         out = {}

@@ -8,9 +8,9 @@ from moefleet.cluster.engine.block_manager import BlockManager
 from moefleet.cluster.engine.sampler import filtered_probs
 from moefleet.cluster.engine.sequence import Sequence
 from moefleet.cluster.experts.dispatcher import Dispatcher
-from moefleet.cluster.experts.expert_shard import ExpertShard
 from moefleet.cluster.experts.transport import InProcessTransport
 from moefleet.cluster.placement.placement import Placement, round_robin_placement
+from tests.conftest import shard_with_layer
 
 
 def test_block_manager_shares_prefix_blocks_and_frees_them():
@@ -65,11 +65,8 @@ def test_placement_rejects_lost_experts():
 def test_dispatcher_prefers_replicas_on_shards_the_token_already_visits():
     d, e = 4, 4
     placement = Placement(epoch=0, num_experts=e, shard_experts={0: ((0, 1), (1, 2, 3))})  # expert 1 on both
-    shards = []
-    for s, experts in enumerate(placement.shard_experts[0]):
-        shard = ExpertShard(s, e)
-        shard.set_layer(0, experts, torch.randn(len(experts), 2 * 3, d), torch.randn(len(experts), d, 3))
-        shards.append(shard)
+    shards = [shard_with_layer(s, e, 0, experts, torch.randn(len(experts), 2 * 3, d), torch.randn(len(experts), d, 3))
+              for s, experts in enumerate(placement.shard_experts[0])]
     calls = []
 
     class Recording(InProcessTransport):
@@ -99,7 +96,7 @@ def test_prometheus_metrics_count_tokens_traffic_and_fanout(engines):
 
     from moefleet.cluster.engine.metrics import start_metrics_server
 
-    llm = engines("mixtral", expert_shards=2, transport="local")
+    llm = engines("mixtral", engine_shards=2, transport="local")
     spec = llm.engine.spec
     before = int(llm.engine.dispatcher.fanout[1] + llm.engine.dispatcher.fanout[2])
     llm.generate({"prompt_token_ids": list(range(3, 13))}, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from moefleet.cluster.experts.dispatcher import Dispatcher
-from moefleet.cluster.experts.expert_shard import ExpertShard
 from moefleet.cluster.experts.transport import InProcessTransport
 from moefleet.cluster.placement.placement import Placement, placement_from_dict, placement_to_dict
 from moefleet.cluster.placement.staging_plan import layout_epochs
+from tests.conftest import shard_with_layer
 
 
 def test_unchanged_shards_keep_their_layout_epoch():
@@ -47,10 +47,8 @@ def test_requests_name_each_shards_layout_epoch():
     d, i, e = 8, 4, 4
     w13, w2 = torch.randn(e, 2 * i, d), torch.randn(e, d, i)
     first = Placement(1, e, {0: ((0, 1), (2, 3))})
-    shards = [ExpertShard(s, e) for s in range(2)]
-    for s in range(2):
-        experts = first.shard_experts[0][s]
-        shards[s].set_layer(0, experts, w13[list(experts)], w2[list(experts)], epoch=1)
+    shards = [shard_with_layer(s, e, 0, experts, w13[list(experts)], w2[list(experts)], epoch=1)
+              for s, experts in enumerate(first.shard_experts[0])]
     # Epoch 2 moves expert 1 to a new slot order on shard 0 only; shard 1 keeps epoch 1's maps.
     second = Placement(2, e, {0: ((1, 0), (2, 3))})
     second = Placement(2, e, second.shard_experts, layout_epochs(first, ["s0", "s1"], second, ["s0", "s1"]))
