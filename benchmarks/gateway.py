@@ -18,8 +18,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.report import markdown_table, record  # noqa: E402
+from moefleet.cluster.messages import GenerateRequest  # noqa: E402
+from moefleet.cluster.sampling_params import SamplingParams  # noqa: E402
 
-REQUEST = {"prompt": "Hello there", "sampling": {"max_tokens": 1, "temperature": 0}}
+REQUEST = GenerateRequest(prompt="Hello there", sampling_params=SamplingParams(max_tokens=1, temperature=0))
 
 
 def percentile(values: list[float], q: float) -> float:

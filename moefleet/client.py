@@ -7,22 +7,20 @@ import grpc
 
 from moefleet.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "logprobs")
+_SAMPLING_FIELDS = inference_pb2.SamplingOptions.DESCRIPTOR.fields_by_name
 
 
 def build_request(prompt: str | list[int], model: str = "", request_id: str = "", **sampling) -> inference_pb2.GenerateRequest:
-    """prompt: text or token ids; sampling: temperature, top_p, top_k, min_p, repetition_penalty,
-    seed, max_tokens, logprobs, stop (list of strings), stop_token_ids, ignore_eos."""
-    options = inference_pb2.SamplingOptions(
-        stop=sampling.pop("stop", None) or [], stop_token_ids=sampling.pop("stop_token_ids", None) or [],
-        ignore_eos=bool(sampling.pop("ignore_eos", False)))
-    for name in _OPTIONAL:
-        value = sampling.pop(name, None)
-        if value is not None:
-            setattr(options, name, value)
-    if sampling:
-        raise TypeError(f"unknown sampling options: {sorted(sampling)}")
-    request = inference_pb2.GenerateRequest(model=model, request_id=request_id, sampling=options)
+    """prompt: text or token ids; sampling: fields of moefleet.v1.SamplingOptions by name (see
+    proto/moefleet/v1/inference.proto); None leaves one unset, so the server's default applies."""
+    unknown = set(sampling) - set(_SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling options: {sorted(unknown)}")
+    # One stop string is a list of one, not of its characters.
+    options = {name: [value] if _SAMPLING_FIELDS[name].is_repeated and isinstance(value, str) else value
+               for name, value in sampling.items() if value is not None}
+    request = inference_pb2.GenerateRequest(model=model, request_id=request_id,
+                                            sampling=inference_pb2.SamplingOptions(**options))
     if isinstance(prompt, str):
         request.prompt = prompt
     else:

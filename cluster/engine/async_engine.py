@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moefleet.cluster.engine.llm_engine import LLMEngine
 from moefleet.cluster.engine.sequence import Sequence
@@ -21,24 +21,10 @@ from moefleet.cluster.errors import (
     RequestAbortedError,
     ShardUnavailableError,
 )
+from moefleet.cluster.messages import OutputDelta
 from moefleet.cluster.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Delta:
-    """What a request gained since its previous delta (plain data, crosses processes)."""
-
-    request_id: str
-    token_ids: list[int]
-    text_delta: str
-    logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
 
 
 @dataclass
@@ -48,13 +34,12 @@ class _Stream:
     queue: asyncio.Queue
     sent_tokens: int = 0
     sent_text: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 class AsyncEngine:
     _ids = itertools.count()
 
-    def __init__(self, engine: LLMEngine, max_waiting: int = 1024):
+    def __init__(self, engine: LLMEngine, max_waiting: int):
         self.engine, self.max_waiting = engine, max_waiting
         self._lock = threading.Condition()
         self._adds: list[_Stream] = []
@@ -80,7 +65,7 @@ class AsyncEngine:
             return len(self._streams) + len(self._adds)
 
     async def stream(self, prompt, params: SamplingParams, request_id: str | None = None,
-                     resume_token_ids: list[int] | None = None) -> AsyncIterator[Delta]:
+                     resume_token_ids: list[int] | None = None) -> AsyncIterator[OutputDelta]:
         """Deltas of one request. With `resume_token_ids` (outputs a lost replica already
         delivered) only what comes after them is streamed: no token or text twice, none missing."""
         if self.draining:
@@ -200,14 +185,14 @@ class AsyncEngine:
             return ""
         return self.engine.decode(seq).rstrip("\ufffd")
 
-    def _delta(self, stream: _Stream) -> Delta:
+    def _delta(self, stream: _Stream) -> OutputDelta:
         seq = stream.seq
         finished = seq.finish_reason is not None
         text = seq.output_text if finished else self.engine.decode(seq)
         if not finished and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
             text = stream.sent_text
         new_tokens = seq.output_token_ids[stream.sent_tokens:]
-        delta = Delta(
+        delta = OutputDelta(
             request_id=seq.request_id, token_ids=new_tokens,
             text_delta=text[len(stream.sent_text):] if text.startswith(stream.sent_text) else text,
             logprobs=seq.logprobs[stream.sent_tokens:] if seq.logprobs is not None else None,

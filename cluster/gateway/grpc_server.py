@@ -10,10 +10,12 @@ from grpc_reflection.v1alpha import reflection
 
 from moefleet.cluster.errors import InvalidRequestError, ModelNotFoundError
 from moefleet.cluster.gateway.error_codes import classify, retry_after_s
+from moefleet.cluster.gateway.router import request_cost
+from moefleet.cluster.messages import GenerateRequest, OutputDelta, join_deltas
+from moefleet.cluster.sampling_params import SamplingParams
 from moefleet.v1 import admin_pb2, inference_pb2
 
 INFERENCE, ADMIN = "moefleet.v1.Inference", "moefleet.v1.Admin"
-_OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "logprobs")
 
 
 class _Malformed:
@@ -30,33 +32,19 @@ def _tolerant(message_type):
     return parse
 
 
-def request_dict(msg: inference_pb2.GenerateRequest, model_id: str) -> dict:
-    """A GenerateRequest as the replica's plain request dict (raises for a wrong model or no prompt)."""
+def generate_request(msg: inference_pb2.GenerateRequest, model_id: str) -> GenerateRequest:
+    """A GenerateRequest message as the replica's request (raises for a wrong model, no prompt, or
+    a sampling option out of range, naming it)."""
     if msg.model and msg.model != model_id:
         raise ModelNotFoundError(msg.model, [model_id])
-    request: dict = {"request_id": msg.request_id}
     which = msg.WhichOneof("input")
-    if which == "prompt":
-        request["prompt"] = msg.prompt
-    elif which == "prompt_token_ids":
-        request["prompt_token_ids"] = list(msg.prompt_token_ids.ids)
-    else:
-        raise InvalidRequestError("prompt", "a request needs a prompt or prompt_token_ids")
-    s = msg.sampling
-    sampling = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING if s.HasField(name)}
-    if s.stop:
-        sampling["stop"] = list(s.stop)
-    if s.stop_token_ids:
-        sampling["stop_token_ids"] = list(s.stop_token_ids)
-    if s.ignore_eos:
-        sampling["ignore_eos"] = True
-    request["sampling"] = sampling
-    return request
-
-
-def request_cost(request: dict) -> int:
-    prompt = len(request.get("prompt_token_ids", ())) or len(request.get("prompt", "")) // 3 + 1
-    return prompt + int(request["sampling"].get("max_tokens") or 16)
+    # The options the client set, read off the message itself (SamplingOptions names its fields
+    # as SamplingParams does): `optional` ones when present, repeated ones when not empty,
+    # ignore_eos when true.
+    options = {f.name: list(value) if f.is_repeated else value for f, value in msg.sampling.ListFields()}
+    return GenerateRequest(prompt=msg.prompt if which == "prompt" else None,
+                           prompt_token_ids=list(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+                           sampling_params=SamplingParams(**options), request_id=msg.request_id)
 
 
 def _logprobs(entries) -> list[inference_pb2.TokenLogprobs]:
@@ -68,12 +56,12 @@ def _logprobs(entries) -> list[inference_pb2.TokenLogprobs]:
     return out
 
 
-def _usage(delta) -> inference_pb2.Usage:
+def _usage(delta: OutputDelta) -> inference_pb2.Usage:
     return inference_pb2.Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
                                cached_prompt_tokens=delta.cached_prompt_tokens)
 
 
-def _stop_reason(delta) -> str:
+def _stop_reason(delta: OutputDelta) -> str:
     return "" if delta.stop_reason is None else str(delta.stop_reason)
 
 
@@ -93,27 +81,21 @@ class InferenceService:
     def __init__(self, gateway):
         self.gateway = gateway
 
-    async def _begin(self, request, context) -> dict:
+    async def _begin(self, request, context) -> GenerateRequest:
         if isinstance(request, _Malformed):
             raise InvalidRequestError("request", f"not a valid GenerateRequest ({request.error}); strings must be UTF-8")
         self.gateway.auth.check_inference(_authorization(context))
         self.gateway.check_accepting()
-        return request_dict(request, self.gateway.model_id)
+        return generate_request(request, self.gateway.model_id)
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
         try:
             req = await self._begin(request, context)
-            token_ids, text, logprobs, last = [], [], [], None
-            async for delta in self.gateway.pool.stream(req, request_cost(req)):
-                token_ids += delta.token_ids
-                text.append(delta.text_delta)
-                if delta.logprobs is not None:
-                    logprobs += zip(delta.token_ids, delta.logprobs)
-                last = delta
+            whole = join_deltas([delta async for delta in self.gateway.pool.stream(req, request_cost(req))])
             return inference_pb2.GenerateResponse(
-                request_id=last.request_id, text="".join(text), token_ids=token_ids, logprobs=_logprobs(logprobs),
-                finish_reason=last.finish_reason or "", stop_reason=_stop_reason(last), usage=_usage(last),
-                model=self.gateway.model_id)
+                request_id=whole.request_id, text=whole.text_delta, token_ids=whole.token_ids,
+                logprobs=_logprobs(zip(whole.token_ids, whole.logprobs or [])), finish_reason=whole.finish_reason or "",
+                stop_reason=_stop_reason(whole), usage=_usage(whole), model=self.gateway.model_id)
         except Exception as error:
             await _abort(context, error)
 

@@ -2,6 +2,7 @@
 streaming), /v1/models, /health, /metrics. Errors in OpenAI's shape, statuses from the one
 error table."""
 
+import dataclasses
 import json
 import time
 import uuid
@@ -10,9 +11,14 @@ from aiohttp import web
 
 from moefleet.cluster.errors import InvalidRequestError, ModelNotFoundError
 from moefleet.cluster.gateway.error_codes import classify, retry_after_s
+from moefleet.cluster.gateway.router import request_cost
+from moefleet.cluster.messages import GenerateRequest, join_deltas
+from moefleet.cluster.sampling_params import SamplingParams
 
-_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
-                  "repetition_penalty": "repetition_penalty", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos"}
+# SamplingParams' options that a body carries under their own names (as vLLM's OpenAI server
+# takes them); max_tokens and logprobs mean other things in OpenAI's API and are mapped below.
+_SAME_NAMED = tuple(f.name for f in dataclasses.fields(SamplingParams)
+                    if f.init and f.name not in ("max_tokens", "logprobs"))
 
 
 def error_response(error: BaseException) -> web.Response:
@@ -26,24 +32,19 @@ def error_response(error: BaseException) -> web.Response:
                              status=status, headers=headers)
 
 
-def _sampling(body: dict, chat: bool) -> dict:
-    sampling = {ours: body[theirs] for theirs, ours in _SAMPLING_KEYS.items() if body.get(theirs) is not None}
+def _sampling_params(body: dict, chat: bool) -> SamplingParams:
+    """A body's sampling options (a null one takes the default); a bad value raises naming it."""
+    options = {name: body[name] for name in _SAME_NAMED if body.get(name) is not None}
     max_tokens = body.get("max_completion_tokens") if chat else None
     max_tokens = max_tokens if max_tokens is not None else body.get("max_tokens")
-    sampling["max_tokens"] = 16 if max_tokens is None and not chat else max_tokens
-    if sampling["max_tokens"] is None:
-        sampling.pop("max_tokens")
-    stop = body.get("stop")
-    if stop is not None:
-        sampling["stop"] = [stop] if isinstance(stop, str) else stop
-    if body.get("n", 1) != 1:
-        raise InvalidRequestError("n", "only n=1 is supported")
-    if chat:
+    if max_tokens is not None:
+        options["max_tokens"] = max_tokens
+    if chat:  # logprobs: a flag, with top_logprobs as the k
         if body.get("logprobs"):
-            sampling["logprobs"] = int(body.get("top_logprobs") or 0)
+            options["logprobs"] = int(body.get("top_logprobs") or 0)
     elif body.get("logprobs") is not None:
-        sampling["logprobs"] = body["logprobs"]
-    return sampling
+        options["logprobs"] = body["logprobs"]
+    return SamplingParams(**options)
 
 
 class HttpApi:
@@ -89,12 +90,12 @@ class HttpApi:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            req = {"prompt": prompt}
+            given = {"prompt": prompt}
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            req = {"prompt_token_ids": prompt}
+            given = {"prompt_token_ids": prompt}
         else:
             raise InvalidRequestError("prompt", "must be a string or a list of token ids (one prompt per request)")
-        req["sampling"] = _sampling(body, chat=False)
+        req = GenerateRequest(**given, sampling_params=_sampling_params(body, chat=False))
         return await self._run(request, req, body, chat=False)
 
     async def chat_completions(self, request: web.Request):
@@ -103,31 +104,25 @@ class HttpApi:
         if not isinstance(messages, list):
             raise InvalidRequestError("messages", "must be a list of {role, content}")
         ids = await self.gateway.pool.any().call("apply_chat_template", messages)
-        req = {"prompt_token_ids": ids, "sampling": _sampling(body, chat=True)}
+        req = GenerateRequest(prompt_token_ids=ids, sampling_params=_sampling_params(body, chat=True))
         return await self._run(request, req, body, chat=True)
 
-    async def _run(self, http_request, req: dict, body: dict, chat: bool):
-        from moefleet.cluster.gateway.grpc_server import request_cost
-
+    async def _run(self, http_request, req: GenerateRequest, body: dict, chat: bool):
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         model = self.gateway.model_id
         deltas = self.gateway.pool.stream(req, request_cost(req))
         if not body.get("stream"):
-            text, last, logprobs, tokens = [], None, [], []
-            async for delta in deltas:
-                text.append(delta.text_delta)
-                tokens += delta.token_ids
-                if delta.logprobs is not None:
-                    logprobs += list(zip(delta.token_ids, delta.logprobs))
-                last = delta
-            usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                     "total_tokens": last.prompt_tokens + last.completion_tokens}
+            whole = join_deltas([delta async for delta in deltas])
+            logprobs = list(zip(whole.token_ids, whole.logprobs or []))
+            usage = {"prompt_tokens": whole.prompt_tokens, "completion_tokens": whole.completion_tokens,
+                     "total_tokens": whole.prompt_tokens + whole.completion_tokens}
             if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                          "finish_reason": last.finish_reason, "logprobs": self._chat_logprobs(logprobs) if logprobs else None}
+                choice = {"index": 0, "message": {"role": "assistant", "content": whole.text_delta},
+                          "finish_reason": whole.finish_reason,
+                          "logprobs": self._chat_logprobs(logprobs) if logprobs else None}
                 return web.json_response({"id": rid, "object": "chat.completion", "created": created, "model": model,
                                           "choices": [choice], "usage": usage})
-            choice = {"index": 0, "text": "".join(text), "finish_reason": last.finish_reason,
+            choice = {"index": 0, "text": whole.text_delta, "finish_reason": whole.finish_reason,
                       "logprobs": self._completion_logprobs(logprobs) if logprobs else None}
             return web.json_response({"id": rid, "object": "text_completion", "created": created, "model": model,
                                       "choices": [choice], "usage": usage})

@@ -3,6 +3,7 @@ Ray actor), outstanding-token accounting for routing, refresh from the controlle
 a request whose replica was lost on another one (re-prefilling prompt + tokens delivered)."""
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 from moefleet.cluster.errors import DrainingError, OverloadedError, ReplicaLostError
 from moefleet.cluster.gateway.error_codes import unwrap
 from moefleet.cluster.gateway.router import ReplicaLoad, choose_replica, prefix_key
+from moefleet.cluster.messages import GenerateRequest, OutputDelta
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ class LocalReplicaHandle:
     def __init__(self, replica):
         self.replica, self.replica_id = replica, replica.replica_id
 
-    async def stream(self, request: dict) -> AsyncIterator:
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
         async for delta in self.replica.generate_stream(request):
             yield delta
 
@@ -47,7 +49,7 @@ class RayReplicaHandle:
     def __init__(self, actor, replica_id: str):
         self.actor, self.replica_id = actor, replica_id
 
-    async def stream(self, request: dict) -> AsyncIterator:
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
         import ray
 
         generator = self.actor.generate_stream.options(num_returns="streaming").remote(request)
@@ -79,7 +81,6 @@ class ReplicaPool:
         self.failover_wait_s = 10.0  # how long a request that lost its replica waits for another to serve
         self.max_outstanding_tokens = max_outstanding_tokens
         self.locality = locality  # optional replica_id -> score in [0, 1] (speculative scheduling hook)
-        self.refreshed_at = 0.0
 
     def set_handles(self, handles: list) -> None:
         self.handles = {h.replica_id: h for h in handles}
@@ -94,7 +95,7 @@ class ReplicaPool:
             raise DrainingError("no replica is serving")
         return next(iter(self.handles.values()))
 
-    def pick(self, request: dict):
+    def pick(self, request: GenerateRequest):
         ids = list(self.handles)
         loads = [ReplicaLoad(rid, self.outstanding[rid], rid in self.draining) for rid in ids]
         chosen = choose_replica(loads, prefix_key(request), locality=self.locality)
@@ -105,7 +106,7 @@ class ReplicaPool:
                                   retry_after_s=1.0)
         return self.handles[ids[chosen]]
 
-    async def _pick_for_retry(self, request: dict, wait_s: float):
+    async def _pick_for_retry(self, request: GenerateRequest, wait_s: float):
         """A replica for a request that lost its own: membership may lag a loss or a drain by a
         refresh, so wait up to `wait_s` for one to serve before giving up."""
         deadline = time.monotonic() + wait_s
@@ -117,7 +118,8 @@ class ReplicaPool:
                     raise
                 await asyncio.sleep(0.2)
 
-    async def stream(self, request: dict, cost: int, max_replica_losses: int = 2) -> AsyncIterator:
+    async def stream(self, request: GenerateRequest, cost: int,
+                     max_replica_losses: int = 2) -> AsyncIterator[OutputDelta]:
         """Route and stream one request; `cost` (prompt + max tokens) is held against the replica.
         If the replica dies mid-request, the request resumes on another replica from the tokens
         already delivered (`resume_token_ids`): the caller sees no duplicate and no gap."""
@@ -125,7 +127,7 @@ class ReplicaPool:
         finished = False  # the request's last delta (with its finish reason) was delivered
         losses = refusals = 0
         while True:
-            attempt = dict(request, resume_token_ids=list(delivered)) if delivered else request
+            attempt = dataclasses.replace(request, resume_token_ids=tuple(delivered)) if delivered else request
             retrying = losses or refusals
             handle = await self._pick_for_retry(attempt, self.failover_wait_s) if retrying else self.pick(attempt)
             self.outstanding[handle.replica_id] = self.outstanding.get(handle.replica_id, 0) + cost
@@ -168,4 +170,3 @@ class ReplicaPool:
 
     def mark_draining(self, replica_id: str) -> None:
         self.draining.add(replica_id)
-        self.refreshed_at = time.monotonic()

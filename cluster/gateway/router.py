@@ -1,10 +1,13 @@
 """Choosing a replica for a request: least outstanding tokens, prefix affinity while the
 replicas are balanced, and a hook for an expert-locality score (speculative scheduling).
-Pure over plain data: `choose_replica(candidates, prefix_key, locality) -> index`."""
+Pure over plain data: `choose_replica(candidates, prefix_key, locality) -> index`, with what
+routing reads off a request: its prefix key and its cost."""
 
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from moefleet.cluster.messages import GenerateRequest
 
 
 @dataclass(frozen=True)
@@ -14,13 +17,20 @@ class ReplicaLoad:
     draining: bool = False
 
 
-def prefix_key(request: dict, chars: int = 256, tokens: int = 64) -> str:
+def prefix_key(request: GenerateRequest, chars: int = 256, tokens: int = 64) -> str:
     """A stable key of the prompt's start: requests sharing it hit the same prefix cache."""
-    if "prompt_token_ids" in request:
-        head = ",".join(map(str, request["prompt_token_ids"][:tokens]))
+    if request.prompt_token_ids is not None:
+        head = ",".join(map(str, request.prompt_token_ids[:tokens]))
     else:
-        head = str(request.get("prompt", ""))[:chars]
+        head = request.prompt[:chars]
     return hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
+
+
+def request_cost(request: GenerateRequest) -> int:
+    """Tokens a request will cost its replica, roughly (prompt + max tokens; about 3 characters
+    a token for text): what the pool holds against the replica while the request runs."""
+    prompt = len(request.prompt_token_ids) if request.prompt_token_ids is not None else len(request.prompt) // 3 + 1
+    return prompt + (request.sampling_params.max_tokens or 16)
 
 
 def choose_replica(candidates: list[ReplicaLoad], key: str, balance_slack: int = 256,

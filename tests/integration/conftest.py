@@ -8,8 +8,9 @@ ADMIN_TOKEN = "admin-secret"
 @pytest.fixture(scope="session")
 def replica(model_dir):
     from moefleet.actors.replica import Replica
+    from moefleet.cluster.config.engine_config import EngineConfig
 
-    r = Replica("replica-0", {"model": model_dir("mixtral"), "kv_cache_blocks": 512, "num_threads": 1}, max_waiting=256,
+    r = Replica("replica-0", EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=512, num_threads=1), max_waiting=256,
                 model_id="mixtral-tiny")
     yield r
     r.shutdown()

@@ -109,11 +109,12 @@ def test_health_reflection_and_admin(gateway, client, replica):
         with pytest.raises(grpc.RpcError) as info:
             call(request, metadata=good)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not built yet" in info.value.details()
-    epoch = state.placement_epoch
-    assert admin.ScaleShards(admin_pb2.ScaleShardsRequest(shards=2), metadata=good).accepted
-    assert admin.Rebalance(admin_pb2.RebalanceRequest(), metadata=good).accepted
-    after = admin.GetClusterState(admin_pb2.GetClusterStateRequest(), metadata=good)
-    assert after.placement_epoch == epoch + 2 and len(after.replicas[0].shards) == 2
+    # Placement changes go through the controller only (tests/unit/test_controller.py, test_serve.py).
+    for call, request in ((admin.ScaleShards, admin_pb2.ScaleShardsRequest(shards=2)),
+                          (admin.Rebalance, admin_pb2.RebalanceRequest())):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, metadata=good)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "no controller" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         admin.ScaleShards(admin_pb2.ScaleShardsRequest(shards=0), metadata=good)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "shards" in info.value.details()
@@ -124,9 +125,10 @@ def test_health_reflection_and_admin(gateway, client, replica):
 
 def test_draining_replica_answers_unavailable(model_dir):
     from moefleet.actors.replica import Replica
+    from moefleet.cluster.config.engine_config import EngineConfig
     from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
 
-    r = Replica("replica-d", {"model": model_dir("olmoe"), "kv_cache_blocks": 64, "num_threads": 1})
+    r = Replica("replica-d", EngineConfig(model=model_dir("olmoe"), kv_cache_blocks=64, num_threads=1))
     gw, port, _ = start_gateway([LocalReplicaHandle(r)], http_port=None)
     try:
         with Client(f"127.0.0.1:{port}", token=ADMIN_TOKEN, timeout=60) as c:

@@ -72,10 +72,11 @@ def test_bad_token_is_401(replica):
 
 def test_overloaded_is_429_with_retry_after_and_draining_is_503(model_dir):
     from moefleet.actors.replica import Replica
+    from moefleet.cluster.config.engine_config import EngineConfig
     from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle
     from tests.integration.conftest import start_gateway
 
-    r = Replica("replica-h", {"model": model_dir("olmoe"), "kv_cache_blocks": 64, "num_threads": 1}, max_waiting=1)
+    r = Replica("replica-h", EngineConfig(model=model_dir("olmoe"), kv_cache_blocks=64, num_threads=1), max_waiting=1)
     gw, _, http_port = start_gateway([LocalReplicaHandle(r)])
     try:
         base = f"http://127.0.0.1:{http_port}/v1"

@@ -8,6 +8,8 @@ import pytest
 
 from moefleet.cluster.errors import InvalidRequestError, ReplicaLostError
 from moefleet.cluster.gateway.replica_pool import LocalReplicaHandle, ReplicaPool
+from moefleet.cluster.messages import GenerateRequest
+from moefleet.cluster.sampling_params import SamplingParams
 
 
 class DiesAfter(LocalReplicaHandle):
@@ -18,7 +20,7 @@ class DiesAfter(LocalReplicaHandle):
         super().__init__(replica)
         self.deltas = deltas
 
-    async def stream(self, request: dict):
+    async def stream(self, request: GenerateRequest):
         sent = 0
         async for delta in super().stream(request):
             if sent == self.deltas:
@@ -32,14 +34,15 @@ class DiesAfter(LocalReplicaHandle):
 @pytest.fixture(scope="module")
 def replicas(model_dir):
     from moefleet.actors.replica import Replica
+    from moefleet.cluster.config.engine_config import EngineConfig
 
-    made = [Replica(f"r{i}", {"model": model_dir("mixtral"), "kv_cache_blocks": 256, "num_threads": 1}) for i in range(2)]
+    made = [Replica(f"r{i}", EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1)) for i in range(2)]
     yield made
     for r in made:
         r.shutdown()
 
 
-def collect(pool: ReplicaPool, request: dict):
+def collect(pool: ReplicaPool, request: GenerateRequest):
     async def run():
         deltas = []
         async for delta in pool.stream(request, 64):
@@ -53,16 +56,16 @@ def collect(pool: ReplicaPool, request: dict):
 
 
 SAMPLINGS = {
-    "greedy": {"temperature": 0, "max_tokens": 40, "ignore_eos": True, "logprobs": 2},
-    "seeded": {"temperature": 0.9, "top_p": 0.95, "seed": 1234, "max_tokens": 40, "ignore_eos": True, "logprobs": 2},
-    "stop string": {"temperature": 0.8, "seed": 5, "max_tokens": 60, "stop": ["e"], "logprobs": 1},
+    "greedy": SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2),
+    "seeded": SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=40, ignore_eos=True, logprobs=2),
+    "stop string": SamplingParams(temperature=0.8, seed=5, max_tokens=60, stop=["e"], logprobs=1),
 }
 
 
 @pytest.mark.parametrize("name", list(SAMPLINGS))
 @pytest.mark.parametrize("dies_after", [0, 1, 7])
 def test_resumed_stream_equals_uninterrupted(replicas, name, dies_after):
-    request = {"prompt": "Once upon a time there was", "sampling": SAMPLINGS[name]}
+    request = GenerateRequest(prompt="Once upon a time there was", sampling_params=SAMPLINGS[name])
     reference = collect(ReplicaPool([LocalReplicaHandle(replicas[1])]), request)
     pool = ReplicaPool([DiesAfter(replicas[0], dies_after), LocalReplicaHandle(replicas[1])])
     pool.outstanding["r1"] = 1_000  # route the first attempt to the replica that dies
@@ -82,7 +85,7 @@ def test_resumed_stream_equals_uninterrupted(replicas, name, dies_after):
 def test_a_replica_lost_after_the_last_delta_leaves_the_request_whole(replicas):
     """All tokens and the finish reason were delivered when the replica died: the caller gets
     the complete stream, with no resume (which would ask for tokens past max_tokens)."""
-    request = {"prompt": "Once upon a time there was", "sampling": SAMPLINGS["greedy"]}
+    request = GenerateRequest(prompt="Once upon a time there was", sampling_params=SAMPLINGS["greedy"])
     reference = collect(ReplicaPool([LocalReplicaHandle(replicas[1])]), request)
     pool = ReplicaPool([DiesAfter(replicas[0], None), LocalReplicaHandle(replicas[1])])
     pool.outstanding["r1"] = 1_000  # route the request to the replica that dies
@@ -95,14 +98,12 @@ def test_a_replica_lost_after_the_last_delta_leaves_the_request_whole(replicas):
 def test_every_replica_lost_is_a_clear_retryable_error(replicas):
     pool = ReplicaPool([DiesAfter(replicas[0], 1), DiesAfter(replicas[1], 1)])
     with pytest.raises(Exception, match="every replica|no replica") as info:
-        collect(pool, {"prompt": "hello", "sampling": {"max_tokens": 20, "ignore_eos": True}})
+        collect(pool, GenerateRequest(prompt="hello", sampling_params=SamplingParams(max_tokens=20, ignore_eos=True)))
     assert getattr(info.value, "retryable", False) or "replica" in str(info.value)
 
 
 def test_resume_token_ids_are_validated(replicas):
     engine = replicas[0].engine.engine
-    from moefleet.cluster.sampling_params import SamplingParams
-
     with pytest.raises(InvalidRequestError, match="resume_token_ids: ids \\[99999\\]"):
         engine.make_sequence("hi", SamplingParams(max_tokens=8), "x", [1, 99999])
     with pytest.raises(InvalidRequestError, match="resume_token_ids: 8 tokens already reach max_tokens"):
