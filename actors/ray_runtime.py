@@ -13,8 +13,6 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # Local clusters here run without token auth (Ray 2.60 turns it on by default).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address is None and not os.environ.get("RAY_ADDRESS"):
         try:
             ray.init(address="auto", namespace=RAY_NAMESPACE, log_to_driver=False)

@@ -66,7 +66,7 @@ def main() -> None:
     results = []
     for transport, shards, overlap in configs:
         print(f"  {transport} shards={shards} overlap={overlap} ...", file=sys.stderr, flush=True)
-        options = {} if shards == 0 else {"expert_shards": shards, "transport": transport}
+        options = {} if shards == 0 else {"engine_shards": shards, "transport": transport}
         llm = LLM(model, enable_prefix_caching=False, overlap_microbatches=overlap, **options)
         try:
             per_batch = measure(llm, batches, args.max_tokens, args.prompt_len)

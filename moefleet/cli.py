@@ -87,6 +87,18 @@ def _serve(args) -> int:
     return run_serve(config)
 
 
+def _config_schema(args) -> int:
+    import json
+
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
+    from moefleet.cluster.config.serve_config import ServeConfig
+
+    config_class = {"serve": ServeConfig, "controller": ControllerConfig, "engine": EngineConfig}[args.which]
+    print(json.dumps(config_class.model_json_schema(), indent=2))
+    return 0
+
+
 def _admin(args) -> int:
     import os
 
@@ -172,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key): TLS on both ports")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.set_defaults(func=_serve)
+
+    config = sub.add_parser("config", help="configuration tools (the JSON schema of cluster.yaml)",
+                            description="moefleet config schema [serve|controller|engine]")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    schema = config_sub.add_parser(
+        "schema", help="print a config's JSON schema",
+        description="Print the JSON schema of a config: serve (cluster.yaml, the default), controller or engine "
+                    "(for the Helm chart's values.schema.json, editors and policy files).")
+    schema.add_argument("which", nargs="?", default="serve", choices=["serve", "controller", "engine"])
+    schema.set_defaults(func=_config_schema)
 
     admin = sub.add_parser("admin", help="cluster administration over gRPC (needs the admin token)",
                            description="moefleet admin {state,scale-shards N,scale-replicas N,rebalance,drain REPLICA}")

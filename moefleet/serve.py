@@ -9,6 +9,8 @@ import threading
 
 from moefleet.cluster.config.serve_config import ServeConfig
 from moefleet.cluster.gateway.auth import TokenAuth
+from moefleet.cluster.messages import GenerateRequest
+from moefleet.cluster.sampling_params import SamplingParams
 
 
 def _tls(config: ServeConfig):
@@ -39,18 +41,13 @@ class LocalDeployment:
         self.auth = TokenAuth.from_sources(config.admin_tokens, config.admin_token_file, config.inference_tokens,
                                            config.inference_token_file)
         self.generated_token = not (config.admin_tokens or config.admin_token_file or os.environ.get("MOEFLEET_ADMIN_TOKEN"))
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             # "local": a new cluster of our own, never one some other job started on this machine.
             ray.init(address=config.ray_address or "local", namespace=RAY_NAMESPACE, include_dashboard=False,
                      log_to_driver=False)
-        cores = len(os.sched_getaffinity(0))
-        engine = {"num_threads": max(1, cores // config.replicas), **config.engine, "model": model}
-        self.controller = remote_controller_class().options(name=CONTROLLER_NAME).remote({
-            "engine": engine, "model_id": self.model_id, "max_waiting": config.max_waiting_per_replica,
-            "expert_shards": config.expert_shards, "state_store": config.state_store,
-            "auto_rebalance": config.auto_rebalance.model_dump()})
+        controller_config = config.controller_config(model, self.model_id, cores=len(os.sched_getaffinity(0)))
+        self.controller = remote_controller_class().options(name=CONTROLLER_NAME).remote(controller_config)
         ray.get(self.controller.start.remote(config.replicas))
         gateway_class, tls = remote_gateway_class(), _tls(config)
         first = gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{config.grpc_port}",
@@ -68,9 +65,8 @@ class LocalDeployment:
         import ray
 
         _, actor, _ = ray.get(self.controller.replicas.remote())[0]
-        reply = ray.get(actor.generate.remote({"prompt": prompt, "sampling": {"temperature": 0, "max_tokens": max_tokens}}),
-                        timeout=120)
-        return reply.text_delta
+        request = GenerateRequest(prompt=prompt, sampling_params=SamplingParams(temperature=0, max_tokens=max_tokens))
+        return ray.get(actor.generate.remote(request), timeout=120).text_delta
 
     def stop(self) -> None:
         import ray

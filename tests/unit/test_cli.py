@@ -1,8 +1,13 @@
 """The command line, run as a user would."""
 
+import json
 import os
 import subprocess
 import sys
+
+import jsonschema
+import pytest
+import yaml
 
 
 def _moefleet(*args, env=None):
@@ -44,3 +49,24 @@ def test_a_generated_admin_token_passes_as_the_token_argument(monkeypatch):
         token = TokenAuth.from_sources().admin_tokens[0]
         args = parser.parse_args(["admin", "state", "--address", "127.0.0.1:1", "--token", token])
         assert args.token == token and len(token) >= 32
+
+
+def test_config_schema_is_the_json_schema_cluster_yaml_is_checked_by():
+    out = _moefleet("config", "schema")
+    assert out.returncode == 0, out.stderr
+    schema = json.loads(out.stdout)
+    assert schema["title"] == "ServeConfig" and schema == json.loads(_moefleet("config", "schema", "serve").stdout)
+    jsonschema.validate(yaml.safe_load("expert_shards: 2\nmax_waiting: 64\nengine: {kv_cache_gib: 0.5}\n"), schema)
+    for bad, reason in (({"engine": {"kv_cahce_gib": 2}}, "'kv_cahce_gib' was unexpected"),
+                        ({"engine": {"kv_cache_gib": "x"}}, "'x' is not of type 'number'")):
+        with pytest.raises(jsonschema.ValidationError, match=reason):
+            jsonschema.validate(bad, schema)
+
+
+def test_config_schema_of_the_controller_and_the_engine():
+    controller = json.loads(_moefleet("config", "schema", "controller").stdout)
+    engine = json.loads(_moefleet("config", "schema", "engine").stdout)
+    assert controller["required"] == ["engine", "model_id"] and engine["required"] == ["model"]
+    assert controller["$defs"]["EngineConfig"]["properties"] == engine["properties"]
+    unknown = _moefleet("config", "schema", "policy")
+    assert unknown.returncode == 2 and "invalid choice: 'policy'" in unknown.stderr

@@ -147,7 +147,7 @@ def test_expert_load_counters_count_every_routed_token(engines):
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
 def test_two_microbatch_overlap_gives_the_same_tokens(arch, engines):
     plain = engines(arch)
-    overlapped = engines(arch, expert_shards=2, transport="local", overlap_microbatches=True)
+    overlapped = engines(arch, engine_shards=2, transport="local", overlap_microbatches=True)
     assert overlapped.engine.runner.overlap
     prompts = [{"prompt_token_ids": p} for p in random_prompts(plain.engine.spec.vocab_size, (4, 37, 9, 21), seed=12)]
     expected = plain.generate(prompts, GREEDY)

@@ -70,9 +70,9 @@ def test_one_two_four_local_shards_and_replicas_agree(arch, engines):
     prompts = [{"prompt_token_ids": p} for p in random_prompts(spec.vocab_size, (9, 40, 23), seed=5)]
     reference = base.generate(prompts, GREEDY)
     replicate = {layer: [0, 3, 5] for layer in spec.moe_layer_indices}
-    for options in ({"expert_shards": 2}, {"expert_shards": 4}, {"expert_shards": 4, "replicate_experts": replicate}):
+    for options in ({"engine_shards": 2}, {"engine_shards": 4}, {"engine_shards": 4, "replicate_experts": replicate}):
         llm = engines(arch, transport="local", **options)
-        assert llm.engine.placement.num_shards == options["expert_shards"]
+        assert llm.engine.placement.num_shards == options["engine_shards"]
         assert llm.engine.experts.kind == "local"
         for ref, out in zip(reference, llm.generate(prompts, GREEDY)):
             assert out.outputs[0].token_ids == ref.outputs[0].token_ids, options
