@@ -63,12 +63,14 @@ def start_deployment(model: str, shards: int, standby: int, name: str, pace_s: f
     import ray
 
     from moefleet.actors.controller_host import remote_controller_class
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
 
-    controller = remote_controller_class().options(name=name).remote({
-        "engine": {"model": model, "kv_cache_blocks": 2048, "enable_prefix_caching": False, "transport": "actor",
-                   **({"shard_staging_when_idle": staging_when_idle} if staging_when_idle is not None else {})},
-        "model_id": "bench", "expert_shards": shards, "standby_shards": standby, "monitor_interval_s": 5.0,
-        **({"stage_pace_s": pace_s} if pace_s is not None else {})})
+    engine = EngineConfig(model=model, kv_cache_blocks=2048, enable_prefix_caching=False, transport="actor",
+                          **({"shard_staging_when_idle": staging_when_idle} if staging_when_idle is not None else {}))
+    controller = remote_controller_class().options(name=name).remote(ControllerConfig(
+        engine=engine, model_id="bench", expert_shards=shards, standby_shards=standby, monitor_interval_s=5.0,
+        **({"stage_pace_s": pace_s} if pace_s is not None else {})))
     ray.get(controller.start.remote(1))
     return controller
 
@@ -86,17 +88,19 @@ async def changes_while_serving(args, model: str, standby: int, changes: int, re
     import ray
 
     from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
+    from moefleet.cluster.messages import GenerateRequest
+    from moefleet.cluster.sampling_params import SamplingParams
 
     controller = start_deployment(model, args.shards, standby, f"bench-elastic-{uuid.uuid4().hex[:8]}", pace_s,
                                   args.staging_when_idle)
     rid, actor, _ = ray.get(controller.replicas.remote())[0]
     handle = RayReplicaHandle(actor, rid)
-    sampling = {"temperature": 0, "max_tokens": 1500, "ignore_eos": True}
+    sampling = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
     stop = asyncio.Event()
 
     async def stream(i: int):
         while not stop.is_set():
-            async for _ in handle.stream({"prompt_token_ids": [10 + i] * 16, "sampling": sampling}):
+            async for _ in handle.stream(GenerateRequest(prompt_token_ids=[10 + i] * 16, sampling_params=sampling)):
                 if stop.is_set():
                     break
 
@@ -144,11 +148,14 @@ async def cold_restart(args, model: str) -> float:
     import ray
 
     from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
+    from moefleet.cluster.messages import GenerateRequest
+    from moefleet.cluster.sampling_params import SamplingParams
 
     started = time.perf_counter()
     controller = start_deployment(model, args.shards + 1, 0, "bench-cold")
     rid, actor, _ = ray.get(controller.replicas.remote())[0]
-    async for _ in RayReplicaHandle(actor, rid).stream({"prompt_token_ids": [11] * 16, "sampling": {"max_tokens": 1}}):
+    request = GenerateRequest(prompt_token_ids=[11] * 16, sampling_params=SamplingParams(max_tokens=1))
+    async for _ in RayReplicaHandle(actor, rid).stream(request):
         pass
     elapsed = time.perf_counter() - started
     stop_deployment(controller)

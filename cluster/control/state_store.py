@@ -1,13 +1,14 @@
 """The controller's state store: one interface, two implementations — in memory (the embedded
 default) and Redis. It holds the placement epoch (changed only by compare-and-set on a
-generation, so two controllers can never both commit), membership with heartbeats and TTLs,
-the expert-load window and a decision log. Time arrives as an argument (`now`), so behaviour is
-testable without sleeping."""
+generation, so two controllers can never both commit), the deployment record, membership with
+heartbeats and TTLs, the expert-load window, the automatic-rebalance rule's state and a decision
+log. Time arrives as an argument (`now`), so behaviour is testable without sleeping."""
 
 import json
 import threading
 from typing import Protocol
 
+from moefleet.cluster.control.records import DeploymentRecord, RebalanceState
 from moefleet.cluster.placement.placement import Placement, placement_from_dict, placement_to_dict
 
 
@@ -34,11 +35,17 @@ class StateStore(Protocol):
 
     def log_decision(self, record: dict) -> None: ...
 
-    def put_record(self, name: str, record: dict) -> None:
-        """A small JSON document (e.g. the deployment: shard and replica actor names)."""
+    def put_deployment(self, record: DeploymentRecord) -> None: ...
+
+    def deployment(self) -> DeploymentRecord | None:
+        """None before the first put_deployment."""
         ...
 
-    def get_record(self, name: str) -> dict | None: ...
+    def put_rebalance_state(self, state: RebalanceState) -> None: ...
+
+    def rebalance_state(self) -> RebalanceState:
+        """An empty state before the first put_rebalance_state."""
+        ...
 
     def decisions(self, limit: int = 100) -> list[dict]:
         """Newest first."""
@@ -52,7 +59,8 @@ class InMemoryStore:
         self._members: dict[str, dict[str, tuple[float, dict]]] = {}
         self._load = None
         self._decisions: list[dict] = []
-        self._records: dict[str, dict] = {}
+        self._deployment: DeploymentRecord | None = None
+        self._rebalance_state = RebalanceState()
 
     def epoch(self):
         with self._lock:
@@ -94,18 +102,27 @@ class InMemoryStore:
         with self._lock:
             return self._decisions[:limit]
 
-    def put_record(self, name, record):
+    def put_deployment(self, record):
         with self._lock:
-            self._records[name] = json.loads(json.dumps(record))
+            self._deployment = record
 
-    def get_record(self, name):
+    def deployment(self):
         with self._lock:
-            return self._records.get(name)
+            return self._deployment
+
+    def put_rebalance_state(self, state):
+        with self._lock:
+            self._rebalance_state = state
+
+    def rebalance_state(self):
+        with self._lock:
+            return self._rebalance_state
 
 
 class RedisStore:
-    """Keys under `prefix`: epoch (hash: generation, placement), members:<kind> (hash: id ->
-    {expires, info}), load (JSON), decisions (list, newest first, capped)."""
+    """Keys under `prefix`: epoch (hash: generation, placement), record:deployment (JSON),
+    members:<kind> (hash: id -> {expires, info}), load (JSON), policy:rebalance (JSON),
+    decisions (list, newest first, capped)."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "moefleet", client=None):
         import redis
@@ -172,12 +189,19 @@ class RedisStore:
     def decisions(self, limit=100):
         return [json.loads(raw) for raw in self.redis.lrange(self._key("decisions"), 0, limit - 1)]
 
-    def put_record(self, name, record):
-        self.redis.set(self._key("record", name), json.dumps(record))
+    def put_deployment(self, record):
+        self.redis.set(self._key("record", "deployment"), json.dumps(record.to_dict()))
 
-    def get_record(self, name):
-        raw = self.redis.get(self._key("record", name))
-        return None if raw is None else json.loads(raw)
+    def deployment(self):
+        raw = self.redis.get(self._key("record", "deployment"))
+        return None if raw is None else DeploymentRecord.from_dict(json.loads(raw))
+
+    def put_rebalance_state(self, state):
+        self.redis.set(self._key("policy", "rebalance"), json.dumps(state.to_dict()))
+
+    def rebalance_state(self):
+        raw = self.redis.get(self._key("policy", "rebalance"))
+        return RebalanceState() if raw is None else RebalanceState.from_dict(json.loads(raw))
 
 
 def store_from_url(url: str | None, prefix: str = "moefleet"):

@@ -2,36 +2,40 @@
 token and maps errors)."""
 
 import asyncio
+import dataclasses
 
 from moefleet.cluster.errors import InvalidRequestError
+from moefleet.cluster.messages import ReplicaSnapshot
 from moefleet.v1 import admin_pb2
 
 
 class GatewayAdmin:
-    """The Admin API's operations. Shard scaling and rebalancing go to the controller when it owns
-    the expert shards, else they run the epoch protocol on each replica (prepare while serving,
-    commit between steps, retire); the autoscaler is not built yet, so its policy calls answer
-    UNIMPLEMENTED and say so."""
+    """The Admin API's operations. Replica and shard scaling and rebalancing go to the controller
+    (one control path, whether it owns the expert shards or each replica keeps its experts in
+    process), and so does Drain when there is one; a gateway without a controller answers
+    UNIMPLEMENTED for the changes and drains a replica itself. The autoscaler is not built yet,
+    so its policy calls answer UNIMPLEMENTED and say so."""
 
     def __init__(self, gateway):
         self.gateway = gateway
 
     async def GetClusterState(self, request):  # noqa: N802
-        states = await asyncio.gather(*(h.call("state") for h in self.gateway.pool.handles.values()))
+        snapshots: list[ReplicaSnapshot] = await asyncio.gather(
+            *(h.call("state") for h in self.gateway.pool.handles.values()))
         replicas = [admin_pb2.ReplicaState(
-            replica_id=s["replica_id"], status=s["status"], running=s["running"], waiting=s["waiting"],
-            outstanding_tokens=s["outstanding_tokens"], shards=[admin_pb2.ShardState(**x) for x in s["shards"]],
-            expert_load=[admin_pb2.ExpertLoad(**x) for x in s["expert_load"]]) for s in states]
-        epoch = max((s["placement_epoch"] for s in states), default=0)
+            replica_id=s.state.replica_id, status=s.state.status, running=s.state.running, waiting=s.state.waiting,
+            outstanding_tokens=s.state.outstanding_tokens,
+            shards=[admin_pb2.ShardState(**dataclasses.asdict(shard)) for shard in s.shards],
+            expert_load=[admin_pb2.ExpertLoad(**dataclasses.asdict(load)) for load in s.expert_load])
+            for s in snapshots]
+        epoch = max((s.placement_epoch for s in snapshots), default=0)
         return admin_pb2.ClusterState(model=self.gateway.model_id, placement_epoch=epoch, replicas=replicas,
                                       gateways=self.gateway.num_gateways)
 
     async def ScaleReplicas(self, request):  # noqa: N802
         if request.replicas < 1:
             raise InvalidRequestError("replicas", f"must be >= 1, got {request.replicas}")
-        if self.gateway.controller is None:
-            raise NotImplementedError("this gateway has no controller to start replicas")
-        message = await self.gateway.controller.scale_replicas.remote(request.replicas)
+        message = await self._controller("start replicas").scale_replicas.remote(request.replicas)
         await self.gateway.refresh_replicas()
         return admin_pb2.OperationResult(accepted=True, message=message)
 
@@ -40,34 +44,29 @@ class GatewayAdmin:
         if handle is None:
             raise InvalidRequestError("replica_id", f"unknown replica {request.replica_id!r}; "
                                                     f"replicas: {sorted(self.gateway.pool.handles)}")
-        await handle.call("drain")
+        if self.gateway.controller is not None:  # it drains the replica and keeps count of the serving ones
+            await self.gateway.controller.drain_replica.remote(request.replica_id)
+        else:
+            await handle.call("drain")
         self.gateway.pool.mark_draining(request.replica_id)
-        if self.gateway.controller is not None:
-            await self.gateway.controller.mark_draining.remote(request.replica_id)
         return admin_pb2.OperationResult(accepted=True, message=f"replica {request.replica_id} is draining")
 
     async def ScaleShards(self, request):  # noqa: N802
         if request.shards < 1:
             raise InvalidRequestError("shards", f"must be >= 1, got {request.shards}")
-        if await self._controller_owns_shards():
-            done = await self.gateway.controller.scale_shards.remote(request.shards)
-            return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards; placement epoch "
-                                                                    f"{done['epoch']} serving")
-        epochs = await asyncio.gather(*(h.call("scale_shards", request.shards) for h in self.gateway.pool.handles.values()))
-        return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards per replica; "
-                                                                f"placement epochs {sorted(set(epochs))}")
+        done = await self._controller("change the placement").scale_shards.remote(request.shards)
+        return admin_pb2.OperationResult(accepted=True, message=f"{request.shards} expert shards; placement epoch "
+                                                                f"{done['epoch']} serving")
 
     async def Rebalance(self, request):  # noqa: N802
-        if await self._controller_owns_shards():
-            done = await self.gateway.controller.rebalance.remote()
-            return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epoch {done['epoch']}")
-        epochs = await asyncio.gather(*(h.call("rebalance") for h in self.gateway.pool.handles.values()))
-        return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epochs {sorted(set(epochs))}")
+        done = await self._controller("change the placement").rebalance.remote()
+        return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epoch {done['epoch']}")
 
-    async def _controller_owns_shards(self) -> bool:
+    def _controller(self, to_do: str):
+        """The controller actor, through which every membership and placement change goes."""
         if self.gateway.controller is None:
-            return False
-        return (await self.gateway.controller.health.remote())["shards"] > 0
+            raise NotImplementedError(f"this gateway has no controller to {to_do}")
+        return self.gateway.controller
 
     async def GetAutoscalingPolicy(self, request):  # noqa: N802
         raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy")

@@ -60,3 +60,25 @@ def test_two_stores_on_one_redis_see_one_epoch(redis_url):
     assert a.commit_epoch(0, round_robin_placement([0], 4, 2))
     assert not b.commit_epoch(0, round_robin_placement([0], 4, 1))
     assert b.epoch()[0] == 1  # a restarted controller recovers the epoch from Redis
+
+
+def test_deployment_record_round_trips(store):
+    from moefleet.cluster.control.records import DeploymentRecord
+
+    assert store.deployment() is None
+    record = DeploymentRecord(shards=("s-a", "s-b"), replicas=("replica-0", "replica-2"), draining=("replica-0",),
+                              standby=("s-c",), target_replicas=1, next_replica=3)
+    store.put_deployment(record)
+    assert store.deployment() == record
+
+
+def test_rebalance_state_outlives_the_controller_that_wrote_it(store):
+    """The rule's samples and last change, as a restarted controller reads them back (wall-clock
+    times, so they mean the same in any process)."""
+    from moefleet.cluster.control.records import RebalanceState
+
+    assert store.rebalance_state() == RebalanceState()
+    state = RebalanceState().changed(1_700_000_000.5).sampled(1_700_000_001.25, 1.75, window_s=30.0)
+    store.put_rebalance_state(state)
+    assert store.rebalance_state() == state
+    assert store.rebalance_state().samples == ((1_700_000_001.25, 1.75),)

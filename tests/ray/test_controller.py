@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from moefleet import SamplingParams
+from moefleet.cluster.messages import GenerateRequest
 from tests.conftest import random_prompts
 from tests.redis_server import RedisServer
 
@@ -27,16 +28,18 @@ def redis_server(tmp_path):
 def controller(ray_cluster, model_dir, redis_server):
     """controller(**config) -> a named controller actor (Ray restarts it when killed) over Redis."""
     from moefleet.actors.controller_host import remote_controller_class
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
     from moefleet.cluster.control.controller import CONTROLLER_NAME
 
     made = []
 
     def make(replicas: int = 2, **config):
-        engine = {"model": model_dir("mixtral"), "num_threads": 1, "kv_cache_blocks": 2048, "shard_timeout_s": 20,
-                  "transport": "actor", **config.pop("engine", {})}
-        actor = remote_controller_class().options(name=CONTROLLER_NAME).remote({
-            "engine": engine, "model_id": "mixtral-tiny", "state_store": redis_server.url,
-            "store_prefix": f"test-{uuid.uuid4().hex[:8]}", "monitor_interval_s": 0.5, "store_wait_s": 1.0, **config})
+        engine = EngineConfig(model=model_dir("mixtral"), num_threads=1, kv_cache_blocks=2048, shard_timeout_s=20,
+                              transport="actor")
+        actor = remote_controller_class().options(name=CONTROLLER_NAME).remote(ControllerConfig(
+            engine=engine, model_id="mixtral-tiny", state_store=redis_server.url,
+            store_prefix=f"test-{uuid.uuid4().hex[:8]}", monitor_interval_s=0.5, store_wait_s=1.0, **config))
         ray.get(actor.start.remote(replicas), timeout=300)
         made.append(actor)
         return actor
@@ -122,7 +125,7 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
         wait_tokens(500)
         op("scale 2->4", lambda: ray.get(ctrl.scale_shards.remote(4), timeout=300))
         op("rebalance", lambda: ray.get(ctrl.rebalance.remote(), timeout=300))
-        op("kill shard", lambda: ray.kill(ray.get(ctrl.shard_actors.remote())[1]))
+        op("kill shard", lambda: ray.kill(ray.get_actor(ray.get(ctrl.state.remote())["shard_names"][1])))
         wait_tokens(produced[0] + 300)
         op("add replica", lambda: ray.get(ctrl.add_replica.remote(), timeout=300))
         before = ray.get(ctrl.health.remote())
@@ -138,8 +141,8 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
 
     async def one(i):
         tokens = []
-        request = {"prompt_token_ids": prompts[i], "request_id": f"soak-{i}",
-                   "sampling": {**GREEDY, "max_tokens": max_tokens[i]}}
+        request = GenerateRequest(prompt_token_ids=prompts[i], request_id=f"soak-{i}",
+                                  sampling_params=SamplingParams(**GREEDY, max_tokens=max_tokens[i]))
         async for delta in pool.stream(request, len(prompts[i]) + max_tokens[i]):
             tokens += delta.token_ids
             produced[0] += len(delta.token_ids)
@@ -197,7 +200,8 @@ def test_redis_down_serving_continues_control_waits(controller, redis_server):
 
     async def generate():
         tokens = []
-        async for delta in pool.stream({"prompt": "Hello there", "sampling": {**GREEDY, "max_tokens": 16}}, 32):
+        request = GenerateRequest(prompt="Hello there", sampling_params=SamplingParams(**GREEDY, max_tokens=16))
+        async for delta in pool.stream(request, 32):
             tokens += delta.token_ids
         return tokens
 
@@ -233,7 +237,8 @@ def test_automatic_rebalance_when_imbalance_persists(controller):
     refresh()
 
     async def skewed():
-        async for _ in pool.stream({"prompt_token_ids": [7, 7, 7, 7], "sampling": {**GREEDY, "max_tokens": 200}}, 210):
+        request = GenerateRequest(prompt_token_ids=[7, 7, 7, 7], sampling_params=SamplingParams(**GREEDY, max_tokens=200))
+        async for _ in pool.stream(request, 210):
             pass
 
     stop = threading.Event()

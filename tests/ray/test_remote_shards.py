@@ -29,25 +29,25 @@ def test_remote_shards_equal_single_process(arch, engines, remote_llm):
     reference = local.generate(prompts, GREEDY)
     for transport in ("actor", "compiled_graph"):
         for shards in (1, 2, 4):
-            llm = remote_llm(arch, expert_shards=shards, transport=transport)
+            llm = remote_llm(arch, engine_shards=shards, transport=transport)
             assert llm.engine.experts.kind == transport and len(llm.engine.experts.actors) == shards
             _assert_same(reference, llm.generate(prompts, GREEDY))
             llm.shutdown()
     hot = {layer: [0, 1, 2, 3] for layer in spec.moe_layer_indices}
-    llm = remote_llm(arch, expert_shards=4, transport="auto", replicate_experts=hot, overlap_microbatches=True)
+    llm = remote_llm(arch, engine_shards=4, transport="auto", replicate_experts=hot, overlap_microbatches=True)
     assert llm.engine.placement.holders(spec.moe_layer_indices[0], 1) == [1, 2]
     _assert_same(reference, llm.generate(prompts, GREEDY))
 
 
 def test_shards_load_only_their_experts_and_sit_on_their_nodes(remote_llm, engines):
-    llm = remote_llm("mixtral", expert_shards=2, transport="actor",
+    llm = remote_llm("mixtral", engine_shards=2, transport="actor",
                      shard_resources=[{"node_a": 1}, {"node_b": 1}])
     info = llm.engine.experts.shard_info
     total = sum(s.nbytes() for s in engines("mixtral").engine.experts.local_shards)
     assert [i["nbytes"] for i in info] == [total // 2, total // 2]
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     assert "node_a" in nodes[info[0]["node_id"]] and "node_b" in nodes[info[1]["node_id"]]
-    spread = remote_llm("mixtral", expert_shards=2, transport="auto", shard_resources=[{"node_a": 1}, {"node_b": 1}])
+    spread = remote_llm("mixtral", engine_shards=2, transport="auto", shard_resources=[{"node_a": 1}, {"node_b": 1}])
     assert spread.engine.experts.kind == "actor"  # auto avoids compiled graphs across nodes
     llm.generate("count my traffic", GREEDY)
     traffic = llm.engine.experts.transport.traffic
@@ -58,7 +58,7 @@ def test_shards_load_only_their_experts_and_sit_on_their_nodes(remote_llm, engin
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("transport", ["actor", "compiled_graph"])
 def test_killed_shard_fails_fast_with_retryable_error(transport, remote_llm):
-    llm = remote_llm("mixtral", expert_shards=2, transport=transport, shard_timeout_s=10)
+    llm = remote_llm("mixtral", engine_shards=2, transport=transport, shard_timeout_s=10)
     stream = llm.stream("a request in flight", SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
     next(stream)
     ray.kill(llm.engine.experts.actors[1])
@@ -74,7 +74,7 @@ def test_killed_shard_fails_fast_with_retryable_error(transport, remote_llm):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("transport", ["actor", "compiled_graph"])
 def test_shard_that_raises_names_itself(transport, remote_llm):
-    llm = remote_llm("qwen3_moe", expert_shards=2, transport=transport)
+    llm = remote_llm("qwen3_moe", engine_shards=2, transport=transport)
     ray.get(llm.engine.experts.actors[0].inject_failure.remote("disk on fire"))
     with pytest.raises(ShardUnavailableError, match="expert shard 0 unavailable: raised RuntimeError\\('disk on fire'\\)"):
         llm.generate("hello", GREEDY)
@@ -92,13 +92,14 @@ def test_remote_shards_rescale_while_serving(transport, ray_cluster, model_dir, 
     from moefleet.cluster.placement.epoch_record import EpochRecord
     from moefleet.cluster.placement.planner import plan_placement, scale_limits
 
-    sampling = {"temperature": 0, "max_tokens": 800, "ignore_eos": True}  # long enough to outlast the new shards starting
+    # long enough to outlast the new shards starting
+    sampling = SamplingParams(temperature=0, max_tokens=800, ignore_eos=True)
     static = engines("mixtral")
     prompts = random_prompts(static.engine.spec.vocab_size, (9, 31), seed=41)
     expected = [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
-                                                                 SamplingParams(**sampling))]
+                                                                 sampling)]
     replica = Replica("remote-live", EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=128, num_threads=1,
-                                      expert_shards=2, transport=transport, shard_timeout_s=30,
+                                      engine_shards=2, transport=transport, shard_timeout_s=30,
                                       **head_pinned({"transport": transport})))
     old_actors = list(replica.engine.engine.experts.actors)
 
@@ -135,13 +136,13 @@ def test_lost_shard_is_replaced_and_requests_finish_unchanged(transport, ray_clu
     from moefleet.actors.replica import Replica
     from moefleet.cluster.config.engine_config import EngineConfig
 
-    sampling = {"temperature": 0, "max_tokens": 200, "ignore_eos": True}
+    sampling = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     static = engines("qwen3_moe")
     prompts = random_prompts(static.engine.spec.vocab_size, (6, 25), seed=51)
     expected = [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
-                                                                 SamplingParams(**sampling))]
+                                                                 sampling)]
     replica = Replica("recovering", EngineConfig(model=model_dir("qwen3_moe"), kv_cache_blocks=128, num_threads=1,
-                                     expert_shards=2, transport=transport, shard_timeout_s=10,
+                                     engine_shards=2, transport=transport, shard_timeout_s=10,
                                      **head_pinned({"transport": transport})))
 
     async def run():

@@ -1,7 +1,12 @@
-"""The automatic-rebalance rule and the epoch staging plan: pure functions, no cluster, no clock."""
+"""The automatic-rebalance rule, the state the controller keeps for it, and the epoch staging
+plan: pure functions, no cluster, no clock."""
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from moefleet.autoscaler.rebalance_config import AutoRebalance
 from moefleet.autoscaler.rebalance_rule import rebalance_due
+from moefleet.cluster.control.records import RebalanceState
 from moefleet.cluster.placement.placement import Placement
 from moefleet.cluster.placement.staging_plan import peer_sources, without_shards
 
@@ -27,6 +32,26 @@ def test_cooldown_and_samples_from_before_the_last_change_do_not_count():
     assert not rebalance_due(high[:45], now=44.0, policy=POLICY.model_copy(update={"cooldown_s": 0.0}),
                              last_change_at=40.0)  # only 4 s watched since the change
     assert rebalance_due(high, now=59.0, policy=POLICY.model_copy(update={"cooldown_s": 0.0}), last_change_at=40.0)
+
+
+@given(gaps=st.lists(st.floats(0.1, 8.0), min_size=1, max_size=40),
+       values=st.lists(st.sampled_from([1.2, 1.6, 2.5]), min_size=40, max_size=40),
+       change_after=st.integers(0, 40))
+def test_kept_samples_give_the_rule_the_same_answer_as_all_of_them(gaps, values, change_after):
+    """RebalanceState keeps only the samples the rule can still use (what the controller writes to
+    the store every round stays small): at every later time the rule answers as it would with
+    every sample taken. A change part-way resets both."""
+    state, taken, last_change, now = RebalanceState(), [], None, 0.0
+    for n, (gap, value) in enumerate(zip(gaps, values)):
+        now += gap
+        if n == change_after:
+            state, last_change = state.changed(now - gap / 2), now - gap / 2
+        state = state.sampled(now, value, POLICY.window_s)
+        taken.append((now, value))
+        for later in (now, now + 0.5, now + POLICY.window_s, now + POLICY.cooldown_s + 1):
+            assert rebalance_due(list(state.samples), later, POLICY, last_change) == \
+                rebalance_due(taken, later, POLICY, last_change)
+    assert len(state.samples) <= POLICY.window_s / 0.1 + 2
 
 
 def test_staging_copies_from_live_peers_only():
