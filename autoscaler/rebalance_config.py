@@ -10,5 +10,4 @@ class AutoRebalance(BaseModel):
     enabled: bool = Field(False, description="Rebalance without being asked when the imbalance stays high.")
     threshold: float = Field(1.5, gt=1.0, description="Imbalance (max / mean shard load) that counts as high.")
     window_s: float = Field(30.0, gt=0, description="How long the imbalance must stay above the threshold.")
-    interval_s: float = Field(5.0, gt=0, description="How often the controller samples the load.")
     cooldown_s: float = Field(60.0, ge=0, description="Least time between two automatic rebalances.")

@@ -36,6 +36,7 @@ from moefleet.cluster.control.groups import ReplicaGroup, ShardGroup
 from moefleet.cluster.control.records import DeploymentRecord, RebalanceState
 from moefleet.cluster.control.state_store import StateStore
 from moefleet.cluster.errors import ControlUnavailableError, InvalidRequestError
+from moefleet.cluster.experts.backend import initial_placement
 from moefleet.cluster.placement.epoch_record import EpochRecord
 from moefleet.cluster.placement.placement import Placement, placement_to_dict, round_robin_placement
 from moefleet.cluster.placement.planner import imbalance, plan_placement, scale_limits
@@ -62,7 +63,7 @@ class Controller:
     def __init__(self, config: ControllerConfig, shards: ShardGroup, replicas: ReplicaGroup, store: StateStore):
         self.config = config
         self.shard_group, self.replica_group, self.store = shards, replicas, store
-        spec = load_spec(config.engine.model)
+        self.spec = spec = load_spec(config.engine.model)
         self.moe_layers, self.num_experts = spec.moe_layer_indices, spec.moe.num_experts
         self.lock = threading.RLock()  # one control change at a time
         self._refill_lock = threading.Lock()  # one standby refill at a time
@@ -168,9 +169,7 @@ class Controller:
             names = [_new_shard_name() for _ in range(placement.num_shards)]
             self.shard_group.start(names, list(range(placement.num_shards)), placement)
         else:
-            engine = self.config.engine
-            placement = round_robin_placement(self.moe_layers, self.num_experts, max(1, engine.engine_shards),
-                                              engine.replicate_experts)
+            placement = initial_placement(self.config.engine, self.spec)
             names = []
         self._commit(placement, names, time.time())
 

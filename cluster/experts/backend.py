@@ -69,9 +69,8 @@ def uses_remote_shards(config: EngineConfig) -> bool:
     return config.engine_shards > 0 and config.transport != "local"
 
 
-def initial_placement(config: EngineConfig, reader) -> Placement:
-    """The round-robin placement an engine with its own shards starts on."""
-    spec = reader.spec
+def initial_placement(config: EngineConfig, spec) -> Placement:
+    """The round-robin placement an engine with its own shards starts on (spec: the model's ModelSpec)."""
     return round_robin_placement(spec.moe_layer_indices, spec.moe.num_experts, max(1, config.engine_shards),
                                  config.replicate_experts)
 
@@ -94,7 +93,7 @@ class InProcessExperts:
     """Shards as objects in this process: zero copy, no serialisation."""
 
     def first(self, config: EngineConfig, reader) -> ExpertBackend:
-        placement = initial_placement(config, reader)
+        placement = initial_placement(config, reader.spec)
         shards = [ExpertShard.from_checkpoint(i, reader, placement.experts_of_shard(i), placement.epoch)
                   for i in range(placement.num_shards)]
         return ExpertBackend(placement, InProcessTransport(shards), "local", local_shards=shards)

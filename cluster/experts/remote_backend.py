@@ -103,7 +103,7 @@ class OwnedShardActors:
         self.launch = launch
 
     def first(self, config: EngineConfig, reader) -> RemoteBackend:
-        placement = initial_placement(config, reader)
+        placement = initial_placement(config, reader.spec)
         actors = self.launch(config, list(range(placement.num_shards)), placement, placement.epoch)
         try:
             info = shard_infos(actors, config.shard_start_timeout_s)

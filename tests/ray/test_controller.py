@@ -231,7 +231,7 @@ def test_automatic_rebalance_when_imbalance_persists(controller):
     """A skewed load (every prompt the same few tokens) above the threshold for the window
     triggers a rebalance without being asked."""
     ctrl = controller(replicas=1, expert_shards=2,
-                      auto_rebalance={"enabled": True, "threshold": 1.05, "window_s": 2.0, "interval_s": 0.5,
+                      auto_rebalance={"enabled": True, "threshold": 1.05, "window_s": 2.0,
                                       "cooldown_s": 0.0})
     pool, refresh = _pool_following(ctrl)
     refresh()

@@ -10,7 +10,7 @@ from moefleet.cluster.control.records import RebalanceState
 from moefleet.cluster.placement.placement import Placement
 from moefleet.cluster.placement.staging_plan import peer_sources, without_shards
 
-POLICY = AutoRebalance(enabled=True, threshold=1.5, window_s=10.0, interval_s=1.0, cooldown_s=30.0)
+POLICY = AutoRebalance(enabled=True, threshold=1.5, window_s=10.0, cooldown_s=30.0)
 
 
 def samples(values, start=0.0):
