@@ -12,6 +12,7 @@ from moefleet.cluster.config.controller_config import DEFAULT_MAX_WAITING
 from moefleet.cluster.config.engine_config import EngineConfig
 from moefleet.cluster.engine.async_engine import AsyncEngine
 from moefleet.cluster.engine.llm_engine import LLMEngine
+from moefleet.cluster.engine.output_channel import OutputChannel
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.experts.backend import ExpertBackend, ExpertSource, uses_remote_shards
 from moefleet.cluster.experts.remote_backend import OwnedShardActors
@@ -21,10 +22,15 @@ from moefleet.cluster.messages import (
     OutputDelta,
     ReplicaSnapshot,
     ReplicaState,
+    RequestFailed,
     ShardState,
     join_deltas,
 )
 from moefleet.cluster.placement.epoch_record import EpochRecord
+
+
+def _prompt(request: GenerateRequest):
+    return request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
 
 
 class Replica:
@@ -40,6 +46,7 @@ class Replica:
             experts = OwnedShardActors(start_shard_actors)
         self.engine = AsyncEngine(LLMEngine(engine, experts, on_shard_lost), max_waiting)
         self.model_id = model_id or os.path.basename(os.path.normpath(engine.model))
+        self.channels: dict[str, OutputChannel] = {}  # gateway channel id -> its output channel
 
     def ready(self) -> str:
         return self.replica_id
@@ -63,11 +70,32 @@ class Replica:
         return list(self.engine.engine.tokenizer.apply_chat_template(messages))
 
     async def generate_stream(self, request: GenerateRequest):
-        """Yields OutputDeltas until the request finishes."""
-        prompt = request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
-        async for delta in self.engine.stream(prompt, request.sampling_params, request.request_id or None,
+        """Yields OutputDeltas until the request finishes (for callers in this process; gateways
+        use `submit` and an output channel)."""
+        async for delta in self.engine.stream(_prompt(request), request.sampling_params, request.request_id or None,
                                               list(request.resume_token_ids)):
             yield delta
+
+    async def submit(self, channel_id: str, request: GenerateRequest) -> None:
+        """Admit a request whose deltas go to the gateway's output channel `channel_id` (made on
+        first use); the gateway takes them with `next_outputs`. Raises at once for bad input, when
+        draining or when full."""
+        channel = self.channels.get(channel_id)
+        if channel is None:
+            channel = self.channels[channel_id] = OutputChannel()
+        self.engine.submit(_prompt(request), request.sampling_params, channel, request.request_id or None,
+                           list(request.resume_token_ids))
+
+    async def next_outputs(self, channel_id: str, acked: int,
+                           wait_s: float = 1.0) -> tuple[int, list[OutputDelta | RequestFailed]]:
+        """Every delta (or failure) of the channel's requests after the batches up to `acked`
+        (those the gateway has), with the number to acknowledge next; waits up to `wait_s`."""
+        channel = self.channels.get(channel_id)
+        return await channel.take(acked, wait_s) if channel is not None else (acked, [])
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (its client went away); its KV blocks are freed at the next step."""
+        self.engine.abort(request_id)
 
     async def generate(self, request: GenerateRequest) -> OutputDelta:
         """The whole completion as one OutputDelta (token ids, text and logprobs of every token)."""

@@ -3,7 +3,8 @@ that cross processes (Ray pickles them) and carry no behaviour beyond their own 
 
 - `GenerateRequest`: gateway -> replica, one generation request.
 - `OutputDelta`: replica -> gateway, what a request gained since its previous delta;
-  `join_deltas` makes the whole completion of one request out of its deltas.
+  `join_deltas` makes the whole completion of one request out of its deltas. `RequestFailed`:
+  a request that ended with an error instead.
 - `ReplicaState`: a replica's load and status (the controller's monitor, the Admin API).
 - `ReplicaSnapshot`: that state with the replica's placement epoch, shards and expert load
   (the Admin API's GetClusterState)."""
@@ -46,6 +47,14 @@ class OutputDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """replica -> gateway: a request ended with `error` instead of a last delta."""
+
+    request_id: str
+    error: BaseException
 
 
 def join_deltas(deltas: Sequence[OutputDelta]) -> OutputDelta:

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0: any free port)")
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0: any free port)")
     serve.add_argument("--replicas", type=int, help="model replicas (default 1)")
-    serve.add_argument("--gateways", type=int, help="gateway processes sharing the ports (default 2)")
+    serve.add_argument("--gateways", type=int, help="gateway processes sharing the ports (default: one per 8 cores, at least one)")
     serve.add_argument("--expert-shards", type=int,
                        help="expert-shard actors shared by the replicas, scaled and rebalanced while serving "
                             "(default 0: experts inside each replica)")

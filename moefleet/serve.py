@@ -46,17 +46,19 @@ class LocalDeployment:
             # "local": a new cluster of our own, never one some other job started on this machine.
             ray.init(address=config.ray_address or "local", namespace=RAY_NAMESPACE, include_dashboard=False,
                      log_to_driver=False)
-        controller_config = config.controller_config(model, self.model_id, cores=len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
+        controller_config = config.controller_config(model, self.model_id, cores)
+        self.num_gateways, self.engine_threads = config.gateway_count(cores), controller_config.engine.num_threads
         self.controller = remote_controller_class().options(name=CONTROLLER_NAME).remote(controller_config)
         ray.get(self.controller.start.remote(config.replicas))
         gateway_class, tls = remote_gateway_class(), _tls(config)
         first = gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{config.grpc_port}",
-                                     config.host, config.http_port, tls, config.gateways)
+                                     config.host, config.http_port, tls, self.num_gateways)
         grpc_port, http_port = ray.get(first.ports_bound.remote())
         # The others bind the ports the first one got (SO_REUSEPORT), so port 0 works too.
         self.gateways = [first] + [gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{grpc_port}",
-                                                        config.host, http_port, tls, config.gateways)
-                                   for _ in range(config.gateways - 1)]
+                                                        config.host, http_port, tls, self.num_gateways)
+                                   for _ in range(self.num_gateways - 1)]
         ray.get([g.ports_bound.remote() for g in self.gateways])
         self.addresses = (config.host, grpc_port, http_port)
 
@@ -95,8 +97,9 @@ def run_serve(config: ServeConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     host, grpc_port, http_port = deployment.addresses
     scheme = "https" if config.tls_cert else "http"
-    print(f"moefleet: serving model {deployment.model_id!r} with {config.replicas} replica(s) and "
-          f"{config.gateways} gateway(s)\n"
+    print(f"moefleet: serving model {deployment.model_id!r} with {config.replicas} replica(s) of "
+          f"{deployment.engine_threads} torch thread(s) and {deployment.num_gateways} gateway(s) "
+          f"(for {len(os.sched_getaffinity(0))} cores; --replicas, --gateways and engine.num_threads override)\n"
           f"  gRPC:  {host}:{grpc_port}   (moefleet generate --address {host}:{grpc_port} \"Hello\")\n"
           f"  HTTP:  {scheme}://{host}:{http_port}/v1   (OpenAI-compatible; /health, /metrics)", flush=True)
     if deployment.generated_token:

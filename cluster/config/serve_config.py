@@ -8,6 +8,8 @@ from pydantic import Field, ValidationError, model_validator
 from moefleet.cluster.config.controller_config import ControllerConfig, ControllerOptions
 from moefleet.cluster.config.engine_config import EngineConfig, EngineOptions
 
+CORES_PER_GATEWAY = 8
+
 
 class ServeConfig(ControllerOptions):
     """cluster.yaml of `moefleet serve`: the deployment, its controller and the engine of every replica."""
@@ -18,7 +20,8 @@ class ServeConfig(ControllerOptions):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port).")
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP port (0: any free port).")
     replicas: int = Field(1, ge=1, description="Model replicas.")
-    gateways: int = Field(2, ge=1, description="Gateway processes sharing the ports (SO_REUSEPORT).")
+    gateways: int | None = Field(None, ge=1, description="Gateway processes sharing the ports (SO_REUSEPORT); default: "
+                                                          f"one per {CORES_PER_GATEWAY} cores, at least one.")
     engine: EngineOptions = Field(default_factory=EngineOptions,
                                   description="Engine options of every replica (the model comes from `model`); "
                                               "num_threads defaults to the cores divided among the replicas.")
@@ -45,6 +48,11 @@ class ServeConfig(ControllerOptions):
                              f"({self.engine.engine_shards}): give one, the controller's shared shards or each "
                              "replica's own")
         return self
+
+    def gateway_count(self, cores: int) -> int:
+        """Gateways for a machine of `cores` CPUs: each gateway process busies a core under load,
+        which on a small machine the replicas' engines need."""
+        return self.gateways or max(1, cores // CORES_PER_GATEWAY)
 
     def controller_config(self, model: str, model_id: str, cores: int) -> ControllerConfig:
         """The controller's config for serving `model` as `model_id` on a machine of `cores` CPUs."""

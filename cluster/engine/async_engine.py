@@ -1,7 +1,9 @@
-"""AsyncEngine: an LLMEngine driven by a background thread, for servers. asyncio callers submit
-requests and receive streamed deltas; cancelling the consumer aborts the request and frees its
-KV blocks at the next step boundary. Validation and tokenization happen in the caller, so bad
-input fails at once with InvalidRequestError."""
+"""AsyncEngine: an LLMEngine driven by a background thread, for servers. Callers submit requests
+with a sink that receives their deltas: after every step the engine thread hands each sink one
+batch with everything its requests gained (one output channel per gateway, not one message per
+token per request: vLLM's engine-core -> API-server shape), or `stream()` one request as an async
+iterator. Aborting a request frees its KV blocks at the next step boundary. Validation and
+tokenization happen in the caller, so bad input fails at once with InvalidRequestError."""
 
 import asyncio
 import itertools
@@ -11,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from moefleet.cluster.engine.llm_engine import LLMEngine
 from moefleet.cluster.engine.sequence import Sequence
@@ -21,17 +24,40 @@ from moefleet.cluster.errors import (
     RequestAbortedError,
     ShardUnavailableError,
 )
-from moefleet.cluster.messages import OutputDelta
+from moefleet.cluster.messages import OutputDelta, RequestFailed
 from moefleet.cluster.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
+class DeltaSink(Protocol):
+    def deliver(self, items: list[OutputDelta | RequestFailed]) -> None:
+        """Called on the engine thread, at most once per step, with every item of this sink's
+        requests from that step, in order. Must not block."""
+        ...
+
+
+class _QueueSink:
+    """One request's deltas into an asyncio queue on the caller's loop (for `stream()`)."""
+
+    def __init__(self):
+        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+
+    def deliver(self, items: list[OutputDelta | RequestFailed]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._put, items)
+        except RuntimeError:  # the caller's loop is gone; nobody is listening
+            pass
+
+    def _put(self, items: list[OutputDelta | RequestFailed]) -> None:
+        for item in items:
+            self.queue.put_nowait(item)
+
+
 @dataclass
 class _Stream:
     seq: Sequence
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    sink: DeltaSink
     sent_tokens: int = 0
     sent_text: str = ""
 
@@ -64,36 +90,43 @@ class AsyncEngine:
         with self._lock:
             return len(self._streams) + len(self._adds)
 
-    async def stream(self, prompt, params: SamplingParams, request_id: str | None = None,
-                     resume_token_ids: list[int] | None = None) -> AsyncIterator[OutputDelta]:
-        """Deltas of one request. With `resume_token_ids` (outputs a lost replica already
-        delivered) only what comes after them is streamed: no token or text twice, none missing."""
+    def submit(self, prompt, params: SamplingParams, sink: DeltaSink, request_id: str | None = None,
+               resume_token_ids: list[int] | None = None) -> str:
+        """Admit a request whose deltas go to `sink`; returns its id. With `resume_token_ids`
+        (outputs a lost replica already delivered) only what comes after them is sent: no token
+        or text twice, none missing. Raises at once for bad input, when draining or when full."""
         if self.draining:
             raise DrainingError("replica is draining: no new requests")
         if self.num_requests() >= self.max_waiting:
             raise OverloadedError(f"replica has {self.max_waiting} requests in flight", retry_after_s=1.0)
         seq = self.engine.make_sequence(prompt, params, request_id or f"req-{next(self._ids)}", resume_token_ids)
-        stream = _Stream(seq, asyncio.get_running_loop(), asyncio.Queue(), sent_tokens=seq.num_resumed,
-                         sent_text=self._delivered_text(seq))
+        stream = _Stream(seq, sink, sent_tokens=seq.num_resumed, sent_text=self._delivered_text(seq))
         with self._lock:
             if seq.request_id in self._streams or any(a.seq.request_id == seq.request_id for a in self._adds):
                 raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
             self._adds.append(stream)
             self._lock.notify()
+        return seq.request_id
+
+    async def stream(self, prompt, params: SamplingParams, request_id: str | None = None,
+                     resume_token_ids: list[int] | None = None) -> AsyncIterator[OutputDelta]:
+        """Deltas of one request (see submit); closing the iterator early aborts it."""
+        sink = _QueueSink()
+        request_id = self.submit(prompt, params, sink, request_id, resume_token_ids)
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
+                item = await sink.queue.get()
+                if isinstance(item, RequestFailed):
                     finished = True
-                    raise item
+                    raise item.error
                 yield item
                 if item.finish_reason is not None:
                     finished = True
                     return
         finally:
             if not finished:
-                self.abort(seq.request_id)
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -127,9 +160,8 @@ class AsyncEngine:
                     self._streams[stream.seq.request_id] = stream
             for stream in adds:
                 self.engine.admit(stream.seq)
-            for request_id in aborts:
-                if self.engine.abort(request_id):
-                    self._deliver(self._streams.pop(request_id), RequestAbortedError())
+            aborted = [self._streams.pop(request_id) for request_id in aborts if self.engine.abort(request_id)]
+            self._deliver(aborted, lambda stream: RequestFailed(stream.seq.request_id, RequestAbortedError()))
             for fn in calls:
                 fn(self.engine)
             if not self.engine.has_unfinished():
@@ -142,13 +174,12 @@ class AsyncEngine:
                 continue
             ended = time.perf_counter()
             self.step_log.append((ended, ended - started, len(updated)))
-            for seq in updated:
-                stream = self._streams.get(seq.request_id)
-                if stream is not None:
-                    self._deliver(stream, self._delta(stream))
+            streams = [self._streams[seq.request_id] for seq in updated if seq.request_id in self._streams]
+            with self._lock:
+                for seq in updated:
                     if seq.finish_reason is not None:
-                        with self._lock:
-                            self._streams.pop(seq.request_id, None)
+                        self._streams.pop(seq.request_id, None)
+            self._deliver(streams, self._delta)
         self._fail_all(DrainingError("engine stopped"))
 
     def _step_with_recovery(self):
@@ -169,14 +200,16 @@ class AsyncEngine:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             self.engine.abort(stream.seq.request_id)
-            self._deliver(stream, error)
+        self._deliver(streams, lambda stream: RequestFailed(stream.seq.request_id, error))
 
     @staticmethod
-    def _deliver(stream: _Stream, item) -> None:
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is gone; nobody is listening
-            pass
+    def _deliver(streams: list[_Stream], item_of) -> None:
+        """One batch per sink: item_of(stream) for each of its streams, in order."""
+        batches: dict[int, tuple[DeltaSink, list]] = {}
+        for stream in streams:
+            batches.setdefault(id(stream.sink), (stream.sink, []))[1].append(item_of(stream))
+        for sink, items in batches.values():
+            sink.deliver(items)
 
     def _delivered_text(self, seq: Sequence) -> str:
         """The text a client already got for the resumed tokens: their decoding, less a trailing

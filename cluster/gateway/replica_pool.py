@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from moefleet.cluster.errors import DrainingError, OverloadedError, ReplicaLostError
 from moefleet.cluster.gateway.error_codes import unwrap
+from moefleet.cluster.gateway.replica_channel import ReplicaChannel
 from moefleet.cluster.gateway.router import ReplicaLoad, choose_replica, prefix_key
 from moefleet.cluster.messages import GenerateRequest, OutputDelta
 
@@ -43,30 +44,15 @@ class LocalReplicaHandle:
 
 
 class RayReplicaHandle:
-    """A Replica actor: deltas arrive through a Ray streaming generator; closing the stream
-    early cancels the remote generator, which aborts the request and frees its KV blocks."""
+    """A Replica actor: requests and their deltas go through this gateway's output channel with
+    it (replica_channel.py)."""
 
     def __init__(self, actor, replica_id: str):
         self.actor, self.replica_id = actor, replica_id
+        self.channel = ReplicaChannel(actor)
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
-        import ray
-
-        generator = self.actor.generate_stream.options(num_returns="streaming").remote(request)
-        done = False
-        try:
-            async for ref in generator:
-                delta = await ref
-                yield delta
-                if delta.finish_reason is not None:
-                    done = True
-            done = True
-        finally:
-            if not done:
-                try:
-                    ray.cancel(generator)
-                except Exception:  # the replica is gone already: nothing left to cancel
-                    pass
+    def stream(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
+        return self.channel.stream(request)
 
     async def call(self, method: str, *args):
         return await getattr(self.actor, method).remote(*args)
@@ -83,7 +69,8 @@ class ReplicaPool:
         self.locality = locality  # optional replica_id -> score in [0, 1] (speculative scheduling hook)
 
     def set_handles(self, handles: list) -> None:
-        self.handles = {h.replica_id: h for h in handles}
+        """The replicas now serving; a replica already known keeps its handle (and its channel)."""
+        self.handles = {h.replica_id: self.handles.get(h.replica_id, h) for h in handles}
         self.outstanding = {rid: self.outstanding.get(rid, 0) for rid in self.handles}
         self.draining &= set(self.handles)
         for rid in self.lost & set(self.handles):  # the controller has not noticed yet

@@ -101,7 +101,7 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     static single-process run, and the restarted controller recovers its epoch from Redis."""
     static = engines("mixtral")
     prompts = random_prompts(static.engine.spec.vocab_size, [5 + (i * 7) % 40 for i in range(200)], seed=71)
-    max_tokens = [96 + (i * 13) % 128 for i in range(200)]  # long enough to outlast every operation below
+    max_tokens = [160 + (i * 13) % 192 for i in range(200)]  # long enough to outlast every operation below
     expected = [o.outputs[0].token_ids for o in static.generate(
         [{"prompt_token_ids": p} for p in prompts], [SamplingParams(**GREEDY, max_tokens=m) for m in max_tokens])]
 
