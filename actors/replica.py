@@ -3,15 +3,19 @@ cluster/messages.py). A plain class; `remote_replica_class()` applies the Ray sh
 stream through it at once)."""
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
 
 from moefleet.actors.shard_host import start_shard_actors
 from moefleet.cluster.config.controller_config import DEFAULT_MAX_WAITING
 from moefleet.cluster.config.engine_config import EngineConfig
 from moefleet.cluster.engine.async_engine import AsyncEngine
 from moefleet.cluster.engine.llm_engine import LLMEngine
+from moefleet.cluster.engine.metrics import replica_registry
 from moefleet.cluster.engine.output_channel import OutputChannel
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.experts.backend import ExpertBackend, ExpertSource, uses_remote_shards
@@ -80,6 +84,7 @@ class Replica:
         """Admit a request whose deltas go to the gateway's output channel `channel_id` (made on
         first use); the gateway takes them with `next_outputs`. Raises at once for bad input, when
         draining or when full."""
+        self._drop_abandoned_channels()
         channel = self.channels.get(channel_id)
         if channel is None:
             channel = self.channels[channel_id] = OutputChannel()
@@ -96,6 +101,14 @@ class Replica:
     def abort(self, request_id: str) -> None:
         """Cancel a request (its client went away); its KV blocks are freed at the next step."""
         self.engine.abort(request_id)
+
+    def _drop_abandoned_channels(self, after_s: float = 60.0) -> None:
+        """Abort the requests of gateways that stopped taking their outputs (checked as requests
+        arrive: a gateway process that died leaves no one to cancel them)."""
+        for channel_id, channel in list(self.channels.items()):
+            if channel.abandoned(after_s):
+                del self.channels[channel_id]
+                self.engine.abort_sink(channel)
 
     async def generate(self, request: GenerateRequest) -> OutputDelta:
         """The whole completion as one OutputDelta (token ids, text and logprobs of every token)."""
@@ -121,10 +134,14 @@ class Replica:
                                expert_load=tuple(ExpertLoad(layer=layer, tokens=tuple(load[row].tolist()))
                                                  for row, layer in enumerate(engine.spec.moe_layer_indices)))
 
-    def metrics_text(self) -> str:
-        from moefleet.cluster.engine.metrics import render_prometheus
+    @functools.cached_property
+    def metrics_registry(self) -> CollectorRegistry:
+        """This replica's Prometheus registry: vLLM's serving metrics and the data plane's."""
+        return replica_registry(self.engine.engine, self.model_id, self.engine.stats)
 
-        return render_prometheus(self.engine.engine, {"replica": self.replica_id})
+    def metrics_text(self) -> str:
+        """The registry in Prometheus' text format (a gateway labels each sample with the replica)."""
+        return generate_latest(self.metrics_registry).decode()
 
     async def install_epoch(self, record: EpochRecord) -> int:
         """The controller's committed epoch: stage it (for shards the controller owns, only attach

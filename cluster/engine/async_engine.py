@@ -17,6 +17,7 @@ from typing import Protocol
 
 from moefleet.cluster.engine.llm_engine import LLMEngine
 from moefleet.cluster.engine.sequence import Sequence
+from moefleet.cluster.engine.serving_stats import ServingStats
 from moefleet.cluster.errors import (
     DrainingError,
     InvalidRequestError,
@@ -59,7 +60,7 @@ class _Stream:
     seq: Sequence
     sink: DeltaSink
     sent_tokens: int = 0
-    sent_text: str = ""
+    sent_chars: int = 0  # of the sequence's text
 
 
 class AsyncEngine:
@@ -74,6 +75,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self.draining = False
         self.step_log: deque[tuple[float, float, int]] = deque(maxlen=100_000)  # (end time, seconds, tokens out)
+        self.stats = ServingStats()  # serving metrics: hooks at submit, after each step, at abort and failure
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="moefleet-engine", daemon=True)
         self._thread.start()
@@ -100,11 +102,12 @@ class AsyncEngine:
         if self.num_requests() >= self.max_waiting:
             raise OverloadedError(f"replica has {self.max_waiting} requests in flight", retry_after_s=1.0)
         seq = self.engine.make_sequence(prompt, params, request_id or f"req-{next(self._ids)}", resume_token_ids)
-        stream = _Stream(seq, sink, sent_tokens=seq.num_resumed, sent_text=self._delivered_text(seq))
+        stream = _Stream(seq, sink, sent_tokens=seq.num_resumed, sent_chars=self._delivered_chars(seq))
         with self._lock:
             if seq.request_id in self._streams or any(a.seq.request_id == seq.request_id for a in self._adds):
                 raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
             self._adds.append(stream)
+            self.stats.arrived(seq.request_id)
             self._lock.notify()
         return seq.request_id
 
@@ -132,6 +135,14 @@ class AsyncEngine:
         with self._lock:
             self._aborts.append(request_id)
             self._lock.notify()
+
+    def abort_sink(self, sink: DeltaSink) -> int:
+        """Abort every request whose deltas go to `sink`; returns how many."""
+        with self._lock:
+            ids = [s.seq.request_id for s in [*self._streams.values(), *self._adds] if s.sink is sink]
+            self._aborts.extend(ids)
+            self._lock.notify()
+        return len(ids)
 
     def call_between_steps(self, fn) -> None:
         """Run fn(engine) on the engine thread at the next step boundary."""
@@ -161,6 +172,7 @@ class AsyncEngine:
             for stream in adds:
                 self.engine.admit(stream.seq)
             aborted = [self._streams.pop(request_id) for request_id in aborts if self.engine.abort(request_id)]
+            self.stats.ended((stream.seq.request_id for stream in aborted), "abort")
             self._deliver(aborted, lambda stream: RequestFailed(stream.seq.request_id, RequestAbortedError()))
             for fn in calls:
                 fn(self.engine)
@@ -174,6 +186,7 @@ class AsyncEngine:
                 continue
             ended = time.perf_counter()
             self.step_log.append((ended, ended - started, len(updated)))
+            self.stats.stepped(updated, ended)
             streams = [self._streams[seq.request_id] for seq in updated if seq.request_id in self._streams]
             with self._lock:
                 for seq in updated:
@@ -200,6 +213,7 @@ class AsyncEngine:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             self.engine.abort(stream.seq.request_id)
+        self.stats.ended((stream.seq.request_id for stream in streams), "error")
         self._deliver(streams, lambda stream: RequestFailed(stream.seq.request_id, error))
 
     @staticmethod
@@ -211,26 +225,23 @@ class AsyncEngine:
         for sink, items in batches.values():
             sink.deliver(items)
 
-    def _delivered_text(self, seq: Sequence) -> str:
-        """The text a client already got for the resumed tokens: their decoding, less a trailing
-        incomplete UTF-8 sequence (which _delta holds back until it completes)."""
-        if not seq.num_resumed:
-            return ""
-        return self.engine.decode(seq).rstrip("\ufffd")
+    @staticmethod
+    def _delivered_chars(seq: Sequence) -> int:
+        """How much text a client already got for the resumed tokens: what the lost replica's
+        detokenizer, fed the same tokens, had released (this one has just been fed them too)."""
+        return seq.detokenizer.num_released(finished=False)
 
     def _delta(self, stream: _Stream) -> OutputDelta:
         seq = stream.seq
         finished = seq.finish_reason is not None
-        text = seq.output_text if finished else self.engine.decode(seq)
-        if not finished and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
-            text = stream.sent_text
+        released = seq.detokenizer.num_released(finished)
         new_tokens = seq.output_token_ids[stream.sent_tokens:]
         delta = OutputDelta(
             request_id=seq.request_id, token_ids=new_tokens,
-            text_delta=text[len(stream.sent_text):] if text.startswith(stream.sent_text) else text,
+            text_delta=seq.detokenizer.text_between(stream.sent_chars, released),
             logprobs=seq.logprobs[stream.sent_tokens:] if seq.logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids),
             cached_prompt_tokens=seq.num_cached_prompt_tokens)
-        stream.sent_tokens, stream.sent_text = len(seq.output_token_ids), text
+        stream.sent_tokens, stream.sent_chars = len(seq.output_token_ids), released
         return delta

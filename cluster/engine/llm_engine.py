@@ -11,6 +11,7 @@ import torch
 
 from moefleet.cluster.config.engine_config import EngineConfig
 from moefleet.cluster.engine.block_manager import BlockManager
+from moefleet.cluster.engine.detokenizer import Detokenizer
 from moefleet.cluster.engine.load_counters import ExpertLoadCounters
 from moefleet.cluster.engine.malloc_tuning import keep_freed_memory
 from moefleet.cluster.engine.model_runner import ModelRunner
@@ -103,7 +104,8 @@ class LLMEngine:
         needed = self.blocks.blocks_needed(len(token_ids) + len(resumed) + 1)
         if needed > self.blocks.num_blocks:
             raise InvalidRequestError("prompt", f"needs {needed} KV blocks; the cache has {self.blocks.num_blocks}")
-        return Sequence(request_id or uuid.uuid4().hex, text, token_ids, params, resumed)
+        return Sequence(request_id or uuid.uuid4().hex, text, token_ids, params, resumed,
+                        Detokenizer(self.tokenizer.backend, params, resumed))
 
     def _check_resumed(self, token_ids, params: SamplingParams) -> list[int]:
         if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) for t in token_ids):
@@ -229,6 +231,7 @@ class LLMEngine:
         tokens = sample(logits, sampling, self.generator)
         for seq, token in zip(sampling, tokens):
             seq.append(token)
+            seq.detokenizer.add(token)
             self._check_finished(seq, token)
         return sampling
 
@@ -238,33 +241,21 @@ class LLMEngine:
             self._finish(seq, "stop", token)
         elif not p.ignore_eos and token in self.eos_token_ids:
             self._finish(seq, "stop", None)
-        elif p.stop_strings and self._hit_stop_string(seq):
-            self._finish(seq, "stop", seq.stop_reason)
+        elif p.stop_strings and (stop := seq.detokenizer.find_stop()) is not None:
+            self._finish(seq, "stop", stop)
         elif (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
 
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        text = self.decode(seq)
-        for stop in seq.params.stop_strings:
-            at = text.find(stop)
-            if at >= 0:
-                seq.stop_reason = stop
-                seq.output_text = text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
-                return True
-        return False
-
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        if not (reason == "stop" and isinstance(stop_reason, str)):
-            seq.output_text = self.decode(seq)
+        if not (reason == "stop" and isinstance(stop_reason, str)):  # a stop string already ended the text
+            seq.detokenizer.flush()
         self.scheduler.finish(seq)
         self.requests.pop(seq.request_id, None)
 
-    def decode(self, seq: Sequence) -> str:
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
-
     def output(self, seq: Sequence) -> RequestOutput:
-        text = seq.output_text if seq.finish_reason else self.decode(seq)
+        detokenizer = seq.detokenizer
+        text = detokenizer.text[: detokenizer.num_released(seq.finish_reason is not None)]
         completion = CompletionOutput(
             index=0, text=text, token_ids=list(seq.output_token_ids),
             cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,

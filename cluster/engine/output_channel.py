@@ -20,6 +20,12 @@ class OutputChannel:
         self._batches: deque[tuple[int, list[OutputDelta | RequestFailed]]] = deque()  # (number, items), unacknowledged
         self._next = 1
         self._ready = asyncio.Event()
+        self.last_take = self.loop.time()
+
+    def abandoned(self, after_s: float) -> bool:
+        """Whether the gateway has not come for its outputs for `after_s` while some wait (its
+        process is gone: its requests only cost the replica)."""
+        return bool(self._batches) and self.loop.time() - self.last_take > after_s
 
     def deliver(self, items: list[OutputDelta | RequestFailed]) -> None:
         """Engine thread: queue a step's items (never blocks the step)."""
@@ -36,6 +42,7 @@ class OutputChannel:
     async def take(self, acked: int, wait_s: float) -> tuple[int, list[OutputDelta | RequestFailed]]:
         """(number of the newest batch, every item after batch `acked`), forgetting the batches
         up to `acked`; waits up to `wait_s` for one (then (acked, []))."""
+        self.last_take = self.loop.time()
         while self._batches and self._batches[0][0] <= acked:
             self._batches.popleft()
         if not self._batches:

@@ -3,6 +3,7 @@
 import enum
 import itertools
 
+from moefleet.cluster.engine.detokenizer import Detokenizer
 from moefleet.cluster.sampling_params import SamplingParams
 
 
@@ -18,11 +19,13 @@ _arrival = itertools.count()
 class Sequence:
     """`resumed_token_ids`: outputs this request already produced on a replica that was lost. They
     count as outputs (max_tokens, stop checks, repetition penalty, the seed's draw number) and are
-    prefilled with the prompt; only the tokens after them are new."""
+    prefilled with the prompt; only the tokens after them are new. `detokenizer`: the output's
+    text, fed by the engine with each token (the engine makes one for every sequence it runs)."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 resumed_token_ids: list[int] = ()):
+                 resumed_token_ids: list[int] = (), detokenizer: Detokenizer | None = None):
         self.request_id, self.prompt, self.params = request_id, prompt, params
+        self.detokenizer = detokenizer
         self.prompt_token_ids = list(prompt_token_ids)
         self.num_resumed = len(resumed_token_ids)
         self.output_token_ids: list[int] = list(resumed_token_ids)
@@ -36,7 +39,6 @@ class Sequence:
         # Resumed tokens' logprobs were delivered by the lost replica: placeholders keep positions aligned.
         self.logprobs: list[dict[int, float]] | None = [{}] * self.num_resumed if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
-        self.output_text = ""
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

@@ -14,6 +14,12 @@ class Tokenizer:
                 os.path.join(model_dir, "tokenizer_config.json")):
             raise CheckpointError(model_dir, "tokenizer.json", "no tokenizer files in the model directory")
         self.hf = AutoTokenizer.from_pretrained(model_dir)
+        # The `tokenizers` tokenizer underneath: one decoder for one-shot and streamed text, so
+        # the two agree byte for byte (transformers' optional clean-up of spaces, meant for
+        # WordPiece and skipped for BPE, is not prefix-stable and could not be streamed).
+        self.backend = getattr(self.hf, "backend_tokenizer", None)
+        if self.backend is None:
+            raise CheckpointError(model_dir, "tokenizer.json", "needs a fast (tokenizers) tokenizer for streamed text")
         self.eos_token_ids = set()
         if self.hf.eos_token_id is not None:
             self.eos_token_ids.add(self.hf.eos_token_id)
@@ -27,7 +33,7 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=True)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,

@@ -12,7 +12,8 @@ from moefleet.cluster.gateway.admin import GatewayAdmin
 from moefleet.cluster.gateway.auth import TokenAuth
 from moefleet.cluster.gateway.grpc_server import NOT_SERVING, SERVING, build_grpc_server
 from moefleet.cluster.gateway.http_server import HttpApi
-from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool
+from moefleet.cluster.gateway.replica_metrics import merge_replica_metrics
+from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool, is_replica_loss
 
 
 class Gateway:
@@ -58,8 +59,14 @@ class Gateway:
             return {"ok": False, "store": "unknown", "error": f"controller unreachable: {type(e).__name__}"}
 
     async def metrics_text(self) -> str:
-        texts = await asyncio.gather(*(h.call("metrics_text") for h in self.pool.handles.values()))
-        return "".join(texts)
+        """Every replica's metrics in one exposition, each sample labelled with its replica; a
+        replica lost since the last refresh is left out (its series go stale, as Prometheus expects)."""
+        handles = list(self.pool.handles.values())
+        texts = await asyncio.gather(*(h.call("metrics_text") for h in handles), return_exceptions=True)
+        for text in texts:
+            if isinstance(text, BaseException) and not is_replica_loss(text):
+                raise text
+        return merge_replica_metrics({h.replica_id: text for h, text in zip(handles, texts) if isinstance(text, str)})
 
     # ----- lifecycle -----
     async def serve(self) -> tuple[int, int | None]:

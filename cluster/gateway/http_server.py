@@ -8,6 +8,7 @@ import time
 import uuid
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from moefleet.cluster.errors import InvalidRequestError, ModelNotFoundError
 from moefleet.cluster.gateway.error_codes import classify, retry_after_s
@@ -186,4 +187,4 @@ class HttpApi:
         return web.json_response(body)
 
     async def metrics(self, request: web.Request):
-        return web.Response(text=await self.gateway.metrics_text(), content_type="text/plain")
+        return web.Response(text=await self.gateway.metrics_text(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})

@@ -51,7 +51,7 @@ def test_health_and_metrics(gateway):
     base = f"http://127.0.0.1:{gateway.http_port}"
     assert json.loads(urllib.request.urlopen(f"{base}/health").read())["status"] == "ok"
     metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
-    assert 'moefleet_expert_tokens_total{layer="0",expert="0",replica="replica-0"}' in metrics
+    assert 'moefleet_expert_tokens_total{expert="0",layer="0",replica="replica-0"}' in metrics  # labels sorted
 
 
 def test_bad_token_is_401(replica):

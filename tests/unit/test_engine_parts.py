@@ -94,21 +94,27 @@ def test_top_k_top_p_min_p_filters():
 def test_prometheus_metrics_count_tokens_traffic_and_fanout(engines):
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     from moefleet.cluster.engine.metrics import start_metrics_server
 
     llm = engines("mixtral", engine_shards=2, transport="local")
     spec = llm.engine.spec
     before = int(llm.engine.dispatcher.fanout[1] + llm.engine.dispatcher.fanout[2])
     llm.generate({"prompt_token_ids": list(range(3, 13))}, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-    server = start_metrics_server(llm.engine)
+    server = start_metrics_server(llm.engine, model_name="tiny")
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics").read().decode()
     finally:
         server.shutdown()
-    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
     visits = (10 + 2) * len(spec.moe_layer_indices)  # 10 prompt tokens + 2 decodes, per MoE layer
-    assert int(samples['moefleet_token_shard_fanout_bucket{le="+Inf"}']) == before + visits
-    layer0 = sum(int(v) for k, v in samples.items() if k.startswith('moefleet_expert_tokens_total{layer="0"'))
+    assert samples[("moefleet_token_shard_fanout_bucket", (("le", "+Inf"),))] == before + visits
+    assert samples[("moefleet_token_shard_fanout_count", ())] == before + visits
+    layer0 = sum(v for (name, labels), v in samples.items()
+                 if name == "moefleet_expert_tokens_total" and ("layer", "0") in labels)
     assert layer0 >= visits // len(spec.moe_layer_indices) * spec.moe.top_k
-    assert 'moefleet_shard_sends_total{shard="1",locality="local"}' in samples
-    assert float(samples['moefleet_shard_compute_seconds_total{shard="0"}']) > 0
+    assert ("moefleet_shard_sends_total", (("locality", "local"), ("shard", "1"))) in samples
+    assert samples[("moefleet_shard_compute_seconds_total", (("shard", "0"),))] > 0
+    assert samples[("vllm:num_requests_running", (("model_name", "tiny"),))] == 0  # the engine's state, too

@@ -1,0 +1,30 @@
+"""One Prometheus exposition for all the replicas behind a gateway: each replica's text is parsed,
+its samples labelled with the replica, and families of the same name merged, so each family's
+HELP and TYPE appear once however many replicas there are."""
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merge_replica_metrics(texts: dict[str, str]) -> str:
+    """texts: replica id -> that replica's exposition (Prometheus text format)."""
+    families: dict[str, Metric] = {}
+    for replica, text in texts.items():
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                             family.unit))
+            merged.samples += [sample._replace(labels={**sample.labels, "replica": replica})
+                               for sample in family.samples]
+    registry = CollectorRegistry()
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry).decode()

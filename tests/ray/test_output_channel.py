@@ -1,0 +1,136 @@
+"""The replica -> gateway output channel over real Ray actors: outputs equal the in-process
+engine's, a client that leaves or runs out of time frees the replica, a lost replica's requests
+resume elsewhere with no gap or repeat, and a call whose answer is lost loses no token."""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import ray
+
+from moefleet import SamplingParams
+from moefleet.cluster.messages import GenerateRequest
+from tests.conftest import random_prompts
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def replica_actors(ray_cluster, model_dir):
+    from moefleet.actors.replica import remote_replica_class
+    from moefleet.cluster.config.engine_config import EngineConfig
+
+    config = EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=512, num_threads=1)
+    actors = [remote_replica_class().options(num_cpus=0, resources={"head": 1}).remote(f"channel-{i}", config, 256, "mixtral-tiny")
+              for i in range(2)]
+    ray.get([a.ready.remote() for a in actors])
+    yield actors
+    for actor in actors:
+        ray.kill(actor)
+
+
+def expected_tokens(engines, prompts, max_tokens):
+    static = engines("mixtral")
+    return [o.outputs[0].token_ids for o in static.generate([{"prompt_token_ids": p} for p in prompts],
+                                                            SamplingParams(**GREEDY, max_tokens=max_tokens))]
+
+
+def wait_idle(actor, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.get(actor.stats.remote()).requests == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def collect(stream) -> list[int]:
+    return [t async for delta in stream for t in delta.token_ids]
+
+
+def test_concurrent_requests_equal_the_in_process_engine(replica_actors, engines):
+    from moefleet.cluster.gateway.replica_channel import ReplicaChannel
+
+    prompts = random_prompts(engines("mixtral").engine.spec.vocab_size, [5 + 3 * i for i in range(16)], seed=5)
+    expected = expected_tokens(engines, prompts, 40)
+    channel = ReplicaChannel(replica_actors[0])
+
+    async def run():
+        requests = [GenerateRequest(prompt_token_ids=p, sampling_params=SamplingParams(**GREEDY, max_tokens=40))
+                    for p in prompts]
+        return await asyncio.gather(*(collect(channel.stream(r)) for r in requests))
+
+    assert asyncio.run(run()) == expected
+    # A second event loop (the first one's long-poll was cancelled mid-call): nothing is lost.
+    assert asyncio.run(run()) == expected
+
+
+def test_a_client_that_leaves_frees_the_replica(replica_actors, engines):
+    from moefleet.cluster.gateway.replica_channel import ReplicaChannel
+
+    channel = ReplicaChannel(replica_actors[0])
+
+    async def leave_early():
+        request = GenerateRequest(prompt_token_ids=[5, 6, 7], sampling_params=SamplingParams(**GREEDY, max_tokens=3000))
+        stream = channel.stream(request)
+        got = [await anext(stream) for _ in range(3)]
+        await stream.aclose()
+        return got
+
+    assert len(asyncio.run(leave_early())) == 3
+    assert wait_idle(replica_actors[0])
+
+
+def test_a_grpc_deadline_ends_the_request_on_the_replica(replica_actors):
+    from moefleet.client import Client
+    from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
+    from tests.integration.conftest import start_gateway
+
+    gateway, port, _ = start_gateway([RayReplicaHandle(replica_actors[1], "channel-1")], http_port=None)
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            with pytest.raises(grpc.RpcError) as caught:
+                client.generate([5, 6, 7], max_tokens=3000, temperature=0, ignore_eos=True, timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_idle(replica_actors[1])
+    finally:
+        gateway.stop(grace_s=2)
+
+
+def test_a_killed_replica_s_requests_resume_on_another_without_gap_or_repeat(ray_cluster, model_dir, engines):
+    from moefleet.actors.replica import remote_replica_class
+    from moefleet.cluster.config.engine_config import EngineConfig
+    from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool
+
+    config = EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=512, num_threads=1)
+    doomed, survivor = [remote_replica_class().options(num_cpus=0, resources={"head": 1}).remote(f"resume-{i}", config, 256)
+                        for i in range(2)]
+    ray.get([doomed.ready.remote(), survivor.ready.remote()])
+    prompts = random_prompts(engines("mixtral").engine.spec.vocab_size, [6, 11, 17, 23], seed=9)
+    expected = expected_tokens(engines, prompts, 300)
+    pool = ReplicaPool([RayReplicaHandle(doomed, "resume-0")])
+
+    async def run():
+        produced = [0]
+
+        async def one(p):
+            request = GenerateRequest(prompt_token_ids=p, sampling_params=SamplingParams(**GREEDY, max_tokens=300))
+            tokens = []
+            async for delta in pool.stream(request, len(p) + 300):
+                tokens += delta.token_ids
+                produced[0] += len(delta.token_ids)
+            return tokens
+
+        tasks = [asyncio.create_task(one(p)) for p in prompts]
+        while produced[0] < 100:
+            await asyncio.sleep(0.01)
+        pool.set_handles([RayReplicaHandle(doomed, "resume-0"), RayReplicaHandle(survivor, "resume-1")])
+        ray.kill(doomed)
+        return await asyncio.gather(*tasks)
+
+    try:
+        assert asyncio.run(run()) == expected
+        assert "resume-0" in pool.lost
+    finally:
+        ray.kill(survivor)
