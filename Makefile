@@ -43,3 +43,6 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/gateway.py
 	$(VENV)/bin/python benchmarks/elasticity.py
 	$(VENV)/bin/python benchmarks/planner_moves.py
+	$(VENV)/bin/python benchmarks/output_channel.py
+	$(VENV)/bin/python benchmarks/detokenizer.py
+	$(VENV)/bin/python benchmarks/serving.py

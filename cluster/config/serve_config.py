@@ -24,7 +24,7 @@ class ServeConfig(ControllerOptions):
                                                           f"one per {CORES_PER_GATEWAY} cores, at least one.")
     engine: EngineOptions = Field(default_factory=EngineOptions,
                                   description="Engine options of every replica (the model comes from `model`); "
-                                              "num_threads defaults to the cores divided among the replicas.")
+                                              "num_threads defaults to the cores the gateways leave, divided among the replicas.")
     admin_tokens: list[str] = Field(default_factory=list, description="Admin bearer tokens (also: admin_token_file, MOEFLEET_ADMIN_TOKEN).")
     admin_token_file: str | None = Field(None, description="File with one admin token per line.")
     inference_tokens: list[str] = Field(default_factory=list, description="Inference bearer tokens; none: Inference is open.")
@@ -56,7 +56,11 @@ class ServeConfig(ControllerOptions):
 
     def controller_config(self, model: str, model_id: str, cores: int) -> ControllerConfig:
         """The controller's config for serving `model` as `model_id` on a machine of `cores` CPUs."""
-        engine = EngineConfig(**{"num_threads": max(1, cores // self.replicas),
+        # The gateways' cores are left to them: on 2 cores a replica of 2 torch threads beside a busy
+        # gateway made 3.4-3.6K tokens/s at 64 requests and 231 at 1, one of 1 thread 3.8K and 315
+        # (tiny Mixtral through the output channel, benchmarks/output_channel.py's load).
+        threads = max(1, (cores - self.gateway_count(cores)) // self.replicas)
+        engine = EngineConfig(**{"num_threads": threads,
                                  **self.engine.model_dump(exclude_unset=True), "model": model})
         shared = {name: getattr(self, name) for name in ControllerOptions.model_fields}
         return ControllerConfig(**shared, engine=engine, model_id=model_id)
