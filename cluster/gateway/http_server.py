@@ -48,6 +48,24 @@ def _sampling_params(body: dict, chat: bool) -> SamplingParams:
     return SamplingParams(**options)
 
 
+def _include_usage(body: dict) -> bool:
+    """OpenAI's `stream_options: {"include_usage": bool}`, allowed only with `stream: true`."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not body.get("stream"):
+        raise InvalidRequestError("stream_options", "is only allowed with stream: true")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise InvalidRequestError("stream_options", 'must be an object like {"include_usage": true}')
+    return options.get("include_usage", False)
+
+
+def _usage(delta) -> dict:
+    """OpenAI's usage object from a request's last delta."""
+    return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
+            "total_tokens": delta.prompt_tokens + delta.completion_tokens}
+
+
 class HttpApi:
     def __init__(self, gateway):
         self.gateway = gateway
@@ -111,12 +129,12 @@ class HttpApi:
     async def _run(self, http_request, req: GenerateRequest, body: dict, chat: bool):
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         model = self.gateway.model_id
+        include_usage = _include_usage(body)
         deltas = self.gateway.pool.stream(req, request_cost(req))
         if not body.get("stream"):
             whole = join_deltas([delta async for delta in deltas])
             logprobs = list(zip(whole.token_ids, whole.logprobs or []))
-            usage = {"prompt_tokens": whole.prompt_tokens, "completion_tokens": whole.completion_tokens,
-                     "total_tokens": whole.prompt_tokens + whole.completion_tokens}
+            usage = _usage(whole)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": whole.text_delta},
                           "finish_reason": whole.finish_reason,
@@ -143,10 +161,13 @@ class HttpApi:
                            "finish_reason": delta.finish_reason} if chat else
                           {"index": 0, "text": delta.text_delta, "finish_reason": delta.finish_reason})
                 await self._event(response, {"id": rid, "object": kind, "created": created, "model": model,
-                                             "choices": [choice]})
+                                             "choices": [choice], **({"usage": None} if include_usage else {})})
                 if delta.finish_reason is not None:
                     break
                 delta = await anext(deltas)
+            if include_usage:  # OpenAI's stream_options.include_usage: a last chunk with the usage and no choices
+                await self._event(response, {"id": rid, "object": kind, "created": created, "model": model,
+                                             "choices": [], "usage": _usage(delta)})
         except Exception as error:
             _, status, error_type, message = classify(error)
             await self._event(response, {"error": {"message": message, "type": error_type, "code": status}})

@@ -23,6 +23,21 @@ def test_completions_match_grpc(oai, client):
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_streamed_usage_on_request(oai):
+    """stream_options.include_usage: every chunk says usage null, then one last chunk has the usage
+    and no choices (OpenAI's shape, which benchmark clients read token counts from)."""
+    options = dict(model="mixtral-tiny", prompt="Open the pod bay doors", max_tokens=12, temperature=0, stream=True)
+    chunks = list(oai.completions.create(stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                                         **options))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 12
+    assert all(c.usage is None for c in chunks[:-1])
+    assert all(c.usage is None for c in oai.completions.create(**options))  # not asked: no usage chunk
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model="mixtral-tiny", prompt="x", max_tokens=3, stream_options={"include_usage": True})
+    assert "stream_options" in info.value.message
+
+
 def test_chat_completions_stream_and_models(oai):
     messages = [{"role": "user", "content": "hi there"}]
     whole = oai.chat.completions.create(model="mixtral-tiny", messages=messages, max_tokens=10, temperature=0)
