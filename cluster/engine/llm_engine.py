@@ -34,6 +34,7 @@ from moefleet.models.spec import load_spec
 
 log = logging.getLogger(__name__)
 
+
 class LLMEngine:
     """`experts`: where the routed experts live (default: shards in this process; moefleet.LLM and
     the Replica actor hand in sources over shard actors). `on_shard_lost(shard or None, epoch)`:
