@@ -10,12 +10,13 @@ class GatewayHost:
     """Inside a gateway actor: a Gateway over the controller's replicas."""
 
     def __init__(self, controller_name: str, model_id: str, auth: TokenAuth, grpc_address: str, http_host: str,
-                 http_port: int | None, tls, num_gateways: int):
+                 http_port: int | None, tls, num_gateways: int, transport: str = "socket"):
         import ray
 
         controller = ray.get_actor(controller_name)
-        handles = [RayReplicaHandle(actor, rid) for rid, actor, _ in ray.get(controller.replicas.remote())]
-        self.gateway = Gateway(handles, model_id, auth, grpc_address, http_host, http_port, tls, controller, num_gateways)
+        handles = [RayReplicaHandle(actor, rid, transport) for rid, actor, _ in ray.get(controller.replicas.remote())]
+        self.gateway = Gateway(handles, model_id, auth, grpc_address, http_host, http_port, tls, controller, num_gateways,
+                               transport=transport)
         self.ports = self.gateway.start()
 
     def ports_bound(self) -> tuple[int, int | None]:

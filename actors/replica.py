@@ -17,6 +17,7 @@ from moefleet.cluster.engine.async_engine import AsyncEngine
 from moefleet.cluster.engine.llm_engine import LLMEngine
 from moefleet.cluster.engine.metrics import replica_registry
 from moefleet.cluster.engine.output_channel import OutputChannel
+from moefleet.cluster.engine.output_socket import OutputListener
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.experts.backend import ExpertBackend, ExpertSource, uses_remote_shards
 from moefleet.cluster.experts.remote_backend import OwnedShardActors
@@ -50,7 +51,8 @@ class Replica:
             experts = OwnedShardActors(start_shard_actors)
         self.engine = AsyncEngine(LLMEngine(engine, experts, on_shard_lost), max_waiting)
         self.model_id = model_id or os.path.basename(os.path.normpath(engine.model))
-        self.channels: dict[str, OutputChannel] = {}  # gateway channel id -> its output channel
+        self.channels: dict[str, OutputChannel] = {}  # gateway channel id -> its output channel (actor calls)
+        self._listener: OutputListener | None = None  # gateways' output sockets, opened on first ask
 
     def ready(self) -> str:
         return self.replica_id
@@ -80,15 +82,24 @@ class Replica:
                                               list(request.resume_token_ids)):
             yield delta
 
+    def output_address(self) -> tuple[str, int]:
+        """Where gateways connect for their outputs (the socket transport, output_socket.py): this
+        node's address, any free port."""
+        if self._listener is None:
+            self._listener = OutputListener(_node_address(), lambda sink: self.engine.abort_sink(sink))
+        return self._listener.address
+
     async def submit(self, channel_id: str, request: GenerateRequest) -> None:
-        """Admit a request whose deltas go to the gateway's output channel `channel_id` (made on
-        first use); the gateway takes them with `next_outputs`. Raises at once for bad input, when
-        draining or when full."""
-        self._drop_abandoned_channels()
-        channel = self.channels.get(channel_id)
-        if channel is None:
-            channel = self.channels[channel_id] = OutputChannel()
-        self.engine.submit(_prompt(request), request.sampling_params, channel, request.request_id or None,
+        """Admit a request whose deltas go to the gateway's channel `channel_id`: its output socket
+        if it connected one, else an output channel (made on first use) that it takes from with
+        `next_outputs`. Raises at once for bad input, when draining or when full."""
+        sink = self._listener.sink(channel_id) if self._listener is not None else None
+        if sink is None:
+            self._drop_abandoned_channels()
+            sink = self.channels.get(channel_id)
+            if sink is None:
+                sink = self.channels[channel_id] = OutputChannel()
+        self.engine.submit(_prompt(request), request.sampling_params, sink, request.request_id or None,
                            list(request.resume_token_ids))
 
     async def next_outputs(self, channel_id: str, acked: int,
@@ -185,7 +196,16 @@ class Replica:
 
     def shutdown(self) -> None:
         self.engine.stop()
+        if self._listener is not None:
+            self._listener.close()
         self.engine.engine.close()
+
+
+def _node_address() -> str:
+    """This node's address as Ray knows it (reachable from the other nodes); loopback outside Ray."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
 @dataclass(frozen=True)

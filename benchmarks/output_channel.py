@@ -1,9 +1,12 @@
 """How a replica's outputs reach the gateway, measured side by side on one replica actor:
 
 - `per-token objects`: a Ray streaming generator per request (`Replica.generate_stream` with
-  num_returns="streaming"): one Ray object per delta per request, what the gateway used before;
-- `output channel`: this gateway's channel with the replica (cluster/gateway/replica_channel.py):
-  one actor call per engine step for all of the gateway's requests on that replica.
+  num_returns="streaming"): one Ray object per delta per request, what the gateway used first;
+- `actor call per step`: the gateway's channel over actor calls (ActorCallChannel in
+  cluster/gateway/replica_channel.py): one `next_outputs` call per engine step for all of the
+  gateway's requests on that replica;
+- `socket`: the gateway's channel over a TCP connection (SocketChannel, the default): one frame
+  per engine step, written by a thread of the replica, read as it arrives.
 
 Both run in this process against the same replica actor (the tiny Mixtral, greedy, fixed output
 length), taking turns round after round, so the machine's drift hits both alike. Reported: output
@@ -61,18 +64,19 @@ def main() -> None:
     from moefleet import SamplingParams
     from moefleet.actors.replica import remote_replica_class
     from moefleet.cluster.config.engine_config import EngineConfig
-    from moefleet.cluster.gateway.replica_channel import ReplicaChannel
+    from moefleet.cluster.gateway.replica_channel import ActorCallChannel, SocketChannel
     from moefleet.cluster.messages import GenerateRequest
     from moefleet.models.init_model import default_model_dir
 
     model = default_model_dir("mixtral", "tiny")
     ray.init(include_dashboard=False, log_to_driver=False)
     cores = len(os.sched_getaffinity(0))
-    actor = remote_replica_class().remote("bench", EngineConfig(model=model, num_threads=cores), 1024)
+    threads = max(1, cores - 1)  # as moefleet serve sizes them: this process takes a gateway's place
+    actor = remote_replica_class().remote("bench", EngineConfig(model=model, num_threads=threads), 1024)
     ray.get(actor.ready.remote())
     vocab = ray.get(actor.model_info.remote())["vocab_size"]
-    channel = ReplicaChannel(actor)
-    transports = {"per-token objects": lambda r: per_token_objects(actor, r), "output channel": channel.stream}
+    transports = {"per-token objects": lambda r: per_token_objects(actor, r),
+                  "actor call per step": ActorCallChannel(actor).stream, "socket": SocketChannel(actor).stream}
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
@@ -86,15 +90,19 @@ def main() -> None:
                 print(f"  concurrency {concurrency}, round {round_ + 1}: {name} {results[name][-1]:.0f} tokens/s",
                       file=sys.stderr, flush=True)
         medians = {name: sorted(v)[len(v) // 2] for name, v in results.items()}
-        rows.append([concurrency, f"{medians['per-token objects']:.0f}", f"{medians['output channel']:.0f}",
-                     f"**{medians['output channel'] / medians['per-token objects']:.2f}x**"])
+        base = medians["per-token objects"]
+        rows.append([concurrency, *(f"{m:.0f}" for m in medians.values()),
+                     f"**{medians['actor call per step'] / base:.2f}x**", f"**{medians['socket'] / base:.2f}x**",
+                     f"**{medians['socket'] / medians['actor call per step']:.2f}x**"])
     ray.shutdown()
-    table = markdown_table(["concurrency", "per-token objects tokens/s", "output channel tokens/s", "channel / objects"],
-                           rows)
-    note = (f"One replica actor (tiny Mixtral, {cores} torch threads), driven from this process; {args.requests} requests "
-            f"per load, prompt {args.prompt_len} tokens, greedy, {args.max_tokens} output tokens; the two transports "
-            f"take turns for {args.rounds} rounds, the median round counting. Not compared: a Ray compiled-graph "
-            "channel and a socket with msgpack frames.")
+    table = markdown_table(["concurrency", *(f"{name} tokens/s" for name in transports), "actor call / objects",
+                            "socket / objects", "socket / actor call"], rows)
+    note = (f"One replica actor (tiny Mixtral, {threads} torch thread(s) on {cores} cores), driven from this process "
+            f"(in a gateway's place); {args.requests} requests per load, prompt {args.prompt_len} tokens, greedy, "
+            f"{args.max_tokens} output tokens; the transports take turns (the order reversed every other round) for "
+            f"{args.rounds} rounds, the median round counting. Not compared: a Ray compiled-graph channel, which runs "
+            "a static graph from one driver, where here every gateway process reads from every replica and requests "
+            "come and go.")
     print(table + "\n" + note)
     record("output_channel", "Replica -> gateway transport (`benchmarks/output_channel.py`)", table, note,
            {"rows": rows}, write=not args.no_docs)

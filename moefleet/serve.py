@@ -53,11 +53,12 @@ class LocalDeployment:
         ray.get(self.controller.start.remote(config.replicas))
         gateway_class, tls = remote_gateway_class(), _tls(config)
         first = gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{config.grpc_port}",
-                                     config.host, config.http_port, tls, self.num_gateways)
+                                     config.host, config.http_port, tls, self.num_gateways, config.output_transport)
         grpc_port, http_port = ray.get(first.ports_bound.remote())
         # The others bind the ports the first one got (SO_REUSEPORT), so port 0 works too.
         self.gateways = [first] + [gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{grpc_port}",
-                                                        config.host, http_port, tls, self.num_gateways)
+                                                        config.host, http_port, tls, self.num_gateways,
+                                                        config.output_transport)
                                    for _ in range(self.num_gateways - 1)]
         ray.get([g.ports_bound.remote() for g in self.gateways])
         self.addresses = (config.host, grpc_port, http_port)

@@ -2,6 +2,8 @@
 pydantic (flags override the file). It takes every controller option at the top level and the
 replicas' engine options in its `engine` section."""
 
+from typing import Literal
+
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
@@ -31,6 +33,9 @@ class ServeConfig(ControllerOptions):
     inference_token_file: str | None = Field(None, description="File with one inference token per line.")
     tls_cert: str | None = Field(None, description="PEM certificate chain for TLS on both ports.")
     tls_key: str | None = Field(None, description="PEM private key for TLS.")
+    output_transport: Literal["socket", "actor_call"] = Field(
+        "socket", description="How replicas' outputs reach the gateways: a TCP connection per gateway and replica "
+        "(faster), or an actor call per engine step (only Ray's own ports).")
     drain_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
     ray_address: str | None = Field(None, description="Ray cluster to join; default: start a local one.")
 

@@ -19,9 +19,11 @@ from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool,
 class Gateway:
     def __init__(self, handles: list, model_id: str, auth: TokenAuth, grpc_address: str = "127.0.0.1:0",
                  http_host: str = "127.0.0.1", http_port: int | None = 0, tls: tuple[bytes, bytes] | None = None,
-                 controller=None, num_gateways: int = 1, max_outstanding_tokens: int = 1 << 20):
+                 controller=None, num_gateways: int = 1, max_outstanding_tokens: int = 1 << 20,
+                 transport: str = "socket"):
         self.pool = ReplicaPool(handles, max_outstanding_tokens)
         self.model_id, self.auth, self.controller, self.num_gateways = model_id, auth, controller, num_gateways
+        self.transport = transport  # of the replicas' outputs to this gateway (replica_channel.py)
         self.grpc_address, self.http_host, self.http_port, self.tls = grpc_address, http_host, http_port, tls
         self.admin = GatewayAdmin(self)
         self.draining = False
@@ -43,7 +45,7 @@ class Gateway:
         if self.controller is None:
             return
         replicas = await self.controller.replicas.remote()
-        self.pool.set_handles([RayReplicaHandle(actor, rid) for rid, actor, _ in replicas])
+        self.pool.set_handles([RayReplicaHandle(actor, rid, self.transport) for rid, actor, _ in replicas])
         for rid, _, draining in replicas:
             if draining:
                 self.pool.draining.add(rid)

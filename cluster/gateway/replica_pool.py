@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from moefleet.cluster.errors import DrainingError, OverloadedError, ReplicaLostError
 from moefleet.cluster.gateway.error_codes import unwrap
-from moefleet.cluster.gateway.replica_channel import ReplicaChannel
+from moefleet.cluster.gateway.replica_channel import CHANNELS
 from moefleet.cluster.gateway.router import ReplicaLoad, choose_replica, prefix_key
 from moefleet.cluster.messages import GenerateRequest, OutputDelta
 
@@ -44,12 +44,12 @@ class LocalReplicaHandle:
 
 
 class RayReplicaHandle:
-    """A Replica actor: requests and their deltas go through this gateway's output channel with
-    it (replica_channel.py)."""
+    """A Replica actor: requests and their deltas go through this gateway's channel with it, over
+    `transport` (replica_channel.py: "socket" or "actor_call")."""
 
-    def __init__(self, actor, replica_id: str):
+    def __init__(self, actor, replica_id: str, transport: str = "socket"):
         self.actor, self.replica_id = actor, replica_id
-        self.channel = ReplicaChannel(actor)
+        self.channel = CHANNELS[transport](actor)
 
     def stream(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
         return self.channel.stream(request)

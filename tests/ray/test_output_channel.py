@@ -1,6 +1,8 @@
-"""The replica -> gateway output channel over real Ray actors: outputs equal the in-process
-engine's, a client that leaves or runs out of time frees the replica, a lost replica's requests
-resume elsewhere with no gap or repeat, and a call whose answer is lost loses no token."""
+"""The replica -> gateway output channel over real Ray actors, for both transports (a socket per
+gateway, an actor call per step): outputs equal the in-process engine's, a client that leaves or
+runs out of time frees the replica, a lost replica's requests resume elsewhere with no gap or
+repeat, a call whose answer is lost loses no token, and a gateway whose connection closes leaves
+no request running on the replica."""
 
 import asyncio
 import time
@@ -49,12 +51,16 @@ async def collect(stream) -> list[int]:
     return [t async for delta in stream for t in delta.token_ids]
 
 
-def test_concurrent_requests_equal_the_in_process_engine(replica_actors, engines):
-    from moefleet.cluster.gateway.replica_channel import ReplicaChannel
+TRANSPORTS = ["socket", "actor_call"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_concurrent_requests_equal_the_in_process_engine(replica_actors, engines, transport):
+    from moefleet.cluster.gateway.replica_channel import CHANNELS
 
     prompts = random_prompts(engines("mixtral").engine.spec.vocab_size, [5 + 3 * i for i in range(16)], seed=5)
     expected = expected_tokens(engines, prompts, 40)
-    channel = ReplicaChannel(replica_actors[0])
+    channel = CHANNELS[transport](replica_actors[0])
 
     async def run():
         requests = [GenerateRequest(prompt_token_ids=p, sampling_params=SamplingParams(**GREEDY, max_tokens=40))
@@ -62,14 +68,16 @@ def test_concurrent_requests_equal_the_in_process_engine(replica_actors, engines
         return await asyncio.gather(*(collect(channel.stream(r)) for r in requests))
 
     assert asyncio.run(run()) == expected
-    # A second event loop (the first one's long-poll was cancelled mid-call): nothing is lost.
+    # A second event loop (the first one's long-poll, or connection reader, was cancelled mid-call):
+    # nothing is lost.
     assert asyncio.run(run()) == expected
 
 
-def test_a_client_that_leaves_frees_the_replica(replica_actors, engines):
-    from moefleet.cluster.gateway.replica_channel import ReplicaChannel
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_client_that_leaves_frees_the_replica(replica_actors, engines, transport):
+    from moefleet.cluster.gateway.replica_channel import CHANNELS
 
-    channel = ReplicaChannel(replica_actors[0])
+    channel = CHANNELS[transport](replica_actors[0])
 
     async def leave_early():
         request = GenerateRequest(prompt_token_ids=[5, 6, 7], sampling_params=SamplingParams(**GREEDY, max_tokens=3000))
@@ -82,12 +90,34 @@ def test_a_client_that_leaves_frees_the_replica(replica_actors, engines):
     assert wait_idle(replica_actors[0])
 
 
-def test_a_grpc_deadline_ends_the_request_on_the_replica(replica_actors):
+def test_a_gateway_whose_connection_closes_leaves_nothing_running(replica_actors):
+    """A gateway process that dies closes its output socket: the replica aborts that gateway's
+    requests at its next step instead of computing tokens nobody will read."""
+    from moefleet.cluster.gateway.replica_channel import SocketChannel
+
+    channel = SocketChannel(replica_actors[0])
+
+    async def start_then_vanish():
+        requests = [GenerateRequest(prompt_token_ids=[5, 6, 7 + i], sampling_params=SamplingParams(**GREEDY, max_tokens=3000))
+                    for i in range(4)]
+        streams = [channel.stream(r) for r in requests]
+        for stream in streams:
+            await anext(stream)
+        assert ray.get(replica_actors[0].stats.remote()).requests == 4
+        channel._reader.cancel()  # the connection closes, as with a dead process: no abort call is sent
+        await asyncio.sleep(0)
+
+    asyncio.run(start_then_vanish())
+    assert wait_idle(replica_actors[0])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_grpc_deadline_ends_the_request_on_the_replica(replica_actors, transport):
     from moefleet.client import Client
     from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
     from tests.integration.conftest import start_gateway
 
-    gateway, port, _ = start_gateway([RayReplicaHandle(replica_actors[1], "channel-1")], http_port=None)
+    gateway, port, _ = start_gateway([RayReplicaHandle(replica_actors[1], "channel-1", transport)], http_port=None)
     try:
         with Client(f"127.0.0.1:{port}") as client:
             with pytest.raises(grpc.RpcError) as caught:
@@ -98,7 +128,8 @@ def test_a_grpc_deadline_ends_the_request_on_the_replica(replica_actors):
         gateway.stop(grace_s=2)
 
 
-def test_a_killed_replica_s_requests_resume_on_another_without_gap_or_repeat(ray_cluster, model_dir, engines):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_killed_replica_s_requests_resume_on_another_without_gap_or_repeat(ray_cluster, model_dir, engines, transport):
     from moefleet.actors.replica import remote_replica_class
     from moefleet.cluster.config.engine_config import EngineConfig
     from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool
@@ -109,7 +140,7 @@ def test_a_killed_replica_s_requests_resume_on_another_without_gap_or_repeat(ray
     ray.get([doomed.ready.remote(), survivor.ready.remote()])
     prompts = random_prompts(engines("mixtral").engine.spec.vocab_size, [6, 11, 17, 23], seed=9)
     expected = expected_tokens(engines, prompts, 300)
-    pool = ReplicaPool([RayReplicaHandle(doomed, "resume-0")])
+    pool = ReplicaPool([RayReplicaHandle(doomed, "resume-0", transport)])
 
     async def run():
         produced = [0]
@@ -125,7 +156,7 @@ def test_a_killed_replica_s_requests_resume_on_another_without_gap_or_repeat(ray
         tasks = [asyncio.create_task(one(p)) for p in prompts]
         while produced[0] < 100:
             await asyncio.sleep(0.01)
-        pool.set_handles([RayReplicaHandle(doomed, "resume-0"), RayReplicaHandle(survivor, "resume-1")])
+        pool.set_handles([RayReplicaHandle(doomed, "resume-0", transport), RayReplicaHandle(survivor, "resume-1", transport)])
         ray.kill(doomed)
         return await asyncio.gather(*tasks)
 
