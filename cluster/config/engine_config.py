@@ -55,6 +55,9 @@ class EngineOptions(BaseModel):
                                "defaults.")
     seed: int = Field(0, description="Seed of the generator used by sampled requests without their own seed.")
     load_window_steps: int = Field(256, gt=0, description="Steps in the per-expert load window.")
+    routing_sample_rate: float = Field(
+        1 / 32, ge=0, le=1, description="Share of the tokens run whose chosen experts are recorded at every MoE layer "
+        "(for the affinity model and `moefleet routing record`); 0: off.")
 
 
 class EngineConfig(EngineOptions):

@@ -16,6 +16,7 @@ from moefleet.cluster.engine.load_counters import ExpertLoadCounters
 from moefleet.cluster.engine.malloc_tuning import keep_freed_memory
 from moefleet.cluster.engine.model_runner import ModelRunner
 from moefleet.cluster.engine.outputs import CompletionOutput, RequestOutput
+from moefleet.cluster.engine.routing_recorder import RoutingRecorder
 from moefleet.cluster.engine.sampler import sample
 from moefleet.cluster.engine.scheduler import Scheduler
 from moefleet.cluster.engine.sequence import Sequence
@@ -60,7 +61,8 @@ class LLMEngine:
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(config.num_threads or max(1, cores - self.experts.threads_used_on_this_node()))
         self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
-        self.dispatcher = Dispatcher(self.placement, self.experts.transport, self.load)
+        self.routing = RoutingRecorder(spec.moe_layer_indices, spec.moe.top_k, config.routing_sample_rate)
+        self.dispatcher = Dispatcher(self.placement, self.experts.transport, (self.load, self.routing))
         self.model = MoEDecoder(reader, spec, self.dispatcher)
         self.tokenizer = Tokenizer(config.model)
         cpu_ops()  # build or load the CPU kernels now, not inside the first request
@@ -224,7 +226,13 @@ class LLMEngine:
             return []
         self.num_steps += 1
         self.load.begin_step()
-        logits = self.runner.run(chunks)
+        self.routing.begin_step(chunks, sampled=not self.runner.overlaps(chunks))
+        try:
+            logits = self.runner.run(chunks)
+        except BaseException:
+            self.routing.discard_step()
+            raise
+        self.routing.end_step()
         sampling = [c.seq for c in chunks if c.samples]
         for c in chunks:
             c.seq.num_computed_tokens += c.num_tokens

@@ -104,10 +104,14 @@ class ModelRunner:
                 return [chunks[:cut], chunks[cut:]]
         return [chunks]
 
+    def overlaps(self, chunks: list[ScheduledChunk], all_rows: bool = False) -> bool:
+        """Whether `run` splits this step into two overlapped micro-batches."""
+        return self.overlap and len(chunks) > 1 and not all_rows
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], all_rows: bool = False) -> torch.Tensor:
         """One forward for the step; float32 logits [N, V] as `prepare` orders the rows."""
-        if self.overlap and len(chunks) > 1 and not all_rows:
+        if self.overlaps(chunks, all_rows):
             micro = [self.prepare(group) for group in self.split_in_two(chunks)]
             return torch.cat(self.model.forward_overlapped(micro, self.kv_caches))
         return self.model.forward(self.prepare(chunks, all_rows), self.kv_caches)

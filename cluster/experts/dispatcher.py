@@ -3,10 +3,10 @@ expert under the current placement, makes one round trip per shard through the t
 and sums the returned partial outputs."""
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from moefleet.cluster.engine.load_counters import ExpertLoadCounters
 from moefleet.cluster.experts.transport import ShardWork, Transport
 from moefleet.cluster.placement.placement import Placement
 
@@ -20,9 +20,17 @@ class PendingCombine:
     like: torch.Tensor
 
 
+class RoutingObserver(Protocol):
+    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """expert_ids: int64[T, K], the router's choice for every token row at `layer` this step."""
+        ...
+
+
 class Dispatcher:
-    def __init__(self, placement: Placement, transport: Transport, counters: ExpertLoadCounters | None = None):
-        self.transport, self.counters = transport, counters
+    def __init__(self, placement: Placement, transport: Transport, observers: tuple[RoutingObserver, ...] = ()):
+        """`observers` see every layer's routing before it is dispatched (the load window, the
+        routing recorder)."""
+        self.transport, self.observers = transport, observers
         self.set_placement(placement)
         # fanout[n]: tokens (per MoE layer visit) whose experts lay on n distinct shards.
         self.fanout = [0] * (self.placement.num_experts + 1)
@@ -71,8 +79,8 @@ class Dispatcher:
 
     def start(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> PendingCombine:
         """hidden [T, D], weights/ids [T, K]: send every shard its pairs; returns at once."""
-        if self.counters is not None:
-            self.counters.record(layer, ids)
+        for observer in self.observers:
+            observer.record(layer, ids)
         num_tokens, top_k = ids.shape
         token_index = self._token_of_pairs(num_tokens, top_k)
         flat_ids, flat_weights = ids.flatten(), weights.flatten()
