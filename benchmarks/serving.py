@@ -48,7 +48,12 @@ from collections.abc import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.report import markdown_table, record  # noqa: E402
-from benchmarks.serving_client_metrics import RequestRecord, median_over_rounds, summarize  # noqa: E402
+from benchmarks.serving_client_metrics import (  # noqa: E402
+    RequestRecord,
+    StreamClock,
+    median_over_rounds,
+    summarize,
+)
 from benchmarks.serving_loads import (  # noqa: E402
     Load,
     PlannedRequest,
@@ -68,58 +73,42 @@ async def send(client, model: str, request: PlannedRequest) -> RequestRecord:
     choice (its text may be empty), a gap per later such chunk, the end at the last one. Output
     tokens: the usage the server reports at the end of the stream (stream_options), else the
     forced length when the stream finished on it."""
-    start = time.perf_counter()
-    first = last = None
-    gaps, usage, finish = [], None, None
+    clock, usage, finish = StreamClock(), None, None
     try:
         stream = await client.completions.create(
             model=model, prompt=list(request.prompt_token_ids), max_tokens=request.max_tokens, temperature=0,
             stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         async for chunk in stream:
-            now = time.perf_counter()
             if chunk.choices:
-                if first is None:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
+                clock.chunk()
                 finish = chunk.choices[0].finish_reason or finish
             if chunk.usage is not None:
                 usage = chunk.usage.completion_tokens
     except Exception as error:  # a failed request is a result: counted, its message kept
         return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
-    if first is None:
+    if clock.first is None:
         return RequestRecord(ok=False, error="the stream ended without a token")
     if usage is None and finish != "length":
         return RequestRecord(ok=False, error=f"finished early ({finish}) with no usage to count its tokens")
-    return RequestRecord(ok=True, ttft_s=first - start, chunk_gaps_s=tuple(gaps), e2e_s=last - start,
-                         output_tokens=usage if usage is not None else request.max_tokens)
+    return clock.record(usage if usage is not None else request.max_tokens)
 
 
 async def send_grpc(client, model: str, request: PlannedRequest) -> RequestRecord:
     """`send` through moefleet's gRPC API (GenerateStream), timed the same way: TTFT at the first
     message with tokens, a gap per later one, the output tokens from the last message's usage."""
-    start = time.perf_counter()
-    first = last = None
-    gaps, usage = [], None
+    clock, usage = StreamClock(), None
     try:
         async for message in client.generate_stream(list(request.prompt_token_ids), model=model,
                                                     max_tokens=request.max_tokens, temperature=0, ignore_eos=True):
-            now = time.perf_counter()
             if message.token_ids:
-                if first is None:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
+                clock.chunk()
             if message.finish_reason:
                 usage = message.usage.completion_tokens
     except Exception as error:  # a failed request is a result: counted, its message kept
         return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
-    if first is None or usage is None:
+    if clock.first is None or usage is None:
         return RequestRecord(ok=False, error="the stream ended without a token or without its usage")
-    return RequestRecord(ok=True, ttft_s=first - start, chunk_gaps_s=tuple(gaps), e2e_s=last - start,
-                         output_tokens=usage)
+    return clock.record(usage)
 
 
 def open_client(server: RunningServer, timeout_s: float):
@@ -298,7 +287,8 @@ def render(loads: list[Load], medians: dict[str, dict[str, dict]], engine: dict 
                 good = m["goodput_per_s"] / peer["goodput_per_s"] if peer["goodput_per_s"] else None
                 ratio = (f"**{tokens:.2f}x** tok/s" if tokens else "-") + (f", {good:.2f}x goodput" if good else "")
             elif name == "moefleet-grpc" and "moefleet" in per_server and per_server["moefleet"]["output_tokens_per_s"]:
-                ratio = f"gRPC / HTTP {m['output_tokens_per_s'] / per_server['moefleet']['output_tokens_per_s']:.2f}x tok/s"
+                http = per_server["moefleet"]["output_tokens_per_s"]
+                ratio = f"gRPC / HTTP {m['output_tokens_per_s'] / http:.2f}x tok/s"
             rows.append([load.label, name, f"{m['output_tokens_per_s']:.0f}", f"{m['requests_per_s']:.2f}",
                          f"{m['goodput_per_s']:.2f}", triple(m["ttft_s"], 1000, 0), triple(m["itl_s"], 1000, 1),
                          triple(m["e2e_s"], 1, 2),
@@ -350,7 +340,8 @@ def describe(args, loads: list[Load], engine_load: Load | None, plotted: bool) -
         "Every server through its OpenAI HTTP API: streaming `/v1/completions` with token-id prompts, greedy, "
         "`ignore_eos` (outputs forced to their length), from one AsyncOpenAI client in another process on the same "
         "machine; `moefleet-grpc` is the same `moefleet serve` through its gRPC API (GenerateStream, from "
-        "`moefleet.client.AsyncClient`), its ratio against moefleet over HTTP. Concurrency and Poisson loads: prompts of {args.prompt_len} tokens, {args.output_len} output "
+        "`moefleet.client.AsyncClient`), its ratio against moefleet over HTTP. "
+        f"Concurrency and Poisson loads: prompts of {args.prompt_len} tokens, {args.output_len} output "
         f"tokens; a concurrency-C load sends max({args.min_requests}, {args.requests_per_slot}C) requests, each "
         f"Poisson rate {args.poisson_requests}."]
     if args.trace:

@@ -14,7 +14,8 @@ client saw of each request (pure functions).
 """
 
 import statistics
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +34,29 @@ class RequestRecord:
     @property
     def tpot_s(self) -> float:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+
+
+@dataclass
+class StreamClock:
+    """Times one streamed request as the client sees it: started when made, `chunk()` at each
+    streamed chunk with output (the first gives TTFT, each later one a gap), `record()` at the end."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+    gaps: list[float] = field(default_factory=list)
+
+    def chunk(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+
+    def record(self, output_tokens: int) -> RequestRecord:
+        return RequestRecord(ok=True, ttft_s=self.first - self.start, chunk_gaps_s=tuple(self.gaps),
+                             e2e_s=self.last - self.start, output_tokens=output_tokens)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:

@@ -13,12 +13,14 @@ their layers interleave two row spaces."""
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from moefleet.cluster.engine.scheduler import ScheduledChunk
+from moefleet.cluster.routing.trace import RoutingEvent
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,10 @@ class RecordedTokens:
     tokens: np.ndarray
     experts: np.ndarray
 
-    def events(self) -> list[dict]:
-        """The routing trace's lines: {"seq", "pos", "token", "layer", "experts"}, one per token and layer."""
-        return [{"seq": rid, "pos": int(pos), "token": int(token), "layer": layer,
-                 "experts": [int(e) for e in experts if e >= 0]}
+    def events(self, seq_of: Callable[[str], str | int] = str) -> list[RoutingEvent]:
+        """The routing trace's events (cluster/routing/trace.py), one per token and layer reached;
+        `seq_of(request_id)` names the sequence."""
+        return [RoutingEvent(seq_of(rid), int(pos), int(token), layer, tuple(int(e) for e in experts if e >= 0))
                 for rid, pos, token, path in zip(self.request_ids, self.positions, self.tokens, self.experts)
                 for layer, experts in enumerate(path) if (experts >= 0).any()]
 

@@ -66,7 +66,9 @@ class ReplicaPool:
         self.lost: set[str] = set()  # replicas whose process died under a request; never routed to again
         self.failover_wait_s = 10.0  # how long a request that lost its replica waits for another to serve
         self.max_outstanding_tokens = max_outstanding_tokens
-        self.locality = locality  # optional replica_id -> score in [0, 1] (speculative scheduling hook)
+        # Optional request -> {replica_id: share of its predicted expert activations on that replica's
+        # node} (request shuffling, speculative scheduling), or None where nothing is predicted.
+        self.locality = locality
 
     def set_handles(self, handles: list) -> None:
         """The replicas now serving; a replica already known keeps its handle (and its channel)."""
@@ -85,7 +87,8 @@ class ReplicaPool:
     def pick(self, request: GenerateRequest):
         ids = list(self.handles)
         loads = [ReplicaLoad(rid, self.outstanding[rid], rid in self.draining) for rid in ids]
-        chosen = choose_replica(loads, prefix_key(request), locality=self.locality)
+        locality = self.locality(request) if self.locality is not None else None
+        chosen = choose_replica(loads, prefix_key(request), locality=locality)
         if chosen < 0:
             raise DrainingError("every replica is draining")
         if loads[chosen].outstanding_tokens >= self.max_outstanding_tokens:

@@ -96,13 +96,15 @@ def test_cluster_never_imports_actors_or_entry_points():
     assert {m: b for m, b in broken.items() if b} == {}
 
 
-def test_placement_and_policies_import_only_numpy_and_the_standard_library():
-    pure = under("moefleet.cluster.placement") + [m for m in under("moefleet.autoscaler") if m.endswith("_rule")]
+def test_placement_routing_and_policies_import_only_numpy_and_the_standard_library():
+    pure_packages = ("moefleet.cluster.placement", "moefleet.cluster.routing")
+    pure = [m for package in pure_packages for m in under(package)]
+    pure += [m for m in under("moefleet.autoscaler") if m.endswith("_rule")]
     allowed = set(sys.stdlib_module_names) | {"numpy"}
     broken = {}
     for module in pure:
         bad = [name for name in imports_of(module)
-               if name.split(".")[0] not in allowed and not name.startswith("moefleet.cluster.placement")]
+               if name.split(".")[0] not in allowed and not name.startswith(pure_packages)]
         if bad:
             broken[module] = sorted(bad)
     assert broken == {}

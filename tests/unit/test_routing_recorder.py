@@ -47,8 +47,8 @@ def test_sampling_takes_every_stride_th_token_with_its_whole_path(engines):
         for request_id, position, token in zip(r.request_ids, r.positions, r.tokens):
             assert sequences[request_id][position] == token
     events = recorded[0].events()
-    assert {e["layer"] for e in events} == set(range(len(llm.engine.spec.moe_layer_indices)))
-    assert all(len(e["experts"]) == llm.engine.spec.moe.top_k for e in events)
+    assert {e.layer for e in events} == set(range(len(llm.engine.spec.moe_layer_indices)))
+    assert all(len(e.experts) == llm.engine.spec.moe.top_k for e in events)
 
 
 def test_the_buffer_keeps_the_newest_tokens_and_counts_the_dropped(engines):
