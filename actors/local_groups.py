@@ -164,6 +164,9 @@ class LocalReplicaGroup:
     def load_window(self, replica_id: str) -> list[list[int]]:
         return self._replica(replica_id).load_window()
 
+    def routing_sample(self, replica_id: str) -> list:
+        return self._replica(replica_id).routing_sample()
+
     def drain(self, replica_id: str) -> None:
         self._replica(replica_id).drain()
 

@@ -114,6 +114,9 @@ class RayReplicaGroup:
     def load_window(self, replica_id: str) -> list[list[int]]:
         return ray.get(self._actors[replica_id].load_window.remote(), timeout=5)
 
+    def routing_sample(self, replica_id: str) -> list:
+        return ray.get(self._actors[replica_id].routing_sample.remote(), timeout=5)
+
     def drain(self, replica_id: str) -> None:
         ray.get(self._actors[replica_id].drain.remote(), timeout=30)
 

@@ -18,6 +18,7 @@ from moefleet.cluster.engine.llm_engine import LLMEngine
 from moefleet.cluster.engine.metrics import replica_registry
 from moefleet.cluster.engine.output_channel import OutputChannel
 from moefleet.cluster.engine.output_socket import OutputListener
+from moefleet.cluster.engine.routing_recorder import RecordedTokens
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.experts.backend import ExpertBackend, ExpertSource, uses_remote_shards
 from moefleet.cluster.experts.remote_backend import OwnedShardActors
@@ -189,6 +190,10 @@ class Replica:
     def load_window(self) -> list[list[int]]:
         """Tokens per expert per MoE layer over the load window (for the controller)."""
         return self.engine.engine.load.window().tolist()
+
+    def routing_sample(self) -> list[RecordedTokens]:
+        """The routing recorded since the last call (for the controller's affinity model)."""
+        return self.engine.engine.routing.take()
 
     def drain(self) -> None:
         """Take no new requests; those in flight finish."""

@@ -35,6 +35,11 @@ class ControllerOptions(BaseModel):
                                                         "them: a change's control calls are spread over several engine "
                                                         "steps instead of stalling one (0: all shards at once).")
     monitor_interval_s: float = Field(1.0, gt=0, description="How often replicas are checked and load is sampled.")
+    affinity_max_tokens: int = Field(
+        8192, gt=0, description="Token ids the affinity model (learned from the replicas' sampled routing) keeps; "
+        "its state in the store grows with it, about 112 bytes per token and MoE layer at top-8.")
+    affinity_save_interval_s: float = Field(30.0, ge=0, description="How often the affinity model is saved to the "
+                                            "state store while it learns (a restarted controller carries on).")
     replace_lost_replicas: bool = Field(True, description="Start a new replica when one dies, to keep the count.")
 
     @model_validator(mode="after")

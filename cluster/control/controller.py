@@ -41,6 +41,7 @@ from moefleet.cluster.placement.epoch_record import EpochRecord
 from moefleet.cluster.placement.placement import Placement, placement_to_dict, round_robin_placement
 from moefleet.cluster.placement.planner import imbalance, plan_placement, scale_limits
 from moefleet.cluster.placement.staging_plan import layout_epochs
+from moefleet.cluster.routing.affinity import AffinityModel
 from moefleet.models.spec import load_spec
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class Controller:
         self.events: deque[str] = deque(maxlen=200)
         self._stopped = threading.Event()
         self.incarnation = uuid.uuid4().hex[:8]  # tells a restarted controller from the one before
+        self.affinity = self._affinity_model()
+        self._affinity_saved_at = 0.0
         self.recovered = self._recover()
 
     # ----- state store -----
@@ -116,6 +119,39 @@ class Controller:
         log.info("controller: %s %s", action, details)
         # The decision log is best effort; the change itself was committed or refused.
         self._best_effort(self.store.log_decision, {"at": time.time(), "action": action, **details})
+
+    # ----- the affinity model (speculative scheduling) -----
+    def _affinity_model(self) -> AffinityModel:
+        """The store's model when it has one for this model's shape (a restarted controller
+        carries on learning), else a new one."""
+        state = self._store(self.store.affinity)
+        layers, top_k = len(self.moe_layers), self.spec.moe.top_k
+        if state is not None:
+            try:
+                model = AffinityModel.from_state(state)
+                if (model.num_layers, model.num_experts, model.top_k) == (layers, self.num_experts, top_k):
+                    return model
+                log.warning("the stored affinity model is for another model's shape: starting a new one")
+            except ValueError as e:
+                log.warning("the stored affinity model is unreadable (%s): starting a new one", e)
+        return AffinityModel(layers, self.num_experts, top_k, max_tokens=self.config.affinity_max_tokens)
+
+    def _learn_routing(self, now: float) -> int:
+        """Feed the replicas' sampled routing to the affinity model; saved to the store at most
+        every affinity_save_interval_s. Returns the token occurrences learned."""
+        learned = 0
+        for rid in list(self.replica_ids):
+            try:
+                sample = self.replica_group.routing_sample(rid)
+            except Exception:  # a replica that does not answer is the monitor's to handle
+                continue
+            for recorded in sample:
+                self.affinity.observe(recorded.tokens, recorded.experts)
+                learned += len(recorded.tokens)
+        if learned and now - self._affinity_saved_at >= self.config.affinity_save_interval_s:
+            self._best_effort(self.store.put_affinity, self.affinity.state())
+            self._affinity_saved_at = now
+        return learned
 
     # ----- recovery -----
     def _recover(self) -> bool:
@@ -404,8 +440,8 @@ class Controller:
 
     def check(self, now: float) -> None:
         """One monitoring round at wall-clock time `now`: drop dead replicas (and start
-        replacements), retire drained ones, sample the imbalance, rebalance when the rule says
-        so, heartbeat into the store."""
+        replacements), retire drained ones, learn the routing the replicas sampled, sample the
+        imbalance, rebalance when the rule says so, heartbeat into the store."""
         for rid in list(self.replica_ids):
             try:
                 state = self.replica_group.stats(rid)
@@ -414,6 +450,7 @@ class Controller:
                 continue
             if rid in self.draining and state.requests == 0:
                 self._retire_replica(rid)
+        self._learn_routing(now)
         if self.placement is not None and self.replica_ids:
             load = self._collect_load()
             if load.sum() > 0:

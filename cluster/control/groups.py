@@ -7,11 +7,14 @@ over objects in this process (actors/local_groups.py, which its unit tests use).
 Shards and replicas are found by name or id, never by handle: a restarted controller finds the
 ones its predecessor started by the names in the state store's deployment record."""
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from moefleet.cluster.messages import ReplicaState
 from moefleet.cluster.placement.epoch_record import EpochRecord
 from moefleet.cluster.placement.placement import Placement
+
+if TYPE_CHECKING:  # the engine's module imports torch; the seam needs only the name
+    from moefleet.cluster.engine.routing_recorder import RecordedTokens
 
 
 class ShardGroup(Protocol):
@@ -75,6 +78,11 @@ class ReplicaGroup(Protocol):
 
     def load_window(self, replica_id: str) -> list[list[int]]:
         """Tokens per expert per MoE layer over the replica's load window. Raises like stats."""
+        ...
+
+    def routing_sample(self, replica_id: str) -> "list[RecordedTokens]":
+        """The routing the replica's recorder sampled since the last call (taken: each token is
+        handed out once). Raises like stats."""
         ...
 
     def drain(self, replica_id: str) -> None:

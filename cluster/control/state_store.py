@@ -51,6 +51,14 @@ class StateStore(Protocol):
         """Newest first."""
         ...
 
+    def put_affinity(self, state: dict) -> None:
+        """The affinity model's state (AffinityModel.state(): JSON-able)."""
+        ...
+
+    def affinity(self) -> dict | None:
+        """None before the first put_affinity."""
+        ...
+
 
 class InMemoryStore:
     def __init__(self):
@@ -61,6 +69,7 @@ class InMemoryStore:
         self._decisions: list[dict] = []
         self._deployment: DeploymentRecord | None = None
         self._rebalance_state = RebalanceState()
+        self._affinity = None
 
     def epoch(self):
         with self._lock:
@@ -118,11 +127,19 @@ class InMemoryStore:
         with self._lock:
             return self._rebalance_state
 
+    def put_affinity(self, state):
+        with self._lock:
+            self._affinity = json.loads(json.dumps(state))  # a copy, as Redis would keep it
+
+    def affinity(self):
+        with self._lock:
+            return self._affinity
+
 
 class RedisStore:
     """Keys under `prefix`: epoch (hash: generation, placement), record:deployment (JSON),
     members:<kind> (hash: id -> {expires, info}), load (JSON), policy:rebalance (JSON),
-    decisions (list, newest first, capped)."""
+    decisions (list, newest first, capped), model:affinity (JSON)."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "moefleet", client=None):
         import redis
@@ -202,6 +219,13 @@ class RedisStore:
     def rebalance_state(self):
         raw = self.redis.get(self._key("policy", "rebalance"))
         return RebalanceState() if raw is None else RebalanceState.from_dict(json.loads(raw))
+
+    def put_affinity(self, state):
+        self.redis.set(self._key("model", "affinity"), json.dumps(state))
+
+    def affinity(self):
+        raw = self.redis.get(self._key("model", "affinity"))
+        return None if raw is None else json.loads(raw)
 
 
 def store_from_url(url: str | None, prefix: str = "moefleet"):

@@ -82,3 +82,20 @@ def test_rebalance_state_outlives_the_controller_that_wrote_it(store):
     store.put_rebalance_state(state)
     assert store.rebalance_state() == state
     assert store.rebalance_state().samples == ((1_700_000_001.25, 1.75),)
+
+
+def test_the_affinity_model_outlives_the_controller_that_wrote_it(store):
+    """What a controller saves of its affinity model comes back, predicting the same."""
+    import numpy as np
+
+    from moefleet.cluster.routing.affinity import AffinityModel
+
+    assert store.affinity() is None
+    model = AffinityModel(num_layers=2, num_experts=8, top_k=2)
+    model.observe(np.array([3, 3, 4]), np.array([[[0, 1], [2, 3]], [[0, 1], [2, 3]], [[5, 6], [7, 0]]]))
+    store.put_affinity(model.state())
+    back = AffinityModel.from_state(store.affinity())
+    tokens = np.array([3, 4, 9])
+    for layer in range(2):
+        assert [a.tolist() for a in back.predict(tokens, layer)] == [a.tolist() for a in model.predict(tokens, layer)]
+    assert back.num_observed == 3

@@ -221,3 +221,42 @@ def test_replicas_with_their_own_experts_change_placement_through_the_controller
     assert late.engine.engine.placement == controller.placement
     assert asyncio.run(serve_on_both()) == expected
     assert asyncio.run(collect_tokens(late, prompts[2], GREEDY)) == expected[2]
+
+
+def test_the_controller_learns_routing_and_a_restarted_one_keeps_it(deployment, model_dir, tmp_path):
+    """The replicas' sampled routing feeds the controller's affinity model, which is saved to the
+    state store (a real redis-server) and reloaded by a restarted controller."""
+    import numpy as np
+
+    from moefleet.actors.local_groups import local_controller
+    from moefleet.cluster.control.state_store import RedisStore
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        store = RedisStore(server.url, prefix="affinity-test")
+        first = deployment(store, affinity_save_interval_s=0.0)
+        first.start(1)
+        replica = first.replica_group.handle("replica-0")
+        replica.engine.engine.routing = _every_token_recorder(replica)
+        replica.engine.engine.dispatcher.observers = (replica.engine.engine.load, replica.engine.engine.routing)
+        prompt = [11, 12, 13, 11, 12, 13, 11, 12]
+        asyncio.run(collect_tokens(replica, prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
+        first.check(time.time())
+        assert first.affinity.num_observed == len(prompt) + 3  # every token run: the prompt and 3 fed outputs
+        assert store.affinity() is not None
+        second = local_controller(first.config, store, first.shard_group, first.replica_group)
+        assert second.affinity.num_observed == first.affinity.num_observed
+        tokens = np.array(prompt)
+        for layer in range(first.affinity.num_layers):
+            assert [a.tolist() for a in second.affinity.predict(tokens, layer)] == \
+                [a.tolist() for a in first.affinity.predict(tokens, layer)]
+    finally:
+        server.stop()
+
+
+def _every_token_recorder(replica):
+    from moefleet.cluster.engine.routing_recorder import RoutingRecorder
+
+    spec = replica.engine.engine.spec
+    return RoutingRecorder(spec.moe_layer_indices, spec.moe.top_k, 1.0)
