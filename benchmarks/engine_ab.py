@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.engine_throughput import prompts_for, run_moefleet  # noqa: E402
 from benchmarks.report import markdown_table, record  # noqa: E402
+from benchmarks.turns import median  # noqa: E402
 
 
 def export_revision(rev: str, into: str) -> str:
@@ -77,10 +78,6 @@ def run_side(tree: str, farm: str, model: str, args) -> dict:
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"worker on {tree} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.engine_throughput import prompts_for  # noqa: E402
 from benchmarks.report import markdown_table, record  # noqa: E402
+from benchmarks.turns import medians_in_turns  # noqa: E402
 
 
 async def per_token_objects(actor, request):
@@ -81,15 +82,13 @@ def main() -> None:
     rows = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         prompts = prompts_for(vocab, max(args.requests, concurrency), args.prompt_len, seed=concurrency)
-        results = {name: [] for name in transports}
-        for round_ in range(args.rounds):
-            order = list(transports) if round_ % 2 == 0 else list(reversed(transports))
-            for name in order:
-                requests = [GenerateRequest(prompt_token_ids=p, sampling_params=params) for p in prompts]
-                results[name].append(asyncio.run(run_load(transports[name], requests, concurrency)))
-                print(f"  concurrency {concurrency}, round {round_ + 1}: {name} {results[name][-1]:.0f} tokens/s",
-                      file=sys.stderr, flush=True)
-        medians = {name: sorted(v)[len(v) // 2] for name, v in results.items()}
+
+        def load(stream):
+            requests = [GenerateRequest(prompt_token_ids=p, sampling_params=params) for p in prompts]
+            return lambda: asyncio.run(run_load(stream, requests, concurrency))
+
+        medians = medians_in_turns({name: load(stream) for name, stream in transports.items()}, args.rounds,
+                                   f"concurrency {concurrency}, tokens/s")
         base = medians["per-token objects"]
         rows.append([concurrency, *(f"{m:.0f}" for m in medians.values()),
                      f"**{medians['actor call per step'] / base:.2f}x**", f"**{medians['socket'] / base:.2f}x**",

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.engine_throughput import prompts_for  # noqa: E402
 from benchmarks.report import markdown_table, record  # noqa: E402
+from benchmarks.turns import medians_in_turns  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +31,6 @@ def main() -> None:
 
     from moefleet import LLM, SamplingParams
     from moefleet.cluster.config.engine_config import EngineConfig
-    from moefleet.cluster.engine.routing_recorder import RoutingRecorder
     from moefleet.models.init_model import default_model_dir
 
     model = args.model or default_model_dir("mixtral", "tiny")
@@ -40,29 +40,24 @@ def main() -> None:
     engine, spec = llm.engine, llm.engine.spec
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
 
-    def use(rate: float) -> None:
-        engine.routing = RoutingRecorder(spec.moe_layer_indices, spec.moe.top_k, rate)
-        engine.dispatcher.observers = (engine.load, engine.routing)
-
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = [{"prompt_token_ids": p} for p in prompts_for(spec.vocab_size, batch, args.prompt_len, seed=batch)]
         llm.generate(prompts, params)  # warm-up of this shape
-        results = {name: [] for name in rates}
-        for round_ in range(args.rounds):
-            order = list(rates) if round_ % 2 == 0 else list(reversed(rates))
-            for name in order:
-                use(rates[name])
+
+        def at(rate: float):
+            def tokens_per_s() -> float:
+                engine.record_routing(rate)
                 start = time.perf_counter()
                 outputs = llm.generate(prompts, params)
-                elapsed = time.perf_counter() - start
-                results[name].append(sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
-                engine.routing.take()
-        medians = {name: sorted(v)[len(v) // 2] for name, v in results.items()}
+                return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+            return tokens_per_s
+
+        medians = medians_in_turns({name: at(rate) for name, rate in rates.items()}, args.rounds,
+                                   f"batch {batch}, tokens/s")
         off = medians["off"]
         rows.append([batch, *(f"{m:.0f}" for m in medians.values()),
                      *(f"**{medians[name] / off:.3f}**" for name in list(rates)[1:])])
-        print(f"  batch {batch}: " + ", ".join(f"{k} {v:.0f}" for k, v in medians.items()), file=sys.stderr, flush=True)
     table = markdown_table(["batch", *(f"{name} tokens/s" for name in rates),
                             *(f"{name} / off" for name in list(rates)[1:])], rows)
     note = (f"Tiny Mixtral in this process ({os.path.basename(model)}, default torch threads), greedy, prompt "

@@ -61,8 +61,8 @@ class LLMEngine:
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(config.num_threads or max(1, cores - self.experts.threads_used_on_this_node()))
         self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
-        self.routing = RoutingRecorder(spec.moe_layer_indices, spec.moe.top_k, config.routing_sample_rate)
-        self.dispatcher = Dispatcher(self.placement, self.experts.transport, (self.load, self.routing))
+        self.dispatcher = Dispatcher(self.placement, self.experts.transport)
+        self.record_routing(config.routing_sample_rate)
         self.model = MoEDecoder(reader, spec, self.dispatcher)
         self.tokenizer = Tokenizer(config.model)
         cpu_ops()  # build or load the CPU kernels now, not inside the first request
@@ -78,6 +78,12 @@ class LLMEngine:
         self.num_steps = 0
 
     # ----- requests -----
+    def record_routing(self, sample_rate: float, capacity_tokens: int = 65536) -> None:
+        """Record the router's choices of `sample_rate` of the tokens from the next step on, into a
+        new recorder (`self.routing`) that keeps at most `capacity_tokens` untaken."""
+        self.routing = RoutingRecorder(self.spec.moe_layer_indices, self.spec.moe.top_k, sample_rate, capacity_tokens)
+        self.dispatcher.observers = (self.load, self.routing)
+
     def make_sequence(self, prompt, params: SamplingParams, request_id: str | None = None,
                       resume_token_ids: list[int] | None = None) -> Sequence:
         """Validate and tokenize a prompt (a string or {"prompt_token_ids": [...]}). With

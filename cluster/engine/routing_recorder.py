@@ -57,7 +57,6 @@ class RoutingRecorder:
         self._buffered = 0
         self._lock = threading.Lock()  # the engine thread fills the buffer, a caller's thread takes it
         self.dropped_tokens = 0
-        self.recorded_tokens = 0
 
     def begin_step(self, chunks: list[ScheduledChunk], sampled: bool = True) -> None:
         """Pick this step's sampled rows (rows follow chunk order, as ModelRunner.prepare lays
@@ -107,7 +106,6 @@ class RoutingRecorder:
         with self._lock:
             self._buffer.append(RecordedTokens(request_ids, positions, tokens, experts))
             self._buffered += len(request_ids)
-            self.recorded_tokens += len(request_ids)
             while self._buffered > self.capacity_tokens and len(self._buffer) > 1:
                 old = self._buffer.popleft()
                 self._buffered -= len(old.request_ids)

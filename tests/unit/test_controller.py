@@ -238,8 +238,7 @@ def test_the_controller_learns_routing_and_a_restarted_one_keeps_it(deployment, 
         first = deployment(store, affinity_save_interval_s=0.0)
         first.start(1)
         replica = first.replica_group.handle("replica-0")
-        replica.engine.engine.routing = _every_token_recorder(replica)
-        replica.engine.engine.dispatcher.observers = (replica.engine.engine.load, replica.engine.engine.routing)
+        replica.engine.engine.record_routing(1.0)
         prompt = [11, 12, 13, 11, 12, 13, 11, 12]
         asyncio.run(collect_tokens(replica, prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
         first.check(time.time())
@@ -253,10 +252,3 @@ def test_the_controller_learns_routing_and_a_restarted_one_keeps_it(deployment, 
                 [a.tolist() for a in first.affinity.predict(tokens, layer)]
     finally:
         server.stop()
-
-
-def _every_token_recorder(replica):
-    from moefleet.cluster.engine.routing_recorder import RoutingRecorder
-
-    spec = replica.engine.engine.spec
-    return RoutingRecorder(spec.moe_layer_indices, spec.moe.top_k, 1.0)

@@ -52,12 +52,10 @@ def test_sampling_takes_every_stride_th_token_with_its_whole_path(engines):
 
 
 def test_the_buffer_keeps_the_newest_tokens_and_counts_the_dropped(engines):
-    from moefleet.cluster.engine.routing_recorder import RoutingRecorder
-
     llm = engines("mixtral", routing_sample_rate=1.0)
     spec = llm.engine.spec
-    small = RoutingRecorder(spec.moe_layer_indices, spec.moe.top_k, 1.0, capacity_tokens=20)
-    llm.engine.routing, llm.engine.dispatcher.observers = small, (llm.engine.load, small)
+    llm.engine.record_routing(1.0, capacity_tokens=20)
+    small = llm.engine.routing
     prompts = random_prompts(spec.vocab_size, [12, 12, 12], seed=5)
     for p in prompts:
         llm.generate([{"prompt_token_ids": p}], SamplingParams(temperature=0, max_tokens=1))
