@@ -10,6 +10,7 @@ it and the controller replaces it, as on Ray."""
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
@@ -29,8 +30,11 @@ from moefleet.cluster.placement.staging_plan import peer_sources
 
 
 class LocalShardGroup:
-    def __init__(self, engine: EngineConfig):
-        self.engine = engine
+    """`virtual_nodes`: node ids to report, shard index i on virtual_nodes[i % n] (tests of locality
+    on one machine); default: every shard on "local", with its replicas."""
+
+    def __init__(self, engine: EngineConfig, virtual_nodes: list[str] | None = None):
+        self.engine, self.virtual_nodes = engine, virtual_nodes
         self.hosts: dict[str, ExpertShardHost] = {}  # name -> host
 
     def start(self, names: list[str], indices: list[int], placement: Placement | None) -> None:
@@ -50,6 +54,11 @@ class LocalShardGroup:
 
     def alive(self, names: list[str]) -> bool:
         return all(name in self.hosts for name in names)
+
+    def nodes(self, names: list[str]) -> list[str]:
+        if not self.virtual_nodes:
+            return ["local" for _ in names]  # every host lives in this process, as its replicas do
+        return [self.virtual_nodes[self.hosts[name].shard_id % len(self.virtual_nodes)] for name in names]
 
     def stage(self, old_names: list[str], new_names: list[str], old: Placement | None, new: Placement,
               lost: set[int], from_peers: bool, pace_s: float) -> list[dict]:
@@ -159,7 +168,9 @@ class LocalReplicaGroup:
         return asyncio.run(every())
 
     def stats(self, replica_id: str) -> ReplicaState:
-        return self._replica(replica_id).stats()
+        state = self._replica(replica_id).stats()
+        nodes = self.shards.virtual_nodes  # replica-n on the node of shard n, the shards' numbering
+        return replace(state, node_id=nodes[int(replica_id.rsplit("-", 1)[-1]) % len(nodes)]) if nodes else state
 
     def load_window(self, replica_id: str) -> list[list[int]]:
         return self._replica(replica_id).load_window()

@@ -51,6 +51,10 @@ class RayShardGroup:
             return False
         return True
 
+    def nodes(self, names: list[str]) -> list[str]:
+        infos = ray.get([control(self._actors[name], "info").remote() for name in names], timeout=ALIVE_TIMEOUT_S)
+        return [info["node_id"] for info in infos]
+
     def stage(self, old_names: list[str], new_names: list[str], old: Placement | None, new: Placement,
               lost: set[int], from_peers: bool, pace_s: float) -> list[dict]:
         old_actors = [self._actors.get(name) for name in old_names]  # a lost one may have no handle
@@ -81,10 +85,17 @@ class RayReplicaGroup:
         experts = ControllerShards(record) if record.shards else None
         on_shard_lost = ControllerShardReport(self.controller_name, engine.shard_start_timeout_s) if record.shards else None
         cls = remote_replica_class()
-        started = {rid: cls.options(name=_actor_name(rid), lifetime="detached", num_cpus=0).remote(
+        started = {rid: cls.options(**self._options(rid)).remote(
             rid, engine, self.config.max_waiting, self.config.model_id, experts, on_shard_lost) for rid in replica_ids}
         ray.get([actor.ready.remote() for actor in started.values()])  # model loaded, engine loop running
         self._actors.update(started)
+
+    def _options(self, replica_id: str) -> dict:
+        options = {"name": _actor_name(replica_id), "lifetime": "detached", "num_cpus": 0}
+        resources = self.config.replica_resources
+        if resources:  # cycled by the replica's number, which is never reused
+            options["resources"] = resources[int(replica_id.rsplit("-", 1)[-1]) % len(resources)]
+        return options
 
     def attach(self, replica_id: str) -> bool:
         try:

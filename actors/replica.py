@@ -54,6 +54,7 @@ class Replica:
         self.model_id = model_id or os.path.basename(os.path.normpath(engine.model))
         self.channels: dict[str, OutputChannel] = {}  # gateway channel id -> its output channel (actor calls)
         self._listener: OutputListener | None = None  # gateways' output sockets, opened on first ask
+        self.node_id = _node_id()
 
     def ready(self) -> str:
         return self.replica_id
@@ -130,7 +131,8 @@ class Replica:
         engine = self.engine.engine
         return ReplicaState(replica_id=self.replica_id, status="draining" if self.engine.draining else "serving",
                             running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting),
-                            requests=self.engine.num_requests(), outstanding_tokens=self.engine.outstanding_tokens())
+                            requests=self.engine.num_requests(), outstanding_tokens=self.engine.outstanding_tokens(),
+                            node_id=self.node_id)
 
     def state(self) -> ReplicaSnapshot:
         """Replica, shard and per-expert load state for the Admin API."""
@@ -204,6 +206,13 @@ class Replica:
         if self._listener is not None:
             self._listener.close()
         self.engine.engine.close()
+
+
+def _node_id() -> str:
+    """The Ray node this replica runs on ("local" outside Ray, as for shards in the replica's process)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def _node_address() -> str:

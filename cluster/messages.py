@@ -81,6 +81,7 @@ class ReplicaState:
     waiting: int
     requests: int
     outstanding_tokens: int
+    node_id: str = "local"  # the Ray node it runs on ("local": not inside Ray)
 
 
 @dataclass(frozen=True)

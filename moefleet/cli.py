@@ -83,7 +83,8 @@ def _serve(args) -> int:
         "model": args.model, "host": args.host, "grpc_port": args.grpc_port, "http_port": args.http_port,
         "replicas": args.replicas, "gateways": args.gateways, "expert_shards": args.expert_shards,
         "state_store": args.state_store, "admin_token_file": args.admin_token_file,
-        "tls_cert": args.tls_cert, "tls_key": args.tls_key})
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "initial_placement": args.placement,
+        "ray_address": args.ray_address})
     return run_serve(config)
 
 
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-token-file", help="file with admin tokens (else MOEFLEET_ADMIN_TOKEN, else one is made)")
     serve.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key): TLS on both ports")
     serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument("--placement", help="start the expert shards from this placement JSON (moefleet routing plan "
+                                           "--out); --expert-shards must match its shard count")
+    serve.add_argument("--ray-address", help="join this Ray cluster ('auto': the one this node belongs to) instead "
+                                             "of starting a local one")
     serve.set_defaults(func=_serve)
 
     config = sub.add_parser("config", help="configuration tools (the JSON schema of cluster.yaml)",

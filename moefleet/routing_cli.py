@@ -119,45 +119,6 @@ def _positive(value: int | None, flag: str) -> None:
         raise ValueError(f"{flag} must be >= 1, got {value}")
 
 
-def load_placement_file(path: str):
-    """(Placement, shard_nodes tuple or None) from a placement JSON file."""
-    from moefleet.cluster.placement.placement import placement_from_dict
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: file not found") from None
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
-    try:
-        placement = placement_from_dict(data)
-        placement.validate()
-    except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as e:
-        raise ValueError(f"{path}: not a placement ({type(e).__name__}: {e})") from None
-    nodes = data.get("shard_nodes")
-    if nodes is None:
-        return placement, None
-    if (not isinstance(nodes, list) or len(nodes) != placement.num_shards
-            or not all(type(n) is int and n >= 0 for n in nodes)):
-        raise ValueError(f"{path}: shard_nodes must give each of the {placement.num_shards} shards a node >= 0")
-    return placement, tuple(nodes)
-
-
-def save_placement_file(path: str, placement, shard_nodes: tuple[int, ...]) -> None:
-    from moefleet.cluster.placement.placement import placement_to_dict
-
-    data = placement_to_dict(placement)
-    data["shard_nodes"] = list(shard_nodes)
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data) + "\n")
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror or e}") from None
-
-
 def _parse_layers(text: str) -> list[int]:
     """'3-60' or '1,3,5' or '0,3-5' -> sorted layer indices."""
     layers = set()
@@ -275,6 +236,8 @@ def _plan(args) -> int:
         seq, _, paths = trace.paths()
         stats = RoutingStats.from_paths(seq, paths, experts)
         placement = plan_affinity_placement(stats, None, shard_nodes, limits)
+    from moefleet.cluster.placement.placement_file import save_placement_file
+
     save_placement_file(args.out, placement, shard_nodes)
     copies = sum(len(held) for per_shard in placement.shard_experts.values() for held in per_shard)
     extra = copies - len(layers) * experts
@@ -295,6 +258,8 @@ def _eval(args) -> int:
 
     _positive(args.nodes, "--nodes")
     _positive(args.prompt_tokens, "--prompt-tokens")
+    from moefleet.cluster.placement.placement_file import load_placement_file
+
     placement, file_nodes = load_placement_file(args.placement)
     shards = placement.num_shards
     if args.nodes is not None and args.nodes > shards:

@@ -3,6 +3,8 @@ a deployment's cluster.yaml says about its controller; `ServeConfig` takes the s
 each has one name and one default, and `ControllerConfig` adds what `moefleet serve` fills in:
 the engine every replica runs and the model's name."""
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moefleet.autoscaler.rebalance_config import AutoRebalance
@@ -41,6 +43,24 @@ class ControllerOptions(BaseModel):
     affinity_save_interval_s: float = Field(30.0, ge=0, description="How often the affinity model is saved to the "
                                             "state store while it learns (a restarted controller carries on).")
     replace_lost_replicas: bool = Field(True, description="Start a new replica when one dies, to keep the count.")
+    replica_resources: list[dict[str, float]] | None = Field(
+        None, description="Ray resources each replica actor asks for (cycled over the replicas), e.g. "
+        "[{moefleet_replica_slot: 1}] to keep replicas on the nodes that offer that resource (the Helm chart's "
+        "replica group); with engine.shard_resources, which does the same for shards.")
+    placement_objective: Literal["load", "affinity"] = Field(
+        "affinity", description="How rebalancing plans: load balances the observed load alone (EPLB-like); affinity "
+        "also groups experts that the affinity model (learned from sampled routing) predicts are chosen together "
+        "onto one shard and one node, falling back to load until the model has learned enough.")
+    initial_placement: str | None = Field(
+        None, description="A placement JSON (`moefleet routing plan --out`) to start from instead of round robin; "
+                          "its shard count must equal expert_shards.")
+
+    @model_validator(mode="after")
+    def _placement_needs_shards(self):
+        if self.initial_placement and not self.expert_shards:
+            raise ValueError(f"initial_placement ({self.initial_placement}) places the controller's expert shards, but "
+                             f"expert_shards is {self.expert_shards}")
+        return self
 
     @model_validator(mode="after")
     def _standby_needs_shards(self):

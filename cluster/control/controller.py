@@ -34,12 +34,16 @@ from moefleet.autoscaler.rebalance_rule import rebalance_due
 from moefleet.cluster.config.controller_config import ControllerConfig
 from moefleet.cluster.control.groups import ReplicaGroup, ShardGroup
 from moefleet.cluster.control.records import DeploymentRecord, RebalanceState
+from moefleet.cluster.control.speculation import GatewayLocality, Speculation, Topology
 from moefleet.cluster.control.state_store import StateStore
 from moefleet.cluster.errors import ControlUnavailableError, InvalidRequestError
 from moefleet.cluster.experts.backend import initial_placement
+from moefleet.cluster.placement.affinity_planner import plan_affinity_placement
 from moefleet.cluster.placement.epoch_record import EpochRecord
 from moefleet.cluster.placement.placement import Placement, placement_to_dict, round_robin_placement
+from moefleet.cluster.placement.placement_file import load_placement_file, on_model_layers, relabel_layers
 from moefleet.cluster.placement.planner import imbalance, plan_placement, scale_limits
+from moefleet.cluster.placement.routing_stats import RoutingStats
 from moefleet.cluster.placement.staging_plan import layout_epochs
 from moefleet.cluster.routing.affinity import AffinityModel
 from moefleet.models.spec import load_spec
@@ -81,8 +85,12 @@ class Controller:
         self.events: deque[str] = deque(maxlen=200)
         self._stopped = threading.Event()
         self.incarnation = uuid.uuid4().hex[:8]  # tells a restarted controller from the one before
-        self.affinity = self._affinity_model()
+        self.speculation = Speculation(self._affinity_model(), row_bytes=spec.hidden_size * 4)
         self._affinity_saved_at = 0.0
+        # Recent sampled routing paths (request ordinal, experts[L, K]): what grouping plans from.
+        self._recent_paths: deque[tuple[str, np.ndarray]] = deque(maxlen=config.affinity_max_tokens)
+        self._shard_node_ids: list[str] = []
+        self._replica_node_ids: dict[str, str] = {}
         self.recovered = self._recover()
 
     # ----- state store -----
@@ -136,22 +144,61 @@ class Controller:
                 log.warning("the stored affinity model is unreadable (%s): starting a new one", e)
         return AffinityModel(layers, self.num_experts, top_k, max_tokens=self.config.affinity_max_tokens)
 
+    @property
+    def affinity(self) -> AffinityModel:
+        return self.speculation.model
+
+    def topology(self) -> Topology:
+        if len(self._shard_node_ids) != len(self.shard_names):  # recovered: not asked yet
+            self._shard_node_ids = self._shard_nodes(list(self.shard_names))
+        return Topology.from_ids(self._shard_node_ids, dict(self._replica_node_ids))
+
     def _learn_routing(self, now: float) -> int:
-        """Feed the replicas' sampled routing to the affinity model; saved to the store at most
-        every affinity_save_interval_s. Returns the token occurrences learned."""
-        learned = 0
+        """Feed the replicas' sampled routing to the affinity model (scoring its predictions on
+        each sample first); saved to the store at most every affinity_save_interval_s. Returns the
+        token occurrences learned."""
+        learned, topology = 0, self.topology()
         for rid in list(self.replica_ids):
             try:
                 sample = self.replica_group.routing_sample(rid)
             except Exception:  # a replica that does not answer is the monitor's to handle
                 continue
             for recorded in sample:
-                self.affinity.observe(recorded.tokens, recorded.experts)
+                self.speculation.learn(recorded.tokens, recorded.experts, topology.replica_nodes.get(rid),
+                                       self.placement, self.moe_layers, topology)
+                self._recent_paths.extend(zip((f"{rid}/{r}" for r in recorded.request_ids), recorded.experts))
                 learned += len(recorded.tokens)
         if learned and now - self._affinity_saved_at >= self.config.affinity_save_interval_s:
             self._best_effort(self.store.put_affinity, self.affinity.state())
             self._affinity_saved_at = now
         return learned
+
+    def gateway_locality(self) -> GatewayLocality | None:
+        """What gateways shuffle requests by (None: nothing to gain, or nothing learned yet)."""
+        with self.lock:
+            placement = self.placement
+        if placement is None:
+            return None
+        return self.speculation.gateway_locality(placement, self.moe_layers, self.topology(), self.config.engine.model)
+
+    def speculation_gauges(self) -> dict[str, float | None]:
+        return self.speculation.quality.gauges()
+
+    def _plan_rebalance(self, load: np.ndarray, limits) -> tuple[Placement, str]:
+        """The rebalanced placement and how it was planned: grouped by the affinity model's routing
+        when asked for and learned enough, with shards on more than one node; else for load."""
+        topology = self.topology()
+        if (self.config.placement_objective == "affinity" and self.speculation.can_plan() and topology.spans_nodes
+                and self._recent_paths):
+            names = {name: i for i, name in enumerate(dict.fromkeys(seq for seq, _ in self._recent_paths))}
+            seq = np.array([names[name] for name, _ in self._recent_paths])
+            experts = np.stack([path for _, path in self._recent_paths])
+            stats = RoutingStats.from_paths(seq, experts, self.num_experts)
+            ordinal = list(range(len(self.moe_layers)))
+            planned = plan_affinity_placement(stats, relabel_layers(self.placement, ordinal), topology.shard_nodes,
+                                              limits)
+            return relabel_layers(planned, self.moe_layers, self.placement.epoch + 1), "affinity"
+        return plan_placement(load, self.placement, self.moe_layers, limits), "load"
 
     # ----- recovery -----
     def _recover(self) -> bool:
@@ -200,7 +247,11 @@ class Controller:
     def _start_first_epoch(self) -> None:
         """Round robin over the controller's shards, or over the shards each replica keeps in
         process (the placement a replica's engine starts on)."""
-        if self.config.expert_shards:
+        if self.config.initial_placement:
+            placement = self._placement_from_file(self.config.initial_placement)
+            names = [_new_shard_name() for _ in range(placement.num_shards)]
+            self.shard_group.start(names, list(range(placement.num_shards)), placement)
+        elif self.config.expert_shards:
             placement = round_robin_placement(self.moe_layers, self.num_experts, self.config.expert_shards)
             names = [_new_shard_name() for _ in range(placement.num_shards)]
             self.shard_group.start(names, list(range(placement.num_shards)), placement)
@@ -208,6 +259,13 @@ class Controller:
             placement = initial_placement(self.config.engine, self.spec)
             names = []
         self._commit(placement, names, time.time())
+
+    def _placement_from_file(self, path: str) -> Placement:
+        placement, _ = load_placement_file(path)
+        if placement.num_shards != self.config.expert_shards:
+            raise ValueError(f"{path}: places experts on {placement.num_shards} shards, expert_shards is "
+                             f"{self.config.expert_shards}")
+        return on_model_layers(placement, self.moe_layers, self.num_experts, 0, path)
 
     def _serving(self) -> list[str]:
         return [rid for rid in self.replica_ids if rid not in self.draining]
@@ -316,8 +374,8 @@ class Controller:
     def _rebalance(self, reason: str, now: float) -> dict:
         with self.lock:
             limits = scale_limits(self.num_experts, self.placement.num_shards, spare_per_shard=1)
-            new = plan_placement(self._collect_load(), self.placement, self.moe_layers, limits)
-            finish = self._change(new, list(self.shard_names), now, reason=f"rebalance ({reason})")
+            new, objective = self._plan_rebalance(self._collect_load(), limits)
+            finish = self._change(new, list(self.shard_names), now, reason=f"rebalance ({reason}; {objective})")
         return finish()
 
     def shard_lost(self, index: int | None, seen_epoch: int) -> EpochRecord:
@@ -400,10 +458,21 @@ class Controller:
             if not self._store(self.store.commit_epoch, self.generation, placement):
                 raise ControlUnavailableError("another controller committed an epoch meanwhile; this one stands down")
         self.generation += 1
+        if names != self.shard_names or len(self._shard_node_ids) != len(names):
+            self._shard_node_ids = self._shard_nodes(names)
         self.placement, self.shard_names = placement, list(names)
         self.policy = self.policy.changed(now)
         self._save_deployment()
         self._best_effort(self.store.put_rebalance_state, self.policy)
+
+    def _shard_nodes(self, names: list[str]) -> list[str]:
+        """The node of each shard, for locality; "unknown" where one does not answer (it is being
+        replaced, and the next change asks again)."""
+        try:
+            return self.shard_group.nodes(names) if names else []
+        except Exception as e:
+            log.warning("shard nodes: %s", e)
+            return ["unknown"] * len(names)
 
     def _reseed_lost_store(self) -> None:
         """A store that came back empty (a Redis restarted without persistence) holds nothing to
@@ -448,6 +517,7 @@ class Controller:
             except Exception as e:
                 self._replica_lost(rid, e)
                 continue
+            self._replica_node_ids[rid] = state.node_id
             if rid in self.draining and state.requests == 0:
                 self._retire_replica(rid)
         self._learn_routing(now)
@@ -474,6 +544,7 @@ class Controller:
             if rid not in self.replica_ids:
                 return
             self.replica_ids.remove(rid)
+            self._replica_node_ids.pop(rid, None)
             self.draining.discard(rid)
             self._log("replica-lost", replica=rid, error=type(error).__name__)
             serving = len(self._serving())
@@ -489,6 +560,7 @@ class Controller:
             if rid not in self.replica_ids:
                 return
             self.replica_ids.remove(rid)
+            self._replica_node_ids.pop(rid, None)
             self.draining.discard(rid)
         self.replica_group.shutdown(rid)
         self._log("replica-retired", replica=rid)

@@ -32,6 +32,11 @@ class ShardGroup(Protocol):
         """Whether every named shard answers."""
         ...
 
+    def nodes(self, names: list[str]) -> list[str]:
+        """The node each named shard runs on (as ReplicaState.node_id names nodes); raises if one
+        does not answer."""
+        ...
+
     def stage(self, old_names: list[str], new_names: list[str], old: Placement | None, new: Placement,
               lost: set[int], from_peers: bool, pace_s: float) -> list[dict]:
         """Make epoch `new` ready on the shards it restages (new_names[i] serves index i; the

@@ -14,6 +14,10 @@ from moefleet.cluster.gateway.grpc_server import NOT_SERVING, SERVING, build_grp
 from moefleet.cluster.gateway.http_server import HttpApi
 from moefleet.cluster.gateway.replica_metrics import merge_replica_metrics
 from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool, is_replica_loss
+from moefleet.cluster.gateway.request_locality import RequestLocality
+from moefleet.cluster.gateway.speculation_metrics import speculation_families
+
+LOCALITY_REFRESH_S = 10.0  # the controller's table changes with its model and placement: slowly
 
 
 class Gateway:
@@ -21,7 +25,8 @@ class Gateway:
                  http_host: str = "127.0.0.1", http_port: int | None = 0, tls: tuple[bytes, bytes] | None = None,
                  controller=None, num_gateways: int = 1, max_outstanding_tokens: int = 1 << 20,
                  transport: str = "socket"):
-        self.pool = ReplicaPool(handles, max_outstanding_tokens)
+        self.request_locality = RequestLocality()
+        self.pool = ReplicaPool(handles, max_outstanding_tokens, locality=self.request_locality)
         self.model_id, self.auth, self.controller, self.num_gateways = model_id, auth, controller, num_gateways
         self.transport = transport  # of the replicas' outputs to this gateway (replica_channel.py)
         self.grpc_address, self.http_host, self.http_port, self.tls = grpc_address, http_host, http_port, tls
@@ -50,6 +55,11 @@ class Gateway:
             if draining:
                 self.pool.draining.add(rid)
 
+    async def refresh_locality(self) -> None:
+        """The controller's request-shuffling table (None where it predicts nothing useful)."""
+        if self.controller is not None:
+            self.request_locality.update(await self.controller.gateway_locality.remote())
+
     async def control_health(self) -> dict | None:
         """The controller's health (store reachable? epoch?), or why it cannot be had; None
         without a controller."""
@@ -68,7 +78,16 @@ class Gateway:
         for text in texts:
             if isinstance(text, BaseException) and not is_replica_loss(text):
                 raise text
-        return merge_replica_metrics({h.replica_id: text for h, text in zip(handles, texts) if isinstance(text, str)})
+        return merge_replica_metrics({h.replica_id: text for h, text in zip(handles, texts) if isinstance(text, str)},
+                                     speculation_families(await self._speculation_gauges()))
+
+    async def _speculation_gauges(self) -> dict:
+        if self.controller is None:
+            return {}
+        try:
+            return await asyncio.wait_for(self.controller.speculation_gauges.remote(), timeout=2.0)
+        except Exception:  # the controller is restarting: the replicas' metrics still answer
+            return {}
 
     # ----- lifecycle -----
     async def serve(self) -> tuple[int, int | None]:
@@ -101,11 +120,15 @@ class Gateway:
         return grpc_port, http_port
 
     async def _refresh_forever(self, every_s: float = 1.0) -> None:
+        locality_at = 0.0
         while True:
             await asyncio.sleep(every_s)
             try:
                 await self.refresh_replicas()
-            except Exception:  # the controller is restarting; keep the last known replicas
+                if time.monotonic() - locality_at >= LOCALITY_REFRESH_S:
+                    locality_at = time.monotonic()
+                    await self.refresh_locality()
+            except Exception:  # the controller is restarting; keep the last known replicas and table
                 pass
 
     async def drain(self, grace_s: float = 30.0) -> None:

@@ -16,8 +16,9 @@ class _Families(Collector):
         return self.families
 
 
-def merge_replica_metrics(texts: dict[str, str]) -> str:
-    """texts: replica id -> that replica's exposition (Prometheus text format)."""
+def merge_replica_metrics(texts: dict[str, str], extra: list[Metric] = ()) -> str:
+    """texts: replica id -> that replica's exposition (Prometheus text format); `extra`: families
+    of the deployment as a whole (the controller's), added as they are."""
     families: dict[str, Metric] = {}
     for replica, text in texts.items():
         for family in text_string_to_metric_families(text):
@@ -26,5 +27,5 @@ def merge_replica_metrics(texts: dict[str, str]) -> str:
             merged.samples += [sample._replace(labels={**sample.labels, "replica": replica})
                                for sample in family.samples]
     registry = CollectorRegistry()
-    registry.register(_Families(list(families.values())))
+    registry.register(_Families([*families.values(), *extra]))
     return generate_latest(registry).decode()
