@@ -174,10 +174,11 @@ class Controller:
         return learned
 
     def gateway_locality(self) -> GatewayLocality | None:
-        """What gateways shuffle requests by (None: nothing to gain, or nothing learned yet)."""
+        """What gateways shuffle requests by (None: placement by load alone, nothing to gain, or
+        nothing learned yet)."""
         with self.lock:
             placement = self.placement
-        if placement is None:
+        if placement is None or self.config.placement_objective != "affinity":
             return None
         return self.speculation.gateway_locality(placement, self.moe_layers, self.topology(), self.config.engine.model)
 
