@@ -193,6 +193,10 @@ class Replica:
         """Tokens per expert per MoE layer over the load window (for the controller)."""
         return self.engine.engine.load.window().tolist()
 
+    def record_routing(self, sample_rate: float) -> None:
+        """Sample `sample_rate` of the tokens from the next step on (a recording through the Admin API)."""
+        self.engine.engine.record_routing(sample_rate)
+
     def routing_sample(self) -> list[RecordedTokens]:
         """The routing recorded since the last call (for the controller's affinity model)."""
         return self.engine.engine.routing.take()

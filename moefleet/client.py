@@ -28,6 +28,9 @@ def build_request(prompt: str | list[int], model: str = "", request_id: str = ""
     return request
 
 
+MAX_REPLY_BYTES = 64 << 20  # a recorded routing trace can pass gRPC's default 4 MB
+
+
 def _channel_args(address: str, tls_ca: bytes | None):
     if tls_ca is not None:
         return address, grpc.ssl_channel_credentials(root_certificates=tls_ca)
@@ -39,7 +42,9 @@ class Client:
 
     def __init__(self, address: str, token: str | None = None, tls_ca: bytes | None = None, timeout: float | None = None):
         address, credentials = _channel_args(address, tls_ca)
-        self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+        options = [("grpc.max_receive_message_length", MAX_REPLY_BYTES)]
+        self.channel = (grpc.secure_channel(address, credentials, options) if credentials
+                        else grpc.insecure_channel(address, options))
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.admin_stub = admin_pb2_grpc.AdminStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -77,6 +82,11 @@ class Client:
 
     def drain(self, replica_id: str) -> admin_pb2.OperationResult:
         return self.admin_stub.Drain(admin_pb2.DrainRequest(replica_id=replica_id), metadata=self.metadata, timeout=self.timeout)
+
+    def record_routing(self, sample_rate: float, duration_s: float, max_events: int = 0) -> admin_pb2.RoutingTrace:
+        """The deployment's routing for `duration_s` (a routing trace, gzip'd JSONL, in the reply)."""
+        request = admin_pb2.RecordRoutingRequest(sample_rate=sample_rate, duration_s=duration_s, max_events=max_events)
+        return self.admin_stub.RecordRouting(request, metadata=self.metadata, timeout=duration_s + 60)
 
     def close(self) -> None:
         self.channel.close()

@@ -68,13 +68,20 @@ def add_routing_parser(sub: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_eval)
 
     rec = routing_sub.add_parser(
-        "record", help="run a model on prompts in this process and write its routing as a trace",
-        description="Generate from each prompt (greedy) with moefleet's engine in this process and write the "
-                    "experts its router chose for the sampled tokens (prompt and output) at every MoE layer.")
-    rec.add_argument("--model", required=True, help="checkpoint directory")
-    rec.add_argument("--prompts", required=True,
+        "record", help="write a model's routing as a trace: on prompts in this process, or a deployment's",
+        description="With --model and --prompts: generate from each prompt (greedy) with moefleet's engine in "
+                    "this process and write the experts its router chose for the sampled tokens (prompt and "
+                    "output) at every MoE layer. With --address: record what a running deployment's replicas "
+                    "route for --duration seconds, through the Admin API (needs an admin token).")
+    source = rec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint directory (with --prompts)")
+    source.add_argument("--address", help="a deployment's gRPC address, host:port")
+    rec.add_argument("--prompts",
                      help="prompts: a text file with one per line, or .jsonl with {\"prompt\": text} or "
                           "{\"prompt_token_ids\": [...]} per line; sequence i of the trace is line i's prompt")
+    rec.add_argument("--duration", type=float, default=10.0,
+                     help="with --address: seconds to record (default 10; at most 600)")
+    rec.add_argument("--token", help="with --address: admin token (default: MOEFLEET_ADMIN_TOKEN)")
     rec.add_argument("--out", required=True, help="the trace to write (.gz: gzip)")
     rec.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
     rec.add_argument("--sample-rate", type=float, default=1.0, help="share of the tokens recorded (default 1: all)")
@@ -311,6 +318,10 @@ def _record(args) -> int:
     from moefleet import LLM, SamplingParams
     from moefleet.cluster.routing.trace import write_trace
 
+    if args.address:
+        return _record_deployment(args)
+    if not args.prompts:
+        raise ValueError("--model needs --prompts")
     _positive(args.max_tokens, "--max-tokens")
     _positive(args.batch, "--batch")
     if not 0 < args.sample_rate <= 1:
@@ -340,4 +351,34 @@ def _record(args) -> int:
         print(f"warning: {recorder.dropped_tokens} recorded tokens were dropped (the recorder's buffer filled within "
               "one batch): lower --batch", file=sys.stderr)
     print(f"recorded {written} routing events of {len(prompts)} prompts -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _record_deployment(args) -> int:
+    """`routing record --address`: the Admin API's RecordRouting, written as the trace file."""
+    import gzip
+    import os
+
+    import grpc
+
+    from moefleet.client import Client
+
+    if not 0 < args.sample_rate <= 1:
+        raise ValueError(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    token = args.token or os.environ.get("MOEFLEET_ADMIN_TOKEN")
+    print(f"recording the routing of {args.address} for {args.duration:g} s at sample rate {args.sample_rate:g} ...",
+          file=sys.stderr, flush=True)
+    with Client(args.address, token=token) as client:
+        try:
+            reply = client.record_routing(args.sample_rate, args.duration)
+        except grpc.RpcError as e:
+            raise ValueError(f"{args.address}: {e.code().name}: {e.details()}") from None
+    data = reply.jsonl_gz if args.out.endswith(".gz") else gzip.decompress(reply.jsonl_gz)
+    try:
+        with open(args.out, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise ValueError(f"{args.out}: {e.strerror or e}") from None
+    note = " (stopped at the event limit)" if reply.truncated else ""
+    print(f"recorded {reply.events} routing events{note} -> {args.out}", file=sys.stderr)
     return 0

@@ -46,11 +46,13 @@ from moefleet.cluster.placement.planner import imbalance, plan_placement, scale_
 from moefleet.cluster.placement.routing_stats import RoutingStats
 from moefleet.cluster.placement.staging_plan import layout_epochs
 from moefleet.cluster.routing.affinity import AffinityModel
+from moefleet.cluster.routing.trace import RoutingEvent
 from moefleet.models.spec import load_spec
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "moefleet-controller"
+MAX_RECORDING_S = 600.0
 
 
 def _store_errors() -> tuple[type, ...]:
@@ -89,6 +91,8 @@ class Controller:
         self._affinity_saved_at = 0.0
         # Recent sampled routing paths (request ordinal, experts[L, K]): what grouping plans from.
         self._recent_paths: deque[tuple[str, np.ndarray]] = deque(maxlen=config.affinity_max_tokens)
+        self._learning = threading.Lock()  # the monitor and a recording both take the replicas' samples
+        self._recording: list[RoutingEvent] | None = None  # events kept while an admin records routing
         self._shard_node_ids: list[str] = []
         self._replica_node_ids: dict[str, str] = {}
         self.recovered = self._recover()
@@ -158,20 +162,57 @@ class Controller:
         each sample first); saved to the store at most every affinity_save_interval_s. Returns the
         token occurrences learned."""
         learned, topology = 0, self.topology()
-        for rid in list(self.replica_ids):
-            try:
-                sample = self.replica_group.routing_sample(rid)
-            except Exception:  # a replica that does not answer is the monitor's to handle
-                continue
-            for recorded in sample:
-                self.speculation.learn(recorded.tokens, recorded.experts, topology.replica_nodes.get(rid),
-                                       self.placement, self.moe_layers, topology)
-                self._recent_paths.extend(zip((f"{rid}/{r}" for r in recorded.request_ids), recorded.experts))
-                learned += len(recorded.tokens)
+        with self._learning:
+            for rid in list(self.replica_ids):
+                try:
+                    sample = self.replica_group.routing_sample(rid)
+                except Exception:  # a replica that does not answer is the monitor's to handle
+                    continue
+                for recorded in sample:
+                    self.speculation.learn(recorded.tokens, recorded.experts, topology.replica_nodes.get(rid),
+                                           self.placement, self.moe_layers, topology)
+                    self._recent_paths.extend(zip((f"{rid}/{r}" for r in recorded.request_ids), recorded.experts))
+                    if self._recording is not None:
+                        self._recording += recorded.events(lambda request_id, rid=rid: f"{rid}/{request_id}")
+                    learned += len(recorded.tokens)
         if learned and now - self._affinity_saved_at >= self.config.affinity_save_interval_s:
             self._best_effort(self.store.put_affinity, self.affinity.state())
             self._affinity_saved_at = now
         return learned
+
+    def record_routing(self, sample_rate: float, duration_s: float, max_events: int) -> tuple[list[RoutingEvent], bool]:
+        """The replicas' routing at `sample_rate` for `duration_s` (sequences named replica/request):
+        (events, truncated at max_events). The replicas go back to the configured rate after."""
+        if not 0 < sample_rate <= 1:
+            raise InvalidRequestError("sample_rate", f"must be in (0, 1], got {sample_rate}")
+        if not 0 < duration_s <= MAX_RECORDING_S:
+            raise InvalidRequestError("duration_s", f"must be in (0, {MAX_RECORDING_S:g}], got {duration_s}")
+        if max_events < 1:
+            raise InvalidRequestError("max_events", f"must be >= 1, got {max_events}")
+        with self._learning:
+            if self._recording is not None:
+                raise InvalidRequestError("RecordRouting", "a recording is already running: one at a time")
+            self._recording = []
+        default_rate = self.config.engine.routing_sample_rate
+        try:
+            self._set_routing_rate(sample_rate)
+            deadline = time.monotonic() + duration_s
+            while time.monotonic() < deadline and len(self._recording) < max_events:
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                self._learn_routing(time.time())
+        finally:
+            self._set_routing_rate(default_rate)
+            self._learn_routing(time.time())  # what the replicas sampled up to the switch back
+            with self._learning:
+                events, self._recording = self._recording, None
+        return events[:max_events], len(events) > max_events
+
+    def _set_routing_rate(self, sample_rate: float) -> None:
+        for rid in list(self.replica_ids):
+            try:
+                self.replica_group.record_routing(rid, sample_rate)
+            except Exception as e:  # a lost replica is the monitor's to handle; the others record
+                log.warning("recording routing on %s: %s", rid, e)
 
     def gateway_locality(self) -> GatewayLocality | None:
         """What gateways shuffle requests by (None: placement by load alone, nothing to gain, or

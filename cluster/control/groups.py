@@ -85,6 +85,10 @@ class ReplicaGroup(Protocol):
         """Tokens per expert per MoE layer over the replica's load window. Raises like stats."""
         ...
 
+    def record_routing(self, replica_id: str, sample_rate: float) -> None:
+        """Let the replica sample `sample_rate` of its tokens' routing from its next step on."""
+        ...
+
     def routing_sample(self, replica_id: str) -> "list[RecordedTokens]":
         """The routing the replica's recorder sampled since the last call (taken: each token is
         handed out once). Raises like stats."""

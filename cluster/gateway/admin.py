@@ -6,7 +6,10 @@ import dataclasses
 
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.messages import ReplicaSnapshot
+from moefleet.cluster.routing.trace import trace_gzip_bytes
 from moefleet.v1 import admin_pb2
+
+DEFAULT_MAX_RECORDED_EVENTS = 1_000_000  # about 10 MB of gzip'd trace: under gRPC's default message limits
 
 
 class GatewayAdmin:
@@ -60,7 +63,13 @@ class GatewayAdmin:
 
     async def Rebalance(self, request):  # noqa: N802
         done = await self._controller("change the placement").rebalance.remote()
-        return admin_pb2.OperationResult(accepted=True, message=f"rebalanced by load; placement epoch {done['epoch']}")
+        return admin_pb2.OperationResult(accepted=True, message=f"{done['reason']}; placement epoch {done['epoch']}")
+
+    async def RecordRouting(self, request):  # noqa: N802
+        max_events = request.max_events or DEFAULT_MAX_RECORDED_EVENTS
+        events, truncated = await self._controller("record routing").record_routing.remote(
+            request.sample_rate, request.duration_s, max_events)
+        return admin_pb2.RoutingTrace(jsonl_gz=trace_gzip_bytes(events), events=len(events), truncated=truncated)
 
     def _controller(self, to_do: str):
         """The controller actor, through which every membership and placement change goes."""

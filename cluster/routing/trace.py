@@ -11,6 +11,7 @@ arrays and never holds a Python object per event.
 """
 
 import gzip
+import io
 import json
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -225,11 +226,23 @@ def read_trace(path: str, num_experts: int | None = None,
 
 def write_trace(path: str, events: Iterable[RoutingEvent]) -> int:
     """Write events one JSON object per line (gzip when the name ends in `.gz`); returns how many."""
-    written = 0
     with open_trace_file(path, "wt") as out:
-        for event in events:
-            out.write(json.dumps({"seq": event.seq, "pos": event.pos, "token": event.token, "layer": event.layer,
-                                  "experts": list(event.experts)}, separators=(",", ":")))
-            out.write("\n")
-            written += 1
+        return _write_lines(out, events)
+
+
+def trace_gzip_bytes(events: Iterable[RoutingEvent]) -> bytes:
+    """The trace file's gzip bytes, made in memory (the Admin API's RecordRouting answer)."""
+    buffer = io.BytesIO()
+    with gzip.open(buffer, "wt", encoding="utf-8") as out:
+        _write_lines(out, events)
+    return buffer.getvalue()
+
+
+def _write_lines(out, events: Iterable[RoutingEvent]) -> int:
+    written = 0
+    for event in events:
+        out.write(json.dumps({"seq": event.seq, "pos": event.pos, "token": event.token, "layer": event.layer,
+                              "experts": list(event.experts)}, separators=(",", ":")))
+        out.write("\n")
+        written += 1
     return written

@@ -99,3 +99,23 @@ class AutoscalingPolicy(_message.Message):
     YAML_FIELD_NUMBER: _ClassVar[int]
     yaml: str
     def __init__(self, yaml: _Optional[str] = ...) -> None: ...
+
+class RecordRoutingRequest(_message.Message):
+    __slots__ = ("sample_rate", "duration_s", "max_events")
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    sample_rate: float
+    duration_s: float
+    max_events: int
+    def __init__(self, sample_rate: _Optional[float] = ..., duration_s: _Optional[float] = ..., max_events: _Optional[int] = ...) -> None: ...
+
+class RoutingTrace(_message.Message):
+    __slots__ = ("jsonl_gz", "events", "truncated")
+    JSONL_GZ_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    jsonl_gz: bytes
+    events: int
+    truncated: bool
+    def __init__(self, jsonl_gz: _Optional[bytes] = ..., events: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...

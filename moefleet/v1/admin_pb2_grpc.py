@@ -69,6 +69,11 @@ class AdminStub:
                 request_serializer=moefleet_dot_v1_dot_admin__pb2.AutoscalingPolicy.SerializeToString,
                 response_deserializer=moefleet_dot_v1_dot_admin__pb2.OperationResult.FromString,
                 _registered_method=True)
+        self.RecordRouting = channel.unary_unary(
+                '/moefleet.v1.Admin/RecordRouting',
+                request_serializer=moefleet_dot_v1_dot_admin__pb2.RecordRoutingRequest.SerializeToString,
+                response_deserializer=moefleet_dot_v1_dot_admin__pb2.RoutingTrace.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -116,6 +121,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordRouting(self, request, context):
+        """Record the replicas' routing for a while: the router's experts of a sample of the tokens they
+        run, as a routing trace (what `moefleet routing plan` and `eval` read).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +166,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetAutoscalingPolicy,
                     request_deserializer=moefleet_dot_v1_dot_admin__pb2.AutoscalingPolicy.FromString,
                     response_serializer=moefleet_dot_v1_dot_admin__pb2.OperationResult.SerializeToString,
+            ),
+            'RecordRouting': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordRouting,
+                    request_deserializer=moefleet_dot_v1_dot_admin__pb2.RecordRoutingRequest.FromString,
+                    response_serializer=moefleet_dot_v1_dot_admin__pb2.RoutingTrace.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +362,33 @@ class Admin:
             '/moefleet.v1.Admin/SetAutoscalingPolicy',
             moefleet_dot_v1_dot_admin__pb2.AutoscalingPolicy.SerializeToString,
             moefleet_dot_v1_dot_admin__pb2.OperationResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordRouting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moefleet.v1.Admin/RecordRouting',
+            moefleet_dot_v1_dot_admin__pb2.RecordRoutingRequest.SerializeToString,
+            moefleet_dot_v1_dot_admin__pb2.RoutingTrace.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,7 +77,7 @@ def test_serve_end_to_end_and_clean_sigterm(model_dir):
 
 
 @pytest.mark.timeout(300)
-def test_serve_with_controller_owned_shards_scales_them_while_serving(model_dir):
+def test_serve_with_controller_owned_shards_scales_them_while_serving(model_dir, tmp_path):
     """--expert-shards: the controller owns the shards; the Admin API's ScaleShards and Rebalance
     go to it, and generation goes on with identical greedy tokens."""
     proc, text = start_serve("--model", model_dir("mixtral"), "--gateways", "1", "--replicas", "1",
@@ -89,12 +89,54 @@ def test_serve_with_controller_owned_shards_scales_them_while_serving(model_dir)
             before = client.generate("shards", temperature=0, max_tokens=12, ignore_eos=True).token_ids
             scaled = client.scale_shards(3)
             assert scaled.accepted and "3 expert shards; placement epoch 1 serving" in scaled.message
-            assert "placement epoch 2" in client.rebalance().message
+            # One node: nothing to group by node, so the plan balances load.
+            assert "rebalance (asked; load); placement epoch 2" in client.rebalance().message
             assert client.generate("shards", temperature=0, max_tokens=12, ignore_eos=True).token_ids == before
             state = client.cluster_state()
             assert state.placement_epoch == 2 and len(state.replicas[0].shards) == 3
+            _record_plan_and_eval_a_live_trace(client, grpc_address, token, tmp_path)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _record_plan_and_eval_a_live_trace(client, grpc_address: str, token: str, tmp_path) -> None:
+    """`moefleet routing record --address` (the Admin API's RecordRouting) while requests run, then
+    `routing plan` and `routing eval` on the trace it wrote: the round trip on a live deployment."""
+    import json
+    import threading
+
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            client.generate("keep routing", temperature=0, max_tokens=16, ignore_eos=True)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    trace, plan = str(tmp_path / "live.jsonl.gz"), str(tmp_path / "plan.json")
+    try:
+        recorded = subprocess.run([sys.executable, "-m", "moefleet.cli", "routing", "record", "--address", grpc_address,
+                                   "--token", token, "--duration", "3", "--sample-rate", "1", "--out", trace],
+                                  capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        worker.join()
+    assert recorded.returncode == 0, recorded.stderr
+    events = int(re.search(r"recorded (\d+) routing events", recorded.stderr).group(1))
+    assert events >= 16 * 4  # at least one request's tokens, at each of the 4 MoE layers
+    planned = subprocess.run([sys.executable, "-m", "moefleet.cli", "routing", "plan", "--trace", trace, "--shards",
+                              "2", "--objective", "affinity", "--num-experts", "8", "--out", plan],
+                             capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    evaluated = subprocess.run([sys.executable, "-m", "moefleet.cli", "routing", "eval", "--trace", trace,
+                                "--placement", plan], capture_output=True, text=True, timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert 1.0 <= result["fanout"] <= 2.0 and result["imbalance"] >= 1.0
+    denied = subprocess.run([sys.executable, "-m", "moefleet.cli", "routing", "record", "--address", grpc_address,
+                             "--token", "wrong", "--duration", "1", "--out", trace], capture_output=True, text=True,
+                            timeout=120)
+    assert denied.returncode == 2 and "UNAUTHENTICATED" in denied.stderr

@@ -164,3 +164,12 @@ def test_serving_starts_from_a_planned_placement_file(model_dir, engines, tmp_pa
     wrong = config.model_copy(update={"expert_shards": 3})
     with pytest.raises(ValueError, match="places experts on 2 shards, expert_shards is 3"):
         local_controller(wrong, InMemoryStore()).start(1)
+
+
+def test_recording_routing_refuses_bad_arguments(two_node_controller):
+    from moefleet.cluster.errors import InvalidRequestError
+
+    for args, field in (((0.0, 1.0, 10), "sample_rate"), ((1.0, 0.0, 10), "duration_s"),
+                        ((1.0, 601.0, 10), "duration_s"), ((1.0, 1.0, 0), "max_events")):
+        with pytest.raises(InvalidRequestError, match=field):
+            two_node_controller.record_routing(*args)
