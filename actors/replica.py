@@ -128,11 +128,14 @@ class Replica:
         return join_deltas([delta async for delta in self.generate_stream(request)])
 
     def stats(self) -> ReplicaState:
-        engine = self.engine.engine
+        engine, serving = self.engine.engine, self.engine.stats
         return ReplicaState(replica_id=self.replica_id, status="draining" if self.engine.draining else "serving",
                             running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting),
                             requests=self.engine.num_requests(), outstanding_tokens=self.engine.outstanding_tokens(),
-                            node_id=self.node_id)
+                            node_id=self.node_id,
+                            kv_cache_usage=1 - engine.blocks.num_free_blocks / engine.blocks.num_blocks,
+                            ttft_counts=tuple(serving.time_to_first_token.counts),
+                            itl_counts=tuple(serving.inter_token_latency.counts))
 
     def state(self) -> ReplicaSnapshot:
         """Replica, shard and per-expert load state for the Admin API."""

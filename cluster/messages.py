@@ -82,6 +82,11 @@ class ReplicaState:
     requests: int
     outstanding_tokens: int
     node_id: str = "local"  # the Ray node it runs on ("local": not inside Ray)
+    kv_cache_usage: float = 0.0  # share of its KV-cache blocks in use
+    # Cumulative requests per bucket of serving_stats' TTFT and inter-token-latency bounds (the
+    # histograms of its /metrics): the autoscaler takes percentiles over a window from their deltas.
+    ttft_counts: tuple[int, ...] = ()
+    itl_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
