@@ -27,6 +27,10 @@ class GatewayHost:
 
 
 def remote_gateway_class():
+    """Gateways run on the node of the process that starts them (`moefleet serve`, which prints
+    their addresses; on Kubernetes the head pod, behind the gateway Service), never on a worker."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(GatewayHost)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(GatewayHost)
