@@ -46,3 +46,13 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/output_channel.py
 	$(VENV)/bin/python benchmarks/detokenizer.py
 	$(VENV)/bin/python benchmarks/serving.py
+
+.PHONY: helm-schema helm-docs
+
+# The Helm chart's values.schema.json, generated from moefleet/helm_values.py (a test fails when stale).
+helm-schema: $(STAMP)
+	$(VENV)/bin/python -m moefleet.helm_values
+
+# The values table of helm/README.md, generated from values.yaml's helm-docs comments.
+helm-docs: $(STAMP)
+	$(VENV)/bin/python -m moefleet.helm_docs

@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_routing_parser(sub)
 
+    from moefleet.autoscaler_cli import add_autoscaler_parsers  # argparse only: the commands import their parts lazily
+
+    add_autoscaler_parsers(sub)
+
     admin = sub.add_parser("admin", help="cluster administration over gRPC (needs the admin token)",
                            description="moefleet admin {state,scale-shards N,scale-replicas N,rebalance,drain REPLICA}")
     admin.add_argument("action", choices=["state", "scale-shards", "scale-replicas", "rebalance", "drain"])

@@ -97,7 +97,7 @@ def test_cluster_never_imports_actors_or_entry_points():
 
 
 def test_placement_routing_and_policies_import_only_numpy_and_the_standard_library():
-    pure_packages = ("moefleet.cluster.placement", "moefleet.cluster.routing")
+    pure_packages = ("moefleet.cluster.placement", "moefleet.cluster.routing", "moefleet.cluster.workload")
     pure = [m for package in pure_packages for m in under(package)]
     pure += [m for m in under("moefleet.autoscaler") if m.endswith("_rule")]
     allowed = set(sys.stdlib_module_names) | {"numpy"}
@@ -108,6 +108,19 @@ def test_placement_routing_and_policies_import_only_numpy_and_the_standard_libra
         if bad:
             broken[module] = sorted(bad)
     assert broken == {}
+
+
+def test_the_autoscaling_policy_and_its_simulator_reach_only_numpy_pydantic_and_yaml():
+    """The policy file, the policies and the simulator run in the controller and offline alike: through every
+    project module they import, nothing but the standard library, numpy, pydantic and yaml (no torch, Ray,
+    Redis or gRPC)."""
+    pure = ["moefleet.autoscaler." + name for name in ("policy_file", "signals", "predictor", "policy",
+                                                       "queue_length_policy", "performance_model", "simulator")]
+    allowed = set(sys.stdlib_module_names) | {"numpy", "pydantic", "yaml"}
+    broken = {m: sorted(n for n in reachable(m) if not n.startswith("moefleet") and n.split(".")[0] not in allowed)
+              for m in pure}
+    assert {m: b for m, b in broken.items() if b} == {}
+    assert "moefleet.cluster.placement.planner" in reachable("moefleet.autoscaler.simulator")
 
 
 def test_the_engine_never_reaches_ray_redis_or_grpc():

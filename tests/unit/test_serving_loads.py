@@ -1,24 +1,21 @@
-"""The serving benchmark's loads (benchmarks/serving_loads.py): both public trace formats parsed
-from small inline samples, malformed lines refused naming the line, and the loads built from them
-(arrival times, exact prompt lengths, clipping to the context, Poisson gaps)."""
+"""The serving benchmark's loads (benchmarks/serving_loads.py) and the request traces they replay
+(cluster/workload/request_trace.py): both public trace formats parsed from small inline samples,
+malformed lines refused naming the line, and the loads built from them (arrival times, exact prompt
+lengths, clipping to the context, Poisson gaps)."""
 
 import math
 import statistics
 
 import pytest
 
-from benchmarks.serving_loads import (
-    FIRST_PLAIN_TOKEN_ID,
+from benchmarks.serving_loads import FIRST_PLAIN_TOKEN_ID, concurrency_load, poisson_arrivals, poisson_load, trace_load
+from moefleet.cluster.workload.request_trace import (
     TraceEntry,
     TraceFormatError,
     clip_to_context,
-    concurrency_load,
     parse_azure_csv,
     parse_mooncake_jsonl,
     parse_trace,
-    poisson_arrivals,
-    poisson_load,
-    trace_load,
 )
 
 # The first lines of Azure's AzureLLMInferenceTrace_conv.csv (2023 release).

@@ -1,0 +1,200 @@
+"""The performance profile of one deployment, which the simulator replays traces against: how long an engine
+step takes for the tokens it runs and the context they attend to, how long the expert shards take for the
+token rows they get, and how long a replica and a shard take to start, cold and from standby. Tables are
+measured points (`moefleet profile`) read with linear interpolation, extrapolated along the last segment.
+JSON on disk, validated by pydantic (errors name the file and the key path).
+
+DEFAULT_PROFILE holds PLACEHOLDER numbers, not measurements: round values of a plausible shape, there so the
+simulator runs before anything is profiled. Run `moefleet profile --model PATH --out PROFILE.json` on the
+deployment's hardware and pass `--profile PROFILE.json` for numbers that mean something."""
+
+import json
+from bisect import bisect_right
+from functools import cached_property
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moefleet.cluster.config.serve_config import _describe
+
+PLACEHOLDER = "placeholder"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _ascending(values: list, name: str) -> None:
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be strictly ascending, got {values}")
+
+
+def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """ys at x, linear between points and along the first / last segment outside them (one point: flat)."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    return ys[i] + slope * (x - xs[i])
+
+
+class StepTable(_Section):
+    """Seconds of one engine step of a replica (its experts in process) by tokens in the step (decodes plus
+    prefill chunks) and mean context length of its sequences: seconds[i][j] for tokens[i], context[j]."""
+
+    tokens: list[int] = Field(min_length=1, description="Tokens per step, ascending, each >= 1.")
+    context: list[int] = Field(min_length=1, description="Mean context length (tokens), ascending, each >= 1.")
+    seconds: list[list[float]] = Field(description="Step time in seconds, one row per tokens value, one column "
+                                                   "per context value.")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        _ascending(self.tokens, "tokens")
+        _ascending(self.context, "context")
+        if min(self.tokens) < 1 or min(self.context) < 1:
+            raise ValueError(f"tokens and context must be >= 1, got {self.tokens} and {self.context}")
+        if len(self.seconds) != len(self.tokens) or any(len(row) != len(self.context) for row in self.seconds):
+            raise ValueError(f"seconds must be {len(self.tokens)} rows of {len(self.context)} values, got "
+                             f"{[len(row) for row in self.seconds]}")
+        if any(s <= 0 for row in self.seconds for s in row):
+            raise ValueError("seconds must all be > 0")
+        return self
+
+    def time(self, tokens: float, context: float) -> float:
+        """Seconds for a step of `tokens` with mean `context`: bilinear inside the table, along the edge
+        segments outside; never below the fastest measured step's tenth (a step has a fixed cost)."""
+        if len(self.tokens) == 1:
+            return max(self._floor, interpolate(context, self.context, self.seconds[0]))
+        i = min(max(bisect_right(self.tokens, tokens) - 1, 0), len(self.tokens) - 2)
+        low, high = (interpolate(context, self.context, self.seconds[row]) for row in (i, i + 1))
+        return max(self._floor, interpolate(tokens, self.tokens[i:i + 2], [low, high]))
+
+    @cached_property
+    def _floor(self) -> float:
+        return 0.1 * min(min(row) for row in self.seconds)
+
+
+class ShardTable(_Section):
+    """Seconds the expert shards take, summed over the MoE layers of one step, for the token rows one shard gets
+    (a token's row per chosen expert)."""
+
+    rows: list[int] = Field(min_length=1, description="Token rows per shard per step, ascending, each >= 1.")
+    seconds: list[float] = Field(description="Expert compute per step, seconds, one per rows value.")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        _ascending(self.rows, "rows")
+        if min(self.rows) < 1:
+            raise ValueError(f"rows must be >= 1, got {self.rows}")
+        if len(self.seconds) != len(self.rows) or any(s <= 0 for s in self.seconds):
+            raise ValueError(f"seconds must be {len(self.rows)} values > 0, got {self.seconds}")
+        return self
+
+    def time(self, rows: float) -> float:
+        if rows <= 0:
+            return 0.0
+        return max(0.1 * min(self.seconds), interpolate(rows, self.rows, self.seconds))
+
+
+class StartTimes(_Section):
+    cold_s: float = Field(ge=0, description="Seconds from asking for a unit to its serving, from nothing.")
+    standby_s: float = Field(ge=0, description="Seconds from asking to serving for a unit kept warm in standby.")
+
+
+class PerformanceProfile(_Section):
+    """A deployment's measured (or placeholder) performance."""
+
+    source: str = Field(description=f"'{PLACEHOLDER}', or how and where it was measured (moefleet profile writes it).")
+    model: str = Field(description="The checkpoint profiled.")
+    max_model_len: int = Field(gt=1, description="Longest prompt + output; longer trace requests are clipped.")
+    kv_cache_tokens: int = Field(gt=0, description="Tokens one replica's KV cache holds.")
+    max_num_seqs: int = Field(gt=0, description="Most sequences a replica runs at once.")
+    max_num_batched_tokens: int = Field(gt=0, description="Token budget of one step (decodes + prefill chunks).")
+    num_experts: int = Field(gt=0, description="Routed experts per MoE layer.")
+    num_moe_layers: int = Field(gt=0, description="MoE layers.")
+    top_k: int = Field(gt=0, description="Experts each token is routed to.")
+    expert_bytes: int = Field(ge=0, description="Bytes of one expert's weights in one layer (what one copy moves).")
+    step: StepTable = Field(description="Engine step time by tokens and context.")
+    shard: ShardTable = Field(description="Expert shard compute by token rows.")
+    remote_step_s: float = Field(ge=0, description="Added to each step when the experts live on shared shards "
+                                                   "(sending rows and gathering results).")
+    replica_start: StartTimes = Field(description="Start time of a model replica.")
+    shard_start: StartTimes = Field(description="Start time of an expert shard (its experts loaded).")
+    notes: dict[str, str] = Field(default_factory=dict, description="How each number was measured, by field.")
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.kv_cache_tokens < self.max_model_len:
+            raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must hold one request of max_model_len "
+                             f"({self.max_model_len})")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
+        return self
+
+    @property
+    def measured(self) -> bool:
+        return self.source != PLACEHOLDER
+
+    def step_time(self, tokens: int, context: float, shards: int = 0, imbalance: float = 1.0,
+                  shard_slowdown: float = 1.0) -> tuple[float, float]:
+        """(step seconds, seconds the mean shard is busy) for `tokens` with mean `context`. shards 0: the experts in
+        the replica's own process (the step table as measured). Otherwise the experts' share of the measured
+        step is replaced by the hottest shard's: tokens × top_k rows spread over `shards`, × `imbalance`
+        (max / mean shard load), × `shard_slowdown` (waiting behind other replicas' rows), plus the remote
+        overhead."""
+        measured = self.step.time(tokens, context)
+        if shards <= 0:
+            return measured, 0.0
+        rows = tokens * self.top_k
+        dense = max(0.1 * measured, measured - self.shard.time(rows))
+        hottest = self.shard.time(rows * imbalance / shards)
+        return dense + hottest * shard_slowdown + self.remote_step_s, self.shard.time(rows / shards)
+
+
+# PLACEHOLDER numbers (not measured): a round-number profile of a mid-size MoE on one accelerator per unit,
+# shaped like a decode-bound engine (fixed cost per step, a little per token, attention growing with context).
+DEFAULT_PROFILE = PerformanceProfile(
+    source=PLACEHOLDER,
+    model="placeholder (no model was profiled)",
+    max_model_len=8192,
+    kv_cache_tokens=131072,
+    max_num_seqs=64,
+    max_num_batched_tokens=2048,
+    num_experts=8,
+    num_moe_layers=32,
+    top_k=2,
+    expert_bytes=176_160_768,
+    step=StepTable(tokens=[1, 64, 256, 1024, 2048], context=[128, 2048, 8192],
+                   seconds=[[0.025, 0.026, 0.028], [0.030, 0.034, 0.045], [0.038, 0.045, 0.070],
+                            [0.070, 0.085, 0.150], [0.120, 0.150, 0.260]]),
+    shard=ShardTable(rows=[1, 128, 1024, 4096], seconds=[0.002, 0.004, 0.012, 0.040]),
+    remote_step_s=0.002,
+    replica_start=StartTimes(cold_s=60.0, standby_s=5.0),
+    shard_start=StartTimes(cold_s=20.0, standby_s=3.0),
+    notes={"all": "placeholder values, not measured: run `moefleet profile` on the deployment's hardware"},
+)
+
+
+def parse_profile(text: str, source: str = "<profile>") -> PerformanceProfile:
+    """A profile from JSON `text`. Raises ValueError, one line per error: `<source>: key.path: reason`."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}:{e.lineno}: not valid JSON: {e.msg}") from None
+    try:
+        return PerformanceProfile.model_validate(data)
+    except ValidationError as e:
+        raise ValueError("\n".join(f"{source}: {_describe(error)}" for error in e.errors(include_url=False))) from None
+
+
+def load_profile(path: str) -> PerformanceProfile:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    return parse_profile(text, str(path))
+
+
+def save_profile(profile: PerformanceProfile, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(profile.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Workloads as plain data: request traces (arrival times and lengths) read from public formats."""

@@ -1,0 +1,262 @@
+"""`moefleet simulate`: replay a request trace through an autoscaling policy against a performance profile
+and print one JSON summary (optionally a plot); `moefleet profile`: measure that profile with the
+in-process engine. Errors leave as one line per problem on stderr with exit code 2 (moefleet.cli.main
+prints ValueErrors so)."""
+
+import argparse
+import json
+import sys
+
+
+def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
+    """Registers `simulate` and `profile` under the top-level subcommands."""
+    sim = sub.add_parser(
+        "simulate", help="replay a request trace through an autoscaling policy (prints one JSON summary)",
+        description="Replay a request trace (Azure LLM inference CSV: TIMESTAMP,ContextTokens,GeneratedTokens; or "
+                    "Mooncake JSONL: timestamp ms, input_length, output_length) through the autoscaling policy's "
+                    "decide(), against a performance profile, and print SLO attainment, replica- and shard-seconds, "
+                    "decisions and TTFT/ITL percentiles as one JSON object.")
+    sim.add_argument("--policy", required=True, help="the AutoscalingPolicy YAML file")
+    sim.add_argument("--trace", required=True, help="the request trace: .csv (Azure) or .jsonl (Mooncake)")
+    sim.add_argument("--time-scale", type=float, default=1.0,
+                     help="multiply every arrival time by X (2 halves the request rate; default 1)")
+    sim.add_argument("--profile", help="performance profile JSON (moefleet profile --out); default: the built-in "
+                                       "placeholder profile, not a measurement")
+    sim.add_argument("--routing-trace", help="routing trace (moefleet routing record/import): request i takes the "
+                                             "expert load of the trace's sequence i mod S")
+    sim.add_argument("--plot", help="also draw load, pool sizes and latency against time into this PNG")
+    sim.set_defaults(func=_simulate)
+
+    prof = sub.add_parser(
+        "profile", help="measure a performance profile with the in-process engine (for moefleet simulate)",
+        description="Measure step time against batch size and context, expert-shard compute against token rows, "
+                    "and the start times of a replica and of a shard, with the in-process engine, and write them "
+                    "as a profile JSON (each field's notes say how it was measured).")
+    prof.add_argument("--model", required=True, help="checkpoint directory")
+    prof.add_argument("--out", required=True, help="the profile JSON to write")
+    prof.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    prof.add_argument("--batch-sizes", default="1,8,32", help="decode batch sizes (default 1,8,32)")
+    prof.add_argument("--contexts", default="64,512", help="context lengths of the decode batches (default 64,512)")
+    prof.add_argument("--prefill-tokens", default="256,1024", help="prompt lengths of single prefill steps "
+                                                                   "(default 256,1024)")
+    prof.add_argument("--decode-steps", type=int, default=4, help="decode steps timed per point (default 4)")
+    prof.add_argument("--shards", type=int, default=2, help="shards the experts are spread over: a shard's start "
+                                                            "loads 1/N of them (default 2)")
+    prof.add_argument("--shard-rows", default="1,64,512", help="token rows per shard per step (default 1,64,512)")
+    prof.set_defaults(func=_profile)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+
+
+def _simulate(args) -> int:
+    from moefleet.autoscaler.performance_model import DEFAULT_PROFILE, load_profile
+    from moefleet.autoscaler.policy_file import load_policy
+    from moefleet.autoscaler.simulator import expert_mixes_from_routing, simulate
+    from moefleet.cluster.routing.trace import read_trace
+    from moefleet.cluster.workload.request_trace import TraceFormatError, parse_trace
+
+    if args.time_scale <= 0:
+        raise ValueError(f"--time-scale must be > 0, got {args.time_scale}")
+    policy = load_policy(args.policy)
+    profile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
+    if not profile.measured:
+        print("moefleet simulate: no --profile: using placeholder numbers, not measurements "
+              "(run moefleet profile)", file=sys.stderr)
+    try:
+        entries = parse_trace(args.trace, _read(args.trace))
+    except TraceFormatError as e:
+        raise ValueError(f"{args.trace}: {e}") from None
+    mixes = expert_mixes_from_routing(read_trace(args.routing_trace)) if args.routing_trace else None
+    result = simulate(policy, entries, profile, time_scale=args.time_scale, expert_mixes=mixes)
+    print(json.dumps(result.summary(), indent=2))
+    if args.plot:
+        plot_runs({args.trace: {policy.metadata.name: result}}, args.plot)
+    return 0
+
+
+def plot_runs(runs: dict, path: str) -> None:
+    """runs: {trace label: {policy label: SimulationResult}}: one column per trace; rows: request rate, replicas,
+    expert shards, the SLO percentile of TTFT against its target."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install 'moefleet[bench]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (("request_rate", "requests/s"), ("replicas", "replicas"), ("expert_shards", "expert shards"),
+            ("ttft_ms", "TTFT (ms)"))
+    fig, axes = plt.subplots(len(rows), len(runs), figsize=(5.5 * len(runs), 9), sharex="col", squeeze=False)
+    for column, (trace, results) in enumerate(runs.items()):
+        for row, (name, label) in enumerate(rows):
+            ax = axes[row][column]
+            for policy, result in results.items():
+                series = result.series
+                ax.step(series["t"], series[name], where="post", label=policy, linewidth=1)
+                if name == "request_rate":
+                    break  # the load is the same trace under every policy
+            if name == "ttft_ms":
+                first = next(iter(results.values()))
+                ax.axhline(first.slo_ttft_ms, color="black", linestyle="--", linewidth=0.8, label="SLO")
+                ax.set_yscale("log")
+            if column == 0:
+                ax.set_ylabel(label)
+        axes[0][column].set_title(trace)
+        axes[-1][column].set_xlabel("time (s)")
+        axes[1][column].legend(fontsize=7)
+    axes[-1][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"{flag} must be integers separated by commas, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise ValueError(f"{flag} must be integers >= 1, got {text!r}")
+    return values
+
+
+def _profile(args) -> int:
+    import datetime
+    import os
+    import platform
+    import subprocess
+    import time
+
+    import torch
+
+    from moefleet import LLM, SamplingParams
+    from moefleet.autoscaler.performance_model import (
+        PerformanceProfile,
+        ShardTable,
+        StartTimes,
+        StepTable,
+        save_profile,
+    )
+    from moefleet.cluster.experts.expert_shard import ExpertShard
+
+    batch_sizes = _ints(args.batch_sizes, "--batch-sizes")
+    contexts = _ints(args.contexts, "--contexts")
+    prefills = [p for p in _ints(args.prefill_tokens, "--prefill-tokens") if p > batch_sizes[-1]]
+    shard_rows = _ints(args.shard_rows, "--shard-rows")
+    if args.shards < 1 or args.decode_steps < 1:
+        raise ValueError(f"--shards ({args.shards}) and --decode-steps ({args.decode_steps}) must be >= 1")
+
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, moefleet.cluster.engine.llm_engine"], check=True)
+    process_s = time.perf_counter() - started
+    LLM(args.model, dtype=args.dtype).shutdown()  # the first build also compiles or loads the CPU kernels
+    started = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype)
+    engine_s = time.perf_counter() - started
+    engine = llm.engine
+    spec, config = engine.spec, engine.config
+    rng = torch.Generator().manual_seed(0)
+
+    def sequences(count: int, length: int, max_tokens: int):
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        ids = torch.randint(10, spec.vocab_size, (count, length), generator=rng).tolist()
+        return [engine.admit(engine.make_sequence({"prompt_token_ids": p}, params)) for p in ids]
+
+    def timed_steps(count: int) -> float:
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
+
+    def finish(seqs) -> None:
+        for seq in seqs:
+            if seq.finish_reason is None:
+                engine.abort(seq.request_id)
+
+    decode = {}
+    for context in contexts:
+        for batch in batch_sizes:
+            if batch > config.max_num_seqs or context + args.decode_steps + 1 > engine.max_model_len:
+                raise ValueError(f"batch {batch} at context {context} does not fit the engine (max_num_seqs "
+                                 f"{config.max_num_seqs}, max_model_len {engine.max_model_len})")
+            seqs = sequences(batch, context, args.decode_steps + 3)
+            while any(not seq.output_token_ids for seq in seqs):  # prefill first
+                engine.step()
+            engine.step()  # and one decode step untimed: the first after a prefill pays for its warm-up
+            decode[batch, context] = timed_steps(args.decode_steps)
+            finish(seqs)
+    prefill = {}
+    for tokens in prefills:
+        if tokens > config.max_num_batched_tokens or tokens + 2 > engine.max_model_len:
+            raise ValueError(f"--prefill-tokens {tokens} exceeds the step budget ({config.max_num_batched_tokens}) "
+                             f"or the context ({engine.max_model_len})")
+        seqs = sequences(1, tokens, 1)
+        prefill[tokens] = timed_steps(1)
+        finish(seqs)
+    step = StepTable(tokens=batch_sizes + prefills, context=contexts,
+                     seconds=[[decode[b, c] for c in contexts] for b in batch_sizes]
+                     + [[prefill[p]] * len(contexts) for p in prefills])
+
+    per_shard = -(-spec.moe.num_experts // args.shards)
+    layers = spec.moe_layer_indices
+    held = {layer: tuple(range(per_shard)) for layer in layers}
+    started = time.perf_counter()
+    shard = ExpertShard.from_checkpoint(0, engine.reader, held)
+    load_s = time.perf_counter() - started
+    dtype = engine.reader.dtype
+    shard_seconds = []
+    for rows in shard_rows:
+        x = torch.randn(rows, spec.hidden_size, generator=rng).to(dtype)
+        experts = torch.randint(0, per_shard, (rows,), generator=rng)
+        index, weights = torch.arange(rows), torch.ones(rows, dtype=dtype)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            for layer in layers:
+                shard.compute(layer, x, index, experts, weights)
+            times.append(time.perf_counter() - started)
+        shard_seconds.append(sorted(times)[1])
+    kv_tokens = engine.blocks.num_blocks * config.block_size
+    llm.shutdown()
+
+    cores = len(os.sched_getaffinity(0))
+    profile = PerformanceProfile(
+        source=f"measured by moefleet profile on {platform.node()} ({cores} cores, torch {torch.__version__}, "
+               f"{args.dtype}) at {datetime.datetime.now().isoformat(timespec='seconds')}",
+        model=os.path.abspath(args.model), max_model_len=engine.max_model_len, kv_cache_tokens=kv_tokens,
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        num_experts=spec.moe.num_experts, num_moe_layers=len(layers), top_k=spec.moe.top_k,
+        expert_bytes=shard.nbytes() // (per_shard * len(layers)),
+        step=step, shard=ShardTable(rows=shard_rows, seconds=shard_seconds), remote_step_s=0.0,
+        replica_start=StartTimes(cold_s=process_s + engine_s, standby_s=0.0),
+        shard_start=StartTimes(cold_s=process_s + load_s, standby_s=load_s),
+        notes={
+            "step": f"decode rows: median of {args.decode_steps} engine steps (after one untimed) of a batch of that "
+                    "many sequences at that prompt length; prefill rows: one step prefilling one prompt of that "
+                    "length, the same for every context column (its context effect is not measured)",
+            "shard": f"median of 3 runs of ExpertShard.compute over all {len(layers)} MoE layers, rows routed to "
+                     f"random experts of a shard holding {per_shard} experts per layer",
+            "remote_step_s": "not measured (the in-process engine has no remote shards): 0",
+            "replica_start.cold_s": f"a fresh Python process importing torch and the engine ({process_s:.2f}s) plus "
+                                    f"building the in-process engine, kernels already built ({engine_s:.2f}s); "
+                                    "excludes Ray's actor start",
+            "replica_start.standby_s": "not measured: a warm replica only has to be registered with the gateways; 0",
+            "shard_start.cold_s": f"the same process start plus loading {per_shard} experts per MoE layer from the "
+                                  f"checkpoint ({load_s:.2f}s)",
+            "shard_start.standby_s": "loading the experts only: a standby shard's process is already running",
+            "kv_cache_tokens": "the engine's KV blocks × block size",
+        })
+    save_profile(profile, args.out)
+    fastest, slowest = min(map(min, step.seconds)), max(map(max, step.seconds))
+    print(f"wrote {args.out}: step {fastest * 1000:.1f}-{slowest * 1000:.1f} ms, "
+          f"replica start {profile.replica_start.cold_s:.1f}s, shard start {profile.shard_start.cold_s:.1f}s",
+          file=sys.stderr)
+    return 0
