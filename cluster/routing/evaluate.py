@@ -14,12 +14,13 @@ candidate, then the others in trace order), then the lower shard id.
 Which node a sequence runs on: `round_robin`, the sequence's index modulo the node count;
 `affinity`, the gateway's request shuffling: the node whose shards hold most of the predicted
 expert activations of the sequence's first `prompt_tokens` tokens (ties to the lower node), but
-never more than ceil(OVERLOAD_FACTOR x sequences / nodes) sequences per node; past that, the next
-best node.
+never more than ceil(overload_factor x sequences / nodes) sequences per node (OVERLOAD_FACTOR
+unless given); past that, the next best node.
 
 With a predictor, the sequences are split in two by a stable hash of their names
 (`evaluation_split`): the caller fits the predictor on the profiling half
-(`observe_profiling_half`) and every metric is computed on the evaluation half. Its precision
+(`observe_profiling_half`) and every metric is computed on the evaluation half; a caller whose
+predictor was fitted on other data (a profiling set of its own) passes `measured` instead. Its precision
 and recall compare its top-k experts for each (token, layer) with the trace's, from the token
 alone (what the gateway knows before the request runs).
 """
@@ -66,9 +67,12 @@ def observe_profiling_half(trace: RoutingTrace, predictor) -> int:
 
 
 def evaluate(trace: RoutingTrace, placement: Placement, shard_nodes: tuple[int, ...], predictor=None,
-             request_routing: str = "round_robin", prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> dict:
+             request_routing: str = "round_robin", prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+             measured: np.ndarray | None = None, overload_factor: float = OVERLOAD_FACTOR) -> dict:
     """The metrics of `placement` (MoE layers keyed 0..L-1, as in the trace) on `trace`, with shard
     s on node shard_nodes[s]; predictor: an AffinityModel fitted on the profiling half, or None.
+    measured: bool[S], the sequences to measure (default: the evaluation half with a predictor,
+    every sequence without one); overload_factor: the `affinity` routing's cap on a node's share.
 
     fanout: mean distinct shards per (token, layer) event; local_fraction: share of expert
     activations served on the token's node; cross_node_sends_per_token: per token occurrence,
@@ -77,7 +81,15 @@ def evaluate(trace: RoutingTrace, placement: Placement, shard_nodes: tuple[int, 
     precision, recall: the predictor's (None without one or without token ids); events, tokens:
     how many the metrics cover; sequences: in the trace; eval_sequences: those measured."""
     shard_nodes = _check(trace, placement, shard_nodes, predictor, request_routing, prompt_tokens)
-    evaluated = evaluation_split(trace.seq_names) if predictor is not None else np.ones(trace.num_sequences, bool)
+    if not overload_factor >= 1:
+        raise ValueError(f"overload_factor must be >= 1 (a node takes at least an even share), got {overload_factor}")
+    if measured is not None:
+        evaluated = np.asarray(measured, dtype=bool)
+        if evaluated.shape != (trace.num_sequences,) or not evaluated.any():
+            raise ValueError(f"measured must flag each of the trace's {trace.num_sequences} sequences, at least one "
+                             f"True, got shape {evaluated.shape} with {int(evaluated.sum())} True")
+    else:
+        evaluated = evaluation_split(trace.seq_names) if predictor is not None else np.ones(trace.num_sequences, bool)
     events = trace.subset(evaluated[trace.seq])
     holders = _holders(placement, trace.num_layers, trace.num_experts)
     of_event, occurrence_seq = events.occurrences()
@@ -85,7 +97,7 @@ def evaluate(trace: RoutingTrace, placement: Placement, shard_nodes: tuple[int, 
         node_of_seq = np.arange(trace.num_sequences) % (shard_nodes.max() + 1)
     else:
         node_of_seq = _affinity_nodes(events, of_event, occurrence_seq, evaluated, holders, shard_nodes, predictor,
-                                      prompt_tokens)
+                                      prompt_tokens, overload_factor)
     token_node = node_of_seq[events.seq]
     chosen = _serving_shards(events, holders, shard_nodes, token_node)
     valid = events.experts >= 0
@@ -189,7 +201,8 @@ def _serving_shards(events: RoutingTrace, holders: np.ndarray, shard_nodes: np.n
 
 
 def _affinity_nodes(events: RoutingTrace, of_event: np.ndarray, occurrence_seq: np.ndarray, evaluated: np.ndarray,
-                    holders: np.ndarray, shard_nodes: np.ndarray, predictor, prompt_tokens: int) -> np.ndarray:
+                    holders: np.ndarray, shard_nodes: np.ndarray, predictor, prompt_tokens: int,
+                    overload_factor: float) -> np.ndarray:
     """int64[S]: the node of each evaluated sequence (-1 for the others), by predicted locality
     under the overload cap (module docstring)."""
     num_nodes = int(shard_nodes.max()) + 1
@@ -199,7 +212,7 @@ def _affinity_nodes(events: RoutingTrace, of_event: np.ndarray, occurrence_seq: 
     sequences = np.nonzero(evaluated)[0]
     starts = np.searchsorted(occurrence_seq, sequences)  # occurrences are ordered by sequence, then position
     ends = np.minimum(np.searchsorted(occurrence_seq, sequences, side="right"), starts + prompt_tokens)
-    cap = math.ceil(OVERLOAD_FACTOR * len(sequences) / num_nodes)
+    cap = math.ceil(overload_factor * len(sequences) / num_nodes)
     taken = np.zeros(num_nodes, dtype=np.int64)
     node_of_seq = np.full(len(evaluated), -1, dtype=np.int64)
     for s, start, end in zip(sequences.tolist(), starts.tolist(), ends.tolist()):

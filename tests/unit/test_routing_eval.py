@@ -1,6 +1,7 @@
 """Evaluating a placement against a routing trace: golden cases worked by hand, the choice of the
 copy that serves a replicated expert, request routing (round robin, affinity under the overload
-cap), the profiling/evaluation split and the predictor's precision and recall."""
+cap), the profiling/evaluation split (or the sequences a caller names) and the predictor's
+precision and recall."""
 
 import math
 
@@ -96,6 +97,37 @@ def test_affinity_request_routing_follows_predictions_but_never_overloads_a_node
     assert affinity["local_fraction"] == pytest.approx(3 / 4)
     assert affinity["cross_node_sends_per_token"] == pytest.approx(1 / 4)  # the 4th sequence's tokens go remote
     assert affinity["eval_sequences"] == 4 and affinity["sequences"] == 8 and affinity["events"] == 16
+
+
+def test_a_predictor_fitted_elsewhere_measures_the_sequences_named_under_the_cap_given():
+    placement = Placement(epoch=0, num_experts=4, shard_experts={0: ((0, 1), (2, 3))})
+    trace = _topic_trace(8)
+    predictor = TablePredictor({0: (2, 3)}, num_layers=1, num_experts=4)
+    every = np.ones(8, dtype=bool)
+    # All 8 sequences want node 1 (experts 2 and 3 live on shard 1): the default cap takes
+    # ceil(1.1 x 8 / 2) = 5 there, the other 3 send every token's rows to node 1 (one send each).
+    result = evaluate(trace, placement, (0, 1), predictor, "affinity", measured=every)
+    assert result["eval_sequences"] == 8 and result["tokens"] == 32
+    assert result["local_fraction"] == pytest.approx(5 / 8)
+    assert result["cross_node_sends_per_token"] == pytest.approx(3 / 8)
+    # An even share (overload_factor 1): ceil(8 / 2) = 4 on node 1, 4 remote.
+    even = evaluate(trace, placement, (0, 1), predictor, "affinity", measured=every, overload_factor=1.0)
+    assert even["local_fraction"] == pytest.approx(4 / 8) and even["cross_node_sends_per_token"] == pytest.approx(4 / 8)
+    # Sequences 0 and 3 only, round robin: s0 on node 0 (remote), s3 on node 1 (local).
+    named = evaluate(trace, placement, (0, 1), predictor, measured=np.arange(8) % 3 == 0)
+    assert named["eval_sequences"] == 3 and named["tokens"] == 12  # s0, s3, s6
+    assert named["local_fraction"] == pytest.approx(1 / 3)  # s3 alone is on node 1
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"measured": np.ones(3, dtype=bool)}, "measured must flag each of the trace's 8 sequences"),
+    ({"measured": np.zeros(8, dtype=bool)}, "at least one True"),
+    ({"overload_factor": 0.9}, "overload_factor must be >= 1"),
+])
+def test_bad_measured_sequences_and_caps_are_refused(kwargs, problem):
+    placement = Placement(epoch=0, num_experts=4, shard_experts={0: ((0, 1), (2, 3))})
+    with pytest.raises(ValueError, match=problem):
+        evaluate(_topic_trace(8), placement, (0, 1), TablePredictor({0: (2, 3)}, 1, 4), "affinity", **kwargs)
 
 
 def test_precision_and_recall_golden_on_the_evaluation_half():
