@@ -1,6 +1,7 @@
 """The controller's Ray shell: a named actor that Ray restarts when it dies, over the Ray shard and
 replica groups and the configured state store."""
 
+from moefleet.actors.cluster_capacity import cluster_capacity
 from moefleet.actors.ray_groups import RayReplicaGroup, RayShardGroup
 from moefleet.cluster.config.controller_config import ControllerConfig
 from moefleet.cluster.control.controller import Controller
@@ -15,8 +16,9 @@ class ControllerHost(Controller):
         import ray
 
         name = ray.get_runtime_context().get_actor_name()
+        capacity = cluster_capacity(config, joined_cluster=config.engine.ray_address is not None)
         super().__init__(config, RayShardGroup(config.engine), RayReplicaGroup(config, name),
-                         store_from_url(config.state_store, config.store_prefix))
+                         store_from_url(config.state_store, config.store_prefix), request_capacity=capacity)
         self.start_monitor()
 
 

@@ -135,7 +135,8 @@ class Replica:
                             node_id=self.node_id,
                             kv_cache_usage=1 - engine.blocks.num_free_blocks / engine.blocks.num_blocks,
                             ttft_counts=tuple(serving.time_to_first_token.counts),
-                            itl_counts=tuple(serving.inter_token_latency.counts))
+                            itl_counts=tuple(serving.inter_token_latency.counts),
+                            shard_compute_s=tuple(engine.experts.transport.traffic.compute_s))
 
     def state(self) -> ReplicaSnapshot:
         """Replica, shard and per-expert load state for the Admin API."""

@@ -14,7 +14,7 @@ from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moefleet.cluster.config.serve_config import _describe
+from moefleet.cluster.config.validation_errors import describe_error
 
 PLACEHOLDER = "placeholder"
 
@@ -183,7 +183,8 @@ def parse_profile(text: str, source: str = "<profile>") -> PerformanceProfile:
     try:
         return PerformanceProfile.model_validate(data)
     except ValidationError as e:
-        raise ValueError("\n".join(f"{source}: {_describe(error)}" for error in e.errors(include_url=False))) from None
+        lines = (f"{source}: {describe_error(error)}" for error in e.errors(include_url=False))
+        raise ValueError("\n".join(lines)) from None
 
 
 def load_profile(path: str) -> PerformanceProfile:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moefleet.cluster.config.serve_config import _describe
+from moefleet.cluster.config.validation_errors import describe_error
 
 API_VERSION = "moefleet.io/v1alpha1"
 KIND = "AutoscalingPolicy"
@@ -287,7 +287,8 @@ def parse_policy(text: str, source: str = "<policy>") -> AutoscalingPolicy:
     try:
         return AutoscalingPolicy.model_validate(data)
     except ValidationError as e:
-        raise ValueError("\n".join(f"{source}: {_describe(error)}" for error in e.errors(include_url=False))) from None
+        lines = (f"{source}: {describe_error(error)}" for error in e.errors(include_url=False))
+        raise ValueError("\n".join(lines)) from None
 
 
 def load_policy(path: str) -> AutoscalingPolicy:

@@ -87,6 +87,7 @@ class ReplicaState:
     # histograms of its /metrics): the autoscaler takes percentiles over a window from their deltas.
     ttft_counts: tuple[int, ...] = ()
     itl_counts: tuple[int, ...] = ()
+    shard_compute_s: tuple[float, ...] = ()  # cumulative expert compute per shard index, for this replica
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def _serve(args) -> int:
         "replicas": args.replicas, "gateways": args.gateways, "expert_shards": args.expert_shards,
         "state_store": args.state_store, "admin_token_file": args.admin_token_file,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "initial_placement": args.placement,
-        "ray_address": args.ray_address})
+        "ray_address": args.ray_address, "autoscaling_policy": args.autoscaling_policy})
     return run_serve(config)
 
 
@@ -108,7 +108,7 @@ def _admin(args) -> int:
 
     from moefleet.client import Client
 
-    needs_value = {"scale-shards", "scale-replicas", "drain"}
+    needs_value = {"scale-shards", "scale-replicas", "drain", "autoscaler", "set-policy"}
     if (args.action in needs_value) != (args.value is not None):
         print(f"moefleet: error: admin {args.action} {'needs' if args.action in needs_value else 'takes no'} value",
               file=sys.stderr)
@@ -122,6 +122,11 @@ def _admin(args) -> int:
                 reply = client.drain(args.value)
             elif args.action == "rebalance":
                 reply = client.rebalance()
+            elif args.action == "autoscaler":
+                return _autoscaler_view(client, args.value)
+            elif args.action == "set-policy":
+                with open(args.value, encoding="utf-8") as f:
+                    reply = client.set_autoscaling_policy(f.read())
             else:
                 count = int(args.value)
                 reply = client.scale_shards(count) if args.action == "scale-shards" else client.scale_replicas(count)
@@ -131,7 +136,24 @@ def _admin(args) -> int:
         except grpc.RpcError as e:
             print(f"moefleet: error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 2
+        except OSError as e:
+            print(f"moefleet: error: {args.value}: {e.strerror or e}", file=sys.stderr)
+            return 2
     print(text_format.MessageToString(reply), end="")
+    return 0
+
+
+def _autoscaler_view(client, what: str) -> int:
+    """`admin autoscaler status|history|policy`: JSON for status and history, the policy's YAML."""
+    import json
+
+    if what == "policy":
+        print(client.get_autoscaling_policy(), end="")
+    elif what in ("status", "history"):
+        print(json.dumps(client.autoscaler_status(history=what == "history"), indent=2))
+    else:
+        print(f"moefleet: error: admin autoscaler takes status, history or policy, got {what!r}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -193,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--placement", help="start the expert shards from this placement JSON (moefleet routing plan "
                                            "--out); --expert-shards must match its shard count")
+    serve.add_argument("--autoscaling-policy", help="an autoscaling policy file (kind AutoscalingPolicy): replicas "
+                                                    "and expert shards scale by it")
     serve.add_argument("--ray-address", help="join this Ray cluster ('auto': the one this node belongs to) instead "
                                              "of starting a local one")
     serve.set_defaults(func=_serve)
@@ -216,9 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_autoscaler_parsers(sub)
 
     admin = sub.add_parser("admin", help="cluster administration over gRPC (needs the admin token)",
-                           description="moefleet admin {state,scale-shards N,scale-replicas N,rebalance,drain REPLICA}")
-    admin.add_argument("action", choices=["state", "scale-shards", "scale-replicas", "rebalance", "drain"])
-    admin.add_argument("value", nargs="?", help="N for scale-*, the replica id for drain")
+                           description="moefleet admin {state,scale-shards N,scale-replicas N,rebalance,drain REPLICA,"
+                                       "autoscaler status|history|policy,set-policy FILE}")
+    admin.add_argument("action", choices=["state", "scale-shards", "scale-replicas", "rebalance", "drain", "autoscaler",
+                                          "set-policy"])
+    admin.add_argument("value", nargs="?", help="N for scale-*, the replica id for drain, status|history|policy "
+                                                "for autoscaler, the policy file for set-policy (hot reload)")
     admin.add_argument("--address", required=True, help="HOST:PORT of a gateway")
     admin.add_argument("--token", default=None, help="admin token (default: $MOEFLEET_ADMIN_TOKEN)")
     admin.set_defaults(func=_admin)

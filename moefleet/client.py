@@ -83,6 +83,24 @@ class Client:
     def drain(self, replica_id: str) -> admin_pb2.OperationResult:
         return self.admin_stub.Drain(admin_pb2.DrainRequest(replica_id=replica_id), metadata=self.metadata, timeout=self.timeout)
 
+    def get_autoscaling_policy(self) -> str:
+        """The autoscaling policy in force, as YAML."""
+        return self.admin_stub.GetAutoscalingPolicy(admin_pb2.GetAutoscalingPolicyRequest(), metadata=self.metadata,
+                                                    timeout=self.timeout).yaml
+
+    def set_autoscaling_policy(self, yaml_text: str) -> admin_pb2.OperationResult:
+        """Validate, hot-reload and persist a policy (INVALID_ARGUMENT names each bad key)."""
+        return self.admin_stub.SetAutoscalingPolicy(admin_pb2.AutoscalingPolicy(yaml=yaml_text),
+                                                    metadata=self.metadata, timeout=self.timeout)
+
+    def autoscaler_status(self, history: bool = False, limit: int = 0):
+        """The autoscaler's status (a dict), or its decision history (a list, newest first)."""
+        import json
+
+        reply = self.admin_stub.GetAutoscalerStatus(admin_pb2.GetAutoscalerStatusRequest(history=history, limit=limit),
+                                                    metadata=self.metadata, timeout=self.timeout)
+        return json.loads(reply.json)
+
     def record_routing(self, sample_rate: float, duration_s: float, max_events: int = 0) -> admin_pb2.RoutingTrace:
         """The deployment's routing for `duration_s` (a routing trace, gzip'd JSONL, in the reply)."""
         request = admin_pb2.RecordRoutingRequest(sample_rate=sample_rate, duration_s=duration_s, max_events=max_events)

@@ -50,7 +50,8 @@ class LocalDeployment:
         controller_config = config.controller_config(model, self.model_id, cores)
         self.num_gateways, self.engine_threads = config.gateway_count(cores), controller_config.engine.num_threads
         self.controller = remote_controller_class().options(name=CONTROLLER_NAME).remote(controller_config)
-        ray.get(self.controller.start.remote(config.replicas))
+        self.initial_replicas = config.initial_replicas(controller_config.autoscaling)
+        ray.get(self.controller.start.remote(self.initial_replicas))
         gateway_class, tls = remote_gateway_class(), _tls(config)
         first = gateway_class.remote(CONTROLLER_NAME, self.model_id, self.auth, f"{config.host}:{config.grpc_port}",
                                      config.host, config.http_port, tls, self.num_gateways, config.output_transport)
@@ -98,15 +99,20 @@ def run_serve(config: ServeConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     host, grpc_port, http_port = deployment.addresses
     scheme = "https" if config.tls_cert else "http"
-    print(f"moefleet: serving model {deployment.model_id!r} with {config.replicas} replica(s) of "
+    print(f"moefleet: serving model {deployment.model_id!r} with {deployment.initial_replicas} replica(s) of "
           f"{deployment.engine_threads} torch thread(s) and {deployment.num_gateways} gateway(s) "
           f"(for {len(os.sched_getaffinity(0))} cores; --replicas, --gateways and engine.num_threads override)\n"
           f"  gRPC:  {host}:{grpc_port}   (moefleet generate --address {host}:{grpc_port} \"Hello\")\n"
           f"  HTTP:  {scheme}://{host}:{http_port}/v1   (OpenAI-compatible; /health, /metrics)", flush=True)
     if deployment.generated_token:
         print(f"  admin token (generated for this run): {deployment.auth.admin_tokens[0]}", flush=True)
+    if config.autoscaling_policy:
+        print(f"  autoscaling by {config.autoscaling_policy} (moefleet admin autoscaler status|history)", flush=True)
     prompt = "Once upon a time"
-    print(f"  sample: {prompt!r} -> {deployment.sample(prompt)!r}", flush=True)
+    if deployment.initial_replicas:
+        print(f"  sample: {prompt!r} -> {deployment.sample(prompt)!r}", flush=True)
+    else:
+        print("  scaled to zero: the first request waits while a replica starts", flush=True)
     print("Press Ctrl-C (or send SIGTERM) to drain and stop.", flush=True)
     stop.wait()
     print("moefleet: draining in-flight requests and stopping...", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moefleet.autoscaler.policy_file import AutoscalingPolicy
 from moefleet.autoscaler.rebalance_config import AutoRebalance
 from moefleet.cluster.config.engine_config import EngineConfig
 
@@ -75,3 +76,5 @@ class ControllerConfig(ControllerOptions):
 
     engine: EngineConfig = Field(description="The engine every replica runs (the same checkpoint and options).")
     model_id: str = Field(description="The model name clients ask for.")
+    autoscaling: AutoscalingPolicy | None = Field(None, description="The autoscaling policy (None: sizes change "
+                                                                    "only when asked).")

@@ -7,8 +7,10 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from moefleet.autoscaler.policy_file import load_policy
 from moefleet.cluster.config.controller_config import ControllerConfig, ControllerOptions
 from moefleet.cluster.config.engine_config import EngineConfig, EngineOptions
+from moefleet.cluster.config.validation_errors import describe_error
 
 CORES_PER_GATEWAY = 8
 
@@ -38,6 +40,10 @@ class ServeConfig(ControllerOptions):
         "(faster), or an actor call per engine step (only Ray's own ports).")
     drain_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
     ray_address: str | None = Field(None, description="Ray cluster to join; default: start a local one.")
+    autoscaling_policy: str | None = Field(
+        None, description="An autoscaling policy file (kind AutoscalingPolicy): the controller scales replicas and "
+                          "expert shards by it; it starts them at the policy's initial sizes (replicas and "
+                          "expert_shards above are then ignored).")
 
     @model_validator(mode="after")
     def _tls_pair(self):
@@ -65,10 +71,17 @@ class ServeConfig(ControllerOptions):
         # gateway made 3.4-3.6K tokens/s at 64 requests and 231 at 1, one of 1 thread 3.8K and 315
         # (tiny Mixtral through the output channel, benchmarks/output_channel.py's load).
         threads = max(1, (cores - self.gateway_count(cores)) // self.replicas)
-        engine = EngineConfig(**{"num_threads": threads,
+        engine = EngineConfig(**{"num_threads": threads, "ray_address": self.ray_address,
                                  **self.engine.model_dump(exclude_unset=True), "model": model})
         shared = {name: getattr(self, name) for name in ControllerOptions.model_fields}
-        return ControllerConfig(**shared, engine=engine, model_id=model_id)
+        autoscaling = load_policy(self.autoscaling_policy) if self.autoscaling_policy else None
+        if autoscaling is not None and autoscaling.spec.pools.expert_shards.enabled:
+            shared["expert_shards"] = autoscaling.spec.pools.expert_shards.initial_size
+        return ControllerConfig(**shared, engine=engine, model_id=model_id, autoscaling=autoscaling)
+
+    def initial_replicas(self, autoscaling) -> int:
+        """Replicas to start: the policy's initial size when there is one."""
+        return autoscaling.spec.pools.replicas.initial_size if autoscaling is not None else self.replicas
 
 
 def load_serve_config(path: str | None, overrides: dict) -> ServeConfig:
@@ -91,14 +104,6 @@ def load_serve_config(path: str | None, overrides: dict) -> ServeConfig:
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as e:
-        lines = [_describe(error) for error in e.errors(include_url=False)]
+        lines = [describe_error(error) for error in e.errors(include_url=False)]
         heading = f"{source}: {len(lines)} bad setting{'s' if len(lines) > 1 else ''}:"
         raise ValueError("\n  ".join([heading, *lines])) from None
-
-
-def _describe(error) -> str:
-    """`engine.kv_cache_gib: Input should be a valid number, ... (got 'x')` for one pydantic error."""
-    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
-    message = error["msg"].removeprefix("Value error, ")  # our own checks' messages say it all
-    got = f" (got {error['input']!r})" if error["type"] not in ("missing", "value_error") else ""
-    return f"{path}: {message}{got}" if path else message

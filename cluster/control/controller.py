@@ -30,8 +30,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from moefleet.autoscaler.policy_file import dump_policy
 from moefleet.autoscaler.rebalance_rule import rebalance_due
 from moefleet.cluster.config.controller_config import ControllerConfig
+from moefleet.cluster.control.autoscaling_actuator import AutoscalingActuator, copies_of
 from moefleet.cluster.control.groups import ReplicaGroup, ShardGroup
 from moefleet.cluster.control.records import DeploymentRecord, RebalanceState
 from moefleet.cluster.control.speculation import GatewayLocality, Speculation, Topology
@@ -67,7 +69,10 @@ def _store_errors() -> tuple[type, ...]:
 
 
 class Controller:
-    def __init__(self, config: ControllerConfig, shards: ShardGroup, replicas: ReplicaGroup, store: StateStore):
+    def __init__(self, config: ControllerConfig, shards: ShardGroup, replicas: ReplicaGroup, store: StateStore,
+                 request_capacity: Callable[[int, int], None] | None = None):
+        """request_capacity(replicas, shards): asks the cluster for the nodes those sizes need
+        (actors/cluster_capacity.py); None: the cluster is what it is."""
         self.config = config
         self.shard_group, self.replica_group, self.store = shards, replicas, store
         self.spec = spec = load_spec(config.engine.model)
@@ -78,6 +83,7 @@ class Controller:
         self.generation = 0
         self.shard_names: list[str] = []  # shard_names[i] serves shard index i (empty: experts inside replicas)
         self.standby: list[str] = []
+        self.standby_target = config.standby_shards  # the autoscaler may change it
         self.replica_ids: list[str] = []
         self.draining: set[str] = set()
         self.target_replicas = 0
@@ -96,6 +102,10 @@ class Controller:
         self._shard_node_ids: list[str] = []
         self._replica_node_ids: dict[str, str] = {}
         self.recovered = self._recover()
+        self.autoscaler = None
+        if config.autoscaling is not None:
+            self.autoscaler = AutoscalingActuator(self, config.autoscaling, self._store(self.store.autoscaler),
+                                                  request_capacity)
 
     # ----- state store -----
     def _store(self, fn, *args, wait_s: float | None = None):
@@ -223,9 +233,6 @@ class Controller:
             return None
         return self.speculation.gateway_locality(placement, self.moe_layers, self.topology(), self.config.engine.model)
 
-    def speculation_gauges(self) -> dict[str, float | None]:
-        return self.speculation.quality.gauges()
-
     def _plan_rebalance(self, load: np.ndarray, limits) -> tuple[Placement, str]:
         """The rebalanced placement and how it was planned: grouped by the affinity model's routing
         when asked for and learned enough, with shards on more than one node; else for load."""
@@ -322,14 +329,14 @@ class Controller:
     def _refill_standby_later(self) -> None:
         """Start the standby shards used up, in the background: after the change, not during it
         (a process start competes for the cores the serving epoch uses)."""
-        if len(self.standby) < self.config.standby_shards:
+        if len(self.standby) < self.standby_target:
             threading.Thread(target=self._refill_standby, daemon=True).start()
 
     def _refill_standby(self) -> None:
         """Start standby shards up to the configured count. The starts (seconds each) run outside
         the lock, so control changes do not wait for them."""
         with self._refill_lock:
-            missing = self.config.standby_shards - len(self.standby)
+            missing = self.standby_target - len(self.standby)
             if missing <= 0:
                 return
             names = [_new_shard_name() for _ in range(missing)]
@@ -359,6 +366,11 @@ class Controller:
     def scale_replicas(self, count: int) -> str:
         if not isinstance(count, int) or count < 1:
             raise InvalidRequestError("replicas", f"must be an integer >= 1, got {count!r}")
+        return self.scale_replicas_to(count)
+
+    def scale_replicas_to(self, count: int) -> str:
+        """`count` serving replicas, 0 included (the autoscaler's scale to zero): new ones start,
+        surplus ones drain (they stop when their requests finish)."""
         with self.lock:
             serving = self._serving()
             self.target_replicas = count
@@ -553,12 +565,14 @@ class Controller:
         """One monitoring round at wall-clock time `now`: drop dead replicas (and start
         replacements), retire drained ones, learn the routing the replicas sampled, sample the
         imbalance, rebalance when the rule says so, heartbeat into the store."""
+        states = []
         for rid in list(self.replica_ids):
             try:
                 state = self.replica_group.stats(rid)
             except Exception as e:
                 self._replica_lost(rid, e)
                 continue
+            states.append(state)
             self._replica_node_ids[rid] = state.node_id
             if rid in self.draining and state.requests == 0:
                 self._retire_replica(rid)
@@ -577,9 +591,77 @@ class Controller:
                     self._rebalance(f"imbalance above {rule.threshold} for {rule.window_s}s", now)
                 except ControlUnavailableError as e:
                     log.warning("automatic rebalance waits: %s", e)
+        if self.autoscaler is not None:
+            self.autoscaler.round(now, states)
         for rid in list(self.replica_ids):
             self._best_effort(self.store.heartbeat, "replica", rid, {"draining": rid in self.draining}, now,
                               self.config.monitor_interval_s * 10)
+
+    # ----- the autoscaler's view and levers (cluster/control/autoscaling_actuator.py) -----
+    def serving_replicas(self) -> list[str]:
+        return self._serving()
+
+    def num_shards(self) -> int:
+        """Shard actors the controller owns (0: each replica keeps its experts in process)."""
+        return len(self.shard_names)
+
+    def owns_shards(self) -> bool:
+        return bool(self.shard_names)
+
+    def interval_s(self) -> float:
+        return self.config.monitor_interval_s
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (what one copy moves): three projections, float32."""
+        spec = self.spec
+        return 3 * spec.hidden_size * spec.moe.intermediate_size * 4
+
+    def expert_load_view(self) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+        """(load float64[L, E] over the window, copies int64[L, E], imbalance) for the autoscaler."""
+        if self.placement is None:
+            return None, None, 1.0
+        load = self._collect_load()
+        if load.sum() == 0:
+            return None, copies_of(self.placement, self.moe_layers), 1.0
+        return load, copies_of(self.placement, self.moe_layers), imbalance(load, self.placement, self.moe_layers)
+
+    def set_standby_shards(self, count: int) -> None:
+        self.standby_target = count
+        self._refill_standby_later()
+
+    def persist_autoscaler(self, record: dict) -> None:
+        self._best_effort(self.store.put_autoscaler, record)
+
+    def log_action(self, action: str, **details) -> None:
+        self._log(action, **details)
+
+    def note_waiting(self, gateway_id: str, count: int) -> None:
+        """A gateway holds `count` requests for want of a serving replica (scale from zero)."""
+        if self.autoscaler is not None:
+            self.autoscaler.note_waiting(gateway_id, count, time.time())
+
+    def _autoscaler(self):
+        if self.autoscaler is None:
+            raise NotImplementedError("this deployment runs no autoscaler: start it with "
+                                      "--autoscaling-policy FILE (or autoscaling_policy in cluster.yaml)")
+        return self.autoscaler
+
+    def get_autoscaling_policy(self) -> str:
+        return dump_policy(self._autoscaler().autoscaling.policy)
+
+    def set_autoscaling_policy(self, text: str) -> str:
+        return self._autoscaler().set_policy_yaml(text)
+
+    def autoscaler_status(self) -> dict:
+        return self._autoscaler().status()
+
+    def autoscaler_history(self, limit: int = 100) -> list[dict]:
+        return self._autoscaler().history(limit)
+
+    def deployment_gauges(self) -> dict:
+        """What gateways add to /metrics for the deployment as a whole."""
+        return {"speculation": self.speculation.quality.gauges(),
+                "pools": self.autoscaler.gauges() if self.autoscaler is not None else None}
 
     def _replica_lost(self, rid: str, error: Exception) -> None:
         with self.lock:

@@ -59,6 +59,14 @@ class StateStore(Protocol):
         """None before the first put_affinity."""
         ...
 
+    def put_autoscaler(self, record: dict) -> None:
+        """The autoscaler's policy (its YAML) and the policy's state (PolicyState.to_dict())."""
+        ...
+
+    def autoscaler(self) -> dict | None:
+        """None before the first put_autoscaler."""
+        ...
+
 
 class InMemoryStore:
     def __init__(self):
@@ -70,6 +78,7 @@ class InMemoryStore:
         self._deployment: DeploymentRecord | None = None
         self._rebalance_state = RebalanceState()
         self._affinity = None
+        self._autoscaler = None
 
     def epoch(self):
         with self._lock:
@@ -135,11 +144,19 @@ class InMemoryStore:
         with self._lock:
             return self._affinity
 
+    def put_autoscaler(self, record):
+        with self._lock:
+            self._autoscaler = json.loads(json.dumps(record))
+
+    def autoscaler(self):
+        with self._lock:
+            return self._autoscaler
+
 
 class RedisStore:
     """Keys under `prefix`: epoch (hash: generation, placement), record:deployment (JSON),
     members:<kind> (hash: id -> {expires, info}), load (JSON), policy:rebalance (JSON),
-    decisions (list, newest first, capped), model:affinity (JSON)."""
+    decisions (list, newest first, capped), model:affinity (JSON), policy:autoscaler (JSON)."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "moefleet", client=None):
         import redis
@@ -225,6 +242,13 @@ class RedisStore:
 
     def affinity(self):
         raw = self.redis.get(self._key("model", "affinity"))
+        return None if raw is None else json.loads(raw)
+
+    def put_autoscaler(self, record):
+        self.redis.set(self._key("policy", "autoscaler"), json.dumps(record))
+
+    def autoscaler(self):
+        raw = self.redis.get(self._key("policy", "autoscaler"))
         return None if raw is None else json.loads(raw)
 
 

@@ -3,6 +3,7 @@ token and maps errors)."""
 
 import asyncio
 import dataclasses
+import json
 
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.messages import ReplicaSnapshot
@@ -16,8 +17,8 @@ class GatewayAdmin:
     """The Admin API's operations. Replica and shard scaling and rebalancing go to the controller
     (one control path, whether it owns the expert shards or each replica keeps its experts in
     process), and so does Drain when there is one; a gateway without a controller answers
-    UNIMPLEMENTED for the changes and drains a replica itself. The autoscaler is not built yet,
-    so its policy calls answer UNIMPLEMENTED and say so."""
+    UNIMPLEMENTED for the changes and drains a replica itself, and so do the autoscaler's calls
+    where no autoscaling policy runs."""
 
     def __init__(self, gateway):
         self.gateway = gateway
@@ -78,7 +79,21 @@ class GatewayAdmin:
         return self.gateway.controller
 
     async def GetAutoscalingPolicy(self, request):  # noqa: N802
-        raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy")
+        text = await self._controller("run an autoscaler").get_autoscaling_policy.remote()
+        return admin_pb2.AutoscalingPolicy(yaml=text)
 
     async def SetAutoscalingPolicy(self, request):  # noqa: N802
-        raise NotImplementedError("the autoscaler is not built yet: there is no autoscaling policy to set")
+        if not request.yaml.strip():
+            raise InvalidRequestError("yaml", "the policy is empty")
+        message = await self._controller("run an autoscaler").set_autoscaling_policy.remote(request.yaml)
+        return admin_pb2.OperationResult(accepted=True, message=message)
+
+    async def GetAutoscalerStatus(self, request):  # noqa: N802
+        controller = self._controller("run an autoscaler")
+        if request.limit < 0:
+            raise InvalidRequestError("limit", f"must be >= 0, got {request.limit}")
+        if request.history:
+            found = await controller.autoscaler_history.remote(request.limit or 100)
+        else:
+            found = await controller.autoscaler_status.remote()
+        return admin_pb2.AutoscalerStatus(json=json.dumps(found))

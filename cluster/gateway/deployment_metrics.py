@@ -1,11 +1,14 @@
-"""The controller's speculative-scheduling gauges as Prometheus families, beside the replicas' own
-in a gateway's /metrics: how well the affinity model predicts routing, and what the placement and
-request shuffling achieve (measured on the replicas' sampled routing, decayed over recent samples;
-see cluster/control/speculation.py). A gauge with nothing measured yet is left out."""
+"""The controller's gauges of the deployment as a whole, as Prometheus families beside the
+replicas' own in a gateway's /metrics:
+- speculative scheduling: how well the affinity model predicts routing, and what placement and
+  request shuffling achieve (measured on the replicas' sampled routing, decayed over recent
+  samples; cluster/control/speculation.py);
+- the autoscaler: desired and actual size of each pool (replicas, expert shards).
+A gauge with nothing measured yet is left out."""
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-GAUGES = {
+SPECULATION_GAUGES = {
     "precision": ("moefleet_prediction_precision",
                   "Share of the affinity model's predicted top-k experts the router then chose."),
     "predicted_local_fraction": ("moefleet_predicted_local_fraction",
@@ -18,11 +21,21 @@ GAUGES = {
 }
 
 
-def speculation_families(gauges: dict[str, float | None]) -> list[Metric]:
+def deployment_families(gauges: dict) -> list[Metric]:
+    """gauges: Controller.deployment_gauges() ({} when the controller did not answer)."""
     families = []
-    for key, (name, help_text) in GAUGES.items():
-        if gauges.get(key) is not None:
+    for key, (name, help_text) in SPECULATION_GAUGES.items():
+        value = (gauges.get("speculation") or {}).get(key)
+        if value is not None:
             family = GaugeMetricFamily(name, help_text)
-            family.add_metric([], gauges[key])
+            family.add_metric([], value)
+            families.append(family)
+    pools = gauges.get("pools")
+    if pools:
+        for kind in ("desired", "actual"):
+            family = GaugeMetricFamily(f"moefleet_autoscaler_{kind}_size",
+                                       f"The {kind} size of each pool (the autoscaler's).", labels=["pool"])
+            for pool, size in pools[kind].items():
+                family.add_metric([pool], size)
             families.append(family)
     return families

@@ -6,18 +6,22 @@ bind the same ports (SO_REUSEPORT) and the kernel spreads connections among them
 import asyncio
 import threading
 import time
+import uuid
 
 from moefleet.cluster.errors import DrainingError
 from moefleet.cluster.gateway.admin import GatewayAdmin
 from moefleet.cluster.gateway.auth import TokenAuth
+from moefleet.cluster.gateway.deployment_metrics import deployment_families
 from moefleet.cluster.gateway.grpc_server import NOT_SERVING, SERVING, build_grpc_server
 from moefleet.cluster.gateway.http_server import HttpApi
 from moefleet.cluster.gateway.replica_metrics import merge_replica_metrics
 from moefleet.cluster.gateway.replica_pool import RayReplicaHandle, ReplicaPool, is_replica_loss
 from moefleet.cluster.gateway.request_locality import RequestLocality
-from moefleet.cluster.gateway.speculation_metrics import speculation_families
 
 LOCALITY_REFRESH_S = 10.0  # the controller's table changes with its model and placement: slowly
+# With a controller, a request that finds no serving replica waits this long for one (the
+# autoscaler starts one from zero; the controller replaces lost ones) instead of failing at once.
+WAIT_FOR_REPLICA_S = 120.0
 
 
 class Gateway:
@@ -27,6 +31,10 @@ class Gateway:
                  transport: str = "socket"):
         self.request_locality = RequestLocality()
         self.pool = ReplicaPool(handles, max_outstanding_tokens, locality=self.request_locality)
+        if controller is not None:
+            self.pool.wait_for_replica_s = WAIT_FOR_REPLICA_S
+        self.gateway_id = uuid.uuid4().hex[:8]
+        self._told_waiting = 0
         self.model_id, self.auth, self.controller, self.num_gateways = model_id, auth, controller, num_gateways
         self.transport = transport  # of the replicas' outputs to this gateway (replica_channel.py)
         self.grpc_address, self.http_host, self.http_port, self.tls = grpc_address, http_host, http_port, tls
@@ -55,6 +63,13 @@ class Gateway:
             if draining:
                 self.pool.draining.add(rid)
 
+    async def tell_waiting(self) -> None:
+        """Tell the controller how many requests wait here for a replica (when any do, or did)."""
+        waiting = self.pool.waiting_for_replica
+        if waiting or self._told_waiting:
+            await self.controller.note_waiting.remote(self.gateway_id, waiting)
+            self._told_waiting = waiting
+
     async def refresh_locality(self) -> None:
         """The controller's request-shuffling table (None where it predicts nothing useful)."""
         if self.controller is not None:
@@ -79,13 +94,13 @@ class Gateway:
             if isinstance(text, BaseException) and not is_replica_loss(text):
                 raise text
         return merge_replica_metrics({h.replica_id: text for h, text in zip(handles, texts) if isinstance(text, str)},
-                                     speculation_families(await self._speculation_gauges()))
+                                     deployment_families(await self._deployment_gauges()))
 
-    async def _speculation_gauges(self) -> dict:
+    async def _deployment_gauges(self) -> dict:
         if self.controller is None:
             return {}
         try:
-            return await asyncio.wait_for(self.controller.speculation_gauges.remote(), timeout=2.0)
+            return await asyncio.wait_for(self.controller.deployment_gauges.remote(), timeout=2.0)
         except Exception:  # the controller is restarting: the replicas' metrics still answer
             return {}
 
@@ -125,6 +140,7 @@ class Gateway:
             await asyncio.sleep(every_s)
             try:
                 await self.refresh_replicas()
+                await self.tell_waiting()
                 if time.monotonic() - locality_at >= LOCALITY_REFRESH_S:
                     locality_at = time.monotonic()
                     await self.refresh_locality()

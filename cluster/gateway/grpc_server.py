@@ -185,6 +185,7 @@ def build_grpc_server(gateway, address: str, tls: tuple[bytes, bytes] | None = N
         "GetAutoscalingPolicy": ("unary", a.GetAutoscalingPolicyRequest, a.AutoscalingPolicy),
         "SetAutoscalingPolicy": ("unary", a.AutoscalingPolicy, a.OperationResult),
         "RecordRouting": ("unary", a.RecordRoutingRequest, a.RoutingTrace),
+        "GetAutoscalerStatus": ("unary", a.GetAutoscalerStatusRequest, a.AutoscalerStatus),
     })),))
     gateway.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(gateway.health, server)

@@ -65,6 +65,10 @@ class ReplicaPool:
         self.draining: set[str] = set()
         self.lost: set[str] = set()  # replicas whose process died under a request; never routed to again
         self.failover_wait_s = 10.0  # how long a request that lost its replica waits for another to serve
+        # How long a new request waits when no replica serves (a deployment scaled to zero, or all
+        # replicas being replaced): 0 fails it at once. waiting_for_replica counts those waiting.
+        self.wait_for_replica_s = 0.0
+        self.waiting_for_replica = 0
         self.max_outstanding_tokens = max_outstanding_tokens
         # Optional request -> {replica_id: share of its predicted expert activations on that replica's
         # node} (request shuffling, speculative scheduling), or None where nothing is predicted.
@@ -96,6 +100,18 @@ class ReplicaPool:
                                   retry_after_s=1.0)
         return self.handles[ids[chosen]]
 
+    async def _first_pick(self, request: GenerateRequest):
+        try:
+            return self.pick(request)
+        except DrainingError:
+            if not self.wait_for_replica_s or any(rid not in self.draining for rid in self.handles):
+                raise
+        self.waiting_for_replica += 1  # the controller hears of it: the autoscaler scales from zero
+        try:
+            return await self._pick_for_retry(request, self.wait_for_replica_s)
+        finally:
+            self.waiting_for_replica -= 1
+
     async def _pick_for_retry(self, request: GenerateRequest, wait_s: float):
         """A replica for a request that lost its own: membership may lag a loss or a drain by a
         refresh, so wait up to `wait_s` for one to serve before giving up."""
@@ -119,7 +135,8 @@ class ReplicaPool:
         while True:
             attempt = dataclasses.replace(request, resume_token_ids=tuple(delivered)) if delivered else request
             retrying = losses or refusals
-            handle = await self._pick_for_retry(attempt, self.failover_wait_s) if retrying else self.pick(attempt)
+            handle = await (self._pick_for_retry(attempt, self.failover_wait_s) if retrying
+                            else self._first_pick(attempt))
             self.outstanding[handle.replica_id] = self.outstanding.get(handle.replica_id, 0) + cost
             try:
                 async for delta in handle.stream(attempt):

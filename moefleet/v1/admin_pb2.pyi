@@ -119,3 +119,17 @@ class RoutingTrace(_message.Message):
     events: int
     truncated: bool
     def __init__(self, jsonl_gz: _Optional[bytes] = ..., events: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class GetAutoscalerStatusRequest(_message.Message):
+    __slots__ = ("history", "limit")
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    history: bool
+    limit: int
+    def __init__(self, history: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AutoscalerStatus(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,11 @@ class AdminStub:
                 request_serializer=moefleet_dot_v1_dot_admin__pb2.RecordRoutingRequest.SerializeToString,
                 response_deserializer=moefleet_dot_v1_dot_admin__pb2.RoutingTrace.FromString,
                 _registered_method=True)
+        self.GetAutoscalerStatus = channel.unary_unary(
+                '/moefleet.v1.Admin/GetAutoscalerStatus',
+                request_serializer=moefleet_dot_v1_dot_admin__pb2.GetAutoscalerStatusRequest.SerializeToString,
+                response_deserializer=moefleet_dot_v1_dot_admin__pb2.AutoscalerStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -129,6 +134,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAutoscalerStatus(self, request, context):
+        """The autoscaler: current and desired pool sizes and the last decision, or its history (every
+        decision that changed something, newest first, with reasons and the signals behind them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +184,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RecordRouting,
                     request_deserializer=moefleet_dot_v1_dot_admin__pb2.RecordRoutingRequest.FromString,
                     response_serializer=moefleet_dot_v1_dot_admin__pb2.RoutingTrace.SerializeToString,
+            ),
+            'GetAutoscalerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAutoscalerStatus,
+                    request_deserializer=moefleet_dot_v1_dot_admin__pb2.GetAutoscalerStatusRequest.FromString,
+                    response_serializer=moefleet_dot_v1_dot_admin__pb2.AutoscalerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +407,33 @@ class Admin:
             '/moefleet.v1.Admin/RecordRouting',
             moefleet_dot_v1_dot_admin__pb2.RecordRoutingRequest.SerializeToString,
             moefleet_dot_v1_dot_admin__pb2.RoutingTrace.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAutoscalerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moefleet.v1.Admin/GetAutoscalerStatus',
+            moefleet_dot_v1_dot_admin__pb2.GetAutoscalerStatusRequest.SerializeToString,
+            moefleet_dot_v1_dot_admin__pb2.AutoscalerStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,10 +105,11 @@ def test_health_reflection_and_admin(gateway, client, replica):
     assert state.model == "mixtral-tiny" and state.replicas[0].replica_id == "replica-0"
     assert len(state.replicas[0].expert_load) == 4 and sum(state.replicas[0].expert_load[0].tokens) > 0
     for call, request in ((admin.GetAutoscalingPolicy, admin_pb2.GetAutoscalingPolicyRequest()),
-                          (admin.SetAutoscalingPolicy, admin_pb2.AutoscalingPolicy(yaml="x: 1"))):
+                          (admin.SetAutoscalingPolicy, admin_pb2.AutoscalingPolicy(yaml="x: 1")),
+                          (admin.GetAutoscalerStatus, admin_pb2.GetAutoscalerStatusRequest())):
         with pytest.raises(grpc.RpcError) as info:
             call(request, metadata=good)
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not built yet" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "no controller" in info.value.details()
     # Placement changes go through the controller only (tests/unit/test_controller.py, test_serve.py).
     for call, request in ((admin.ScaleShards, admin_pb2.ScaleShardsRequest(shards=2)),
                           (admin.Rebalance, admin_pb2.RebalanceRequest())):

@@ -84,7 +84,7 @@ def test_a_controller_over_two_nodes_plans_by_affinity_and_tokens_stay_the_same(
     controller.check(time.time())
     topology = controller.topology()
     assert topology.shard_nodes == (0, 1, 0, 1) and topology.replica_nodes == {"replica-0": 0, "replica-1": 1}
-    gauges = controller.speculation_gauges()
+    gauges = controller.deployment_gauges()["speculation"]
     assert all(value is not None for value in gauges.values()), gauges
     assert 0 <= gauges["actual_local_fraction"] <= 1 and gauges["fanout"] >= 1
     assert controller.speculation.can_plan()
@@ -103,12 +103,18 @@ def test_a_controller_over_two_nodes_plans_by_affinity_and_tokens_stay_the_same(
 def test_gauges_become_prometheus_families():
     from prometheus_client.parser import text_string_to_metric_families
 
+    from moefleet.cluster.gateway.deployment_metrics import deployment_families
     from moefleet.cluster.gateway.replica_metrics import merge_replica_metrics
-    from moefleet.cluster.gateway.speculation_metrics import speculation_families
 
-    text = merge_replica_metrics({}, speculation_families({"precision": 0.5, "fanout": None}))
-    assert [(f.name, f.samples[0].value) for f in text_string_to_metric_families(text)] == \
-        [("moefleet_prediction_precision", 0.5)]  # nothing measured: no fan-out gauge
+    gauges = {"speculation": {"precision": 0.5, "fanout": None},
+              "pools": {"desired": {"replicas": 3, "expert_shards": 2}, "actual": {"replicas": 1, "expert_shards": 2}}}
+    text = merge_replica_metrics({}, deployment_families(gauges))
+    samples = [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+    assert samples == [("moefleet_prediction_precision", {}, 0.5),  # nothing measured: no fan-out gauge
+                       ("moefleet_autoscaler_desired_size", {"pool": "replicas"}, 3.0),
+                       ("moefleet_autoscaler_desired_size", {"pool": "expert_shards"}, 2.0),
+                       ("moefleet_autoscaler_actual_size", {"pool": "replicas"}, 1.0),
+                       ("moefleet_autoscaler_actual_size", {"pool": "expert_shards"}, 2.0)]
 
 
 def test_text_prompts_are_tokenized_for_shuffling(model_dir):
