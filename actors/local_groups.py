@@ -175,6 +175,9 @@ class LocalReplicaGroup:
     def load_window(self, replica_id: str) -> list[list[int]]:
         return self._replica(replica_id).load_window()
 
+    def arrived_prompts(self, replica_id: str) -> tuple:
+        return self._replica(replica_id).arrived_prompts()
+
     def record_routing(self, replica_id: str, sample_rate: float) -> None:
         self._replica(replica_id).record_routing(sample_rate)
 

@@ -125,6 +125,9 @@ class RayReplicaGroup:
     def load_window(self, replica_id: str) -> list[list[int]]:
         return ray.get(self._actors[replica_id].load_window.remote(), timeout=5)
 
+    def arrived_prompts(self, replica_id: str) -> tuple:
+        return ray.get(self._actors[replica_id].arrived_prompts.remote(), timeout=5)
+
     def record_routing(self, replica_id: str, sample_rate: float) -> None:
         ray.get(self._actors[replica_id].record_routing.remote(sample_rate), timeout=ALIVE_TIMEOUT_S)
 

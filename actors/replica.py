@@ -197,6 +197,10 @@ class Replica:
         """Tokens per expert per MoE layer over the load window (for the controller)."""
         return self.engine.engine.load.window().tolist()
 
+    def arrived_prompts(self) -> tuple:
+        """(prompt token ids, requests) admitted since the last call (proactive rebalancing)."""
+        return self.engine.arrivals.take()
+
     def record_routing(self, sample_rate: float) -> None:
         """Sample `sample_rate` of the tokens from the next step on (a recording through the Admin API)."""
         self.engine.engine.record_routing(sample_rate)

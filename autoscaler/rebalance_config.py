@@ -11,3 +11,8 @@ class AutoRebalance(BaseModel):
     threshold: float = Field(1.5, gt=1.0, description="Imbalance (max / mean shard load) that counts as high.")
     window_s: float = Field(30.0, gt=0, description="How long the imbalance must stay above the threshold.")
     cooldown_s: float = Field(60.0, ge=0, description="Least time between two automatic rebalances.")
+    proactive: bool = Field(True, description="Also rebalance ahead of the load: when the expert load the affinity "
+                                              "model predicts for the requests just admitted would push the "
+                                              "imbalance above proactive_threshold (autoscaler/proactive_rebalance.py).")
+    proactive_threshold: float = Field(1.2, gt=1.0, description="Forecast imbalance that triggers a proactive "
+                                                                "rebalance.")

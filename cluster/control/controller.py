@@ -31,6 +31,7 @@ from dataclasses import replace
 import numpy as np
 
 from moefleet.autoscaler.policy_file import dump_policy
+from moefleet.autoscaler.proactive_rebalance import ProactiveSettings, proactive_rebalance
 from moefleet.autoscaler.rebalance_rule import rebalance_due
 from moefleet.cluster.config.controller_config import ControllerConfig
 from moefleet.cluster.control.autoscaling_actuator import AutoscalingActuator, copies_of
@@ -99,6 +100,7 @@ class Controller:
         self._recent_paths: deque[tuple[str, np.ndarray]] = deque(maxlen=config.affinity_max_tokens)
         self._learning = threading.Lock()  # the monitor and a recording both take the replicas' samples
         self._recording: list[RoutingEvent] | None = None  # events kept while an admin records routing
+        self._arrived: deque[tuple[float, np.ndarray]] = deque()  # (time, predicted load[L, E]) of admissions
         self._shard_node_ids: list[str] = []
         self._replica_node_ids: dict[str, str] = {}
         self.recovered = self._recover()
@@ -425,10 +427,14 @@ class Controller:
     def rebalance(self, reason: str = "asked") -> dict:
         return self._rebalance(reason, time.time())
 
-    def _rebalance(self, reason: str, now: float) -> dict:
+    def _rebalance(self, reason: str, now: float, toward: np.ndarray | None = None) -> dict:
+        """`toward`: plan for this load (a forecast, float64[L, E]) instead of the observed one."""
         with self.lock:
             limits = scale_limits(self.num_experts, self.placement.num_shards, spare_per_shard=1)
-            new, objective = self._plan_rebalance(self._collect_load(), limits)
+            if toward is not None:
+                new, objective = plan_placement(toward, self.placement, self.moe_layers, limits), "forecast"
+            else:
+                new, objective = self._plan_rebalance(self._collect_load(), limits)
             finish = self._change(new, list(self.shard_names), now, reason=f"rebalance ({reason}; {objective})")
         return finish()
 
@@ -591,11 +597,49 @@ class Controller:
                     self._rebalance(f"imbalance above {rule.threshold} for {rule.window_s}s", now)
                 except ControlUnavailableError as e:
                     log.warning("automatic rebalance waits: %s", e)
+            elif rule.enabled and rule.proactive and load.sum() > 0:
+                self._rebalance_ahead(load, now)
         if self.autoscaler is not None:
             self.autoscaler.round(now, states)
         for rid in list(self.replica_ids):
             self._best_effort(self.store.heartbeat, "replica", rid, {"draining": rid in self.draining}, now,
                               self.config.monitor_interval_s * 10)
+
+    def _coming_load(self, now: float) -> tuple[np.ndarray, np.ndarray, int]:
+        """(seen, coming, coming tokens): the affinity model's predicted load float64[L, E] of the
+        requests admitted over the rebalance window before this round, and of those admitted since
+        the last round, with their prompt tokens."""
+        arrived = []
+        for rid in list(self.replica_ids):
+            try:
+                tokens, _ = self.replica_group.arrived_prompts(rid)
+            except Exception:  # a replica that does not answer is the monitor's to handle
+                continue
+            arrived.append(tokens)
+        tokens = np.concatenate(arrived) if arrived else np.zeros(0, dtype=np.int64)
+        coming = self.affinity.expected_load(tokens)
+        window = self.config.auto_rebalance.window_s
+        while self._arrived and self._arrived[0][0] <= now - window:
+            self._arrived.popleft()
+        seen = sum((load for _, load in self._arrived), np.zeros_like(coming))
+        self._arrived.append((now, coming))
+        return seen, coming, len(tokens)
+
+    def _rebalance_ahead(self, observed: np.ndarray, now: float) -> None:
+        """Proactive rebalancing: toward the forecast of the coming requests' expert load, before
+        their experts turn hot (needs an affinity model that has learned enough)."""
+        seen, coming, coming_tokens = self._coming_load(now)
+        if not coming_tokens or not self.speculation.can_plan():
+            return
+        rule = self.config.auto_rebalance
+        ahead = proactive_rebalance(observed, seen, coming, coming_tokens, self.placement, self.moe_layers, now,
+                                    self.policy.last_change_at,
+                                    ProactiveSettings(threshold=rule.proactive_threshold, cooldown_s=rule.cooldown_s))
+        if ahead.due:
+            try:
+                self._rebalance(f"proactive: {ahead.reason}", now, toward=ahead.forecast)
+            except ControlUnavailableError as e:
+                log.warning("proactive rebalance waits: %s", e)
 
     # ----- the autoscaler's view and levers (cluster/control/autoscaling_actuator.py) -----
     def serving_replicas(self) -> list[str]:

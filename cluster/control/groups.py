@@ -14,6 +14,8 @@ from moefleet.cluster.placement.epoch_record import EpochRecord
 from moefleet.cluster.placement.placement import Placement
 
 if TYPE_CHECKING:  # the engine's module imports torch; the seam needs only the name
+    import numpy as np
+
     from moefleet.cluster.engine.routing_recorder import RecordedTokens
 
 
@@ -83,6 +85,10 @@ class ReplicaGroup(Protocol):
 
     def load_window(self, replica_id: str) -> list[list[int]]:
         """Tokens per expert per MoE layer over the replica's load window. Raises like stats."""
+        ...
+
+    def arrived_prompts(self, replica_id: str) -> "tuple[np.ndarray, int]":
+        """(int64[N] prompt tokens, requests) the replica admitted since the last call."""
         ...
 
     def record_routing(self, replica_id: str, sample_rate: float) -> None:

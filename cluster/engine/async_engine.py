@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from moefleet.cluster.engine.arrived_prompts import ArrivedPrompts
 from moefleet.cluster.engine.llm_engine import LLMEngine
 from moefleet.cluster.engine.sequence import Sequence
 from moefleet.cluster.engine.serving_stats import ServingStats
@@ -75,6 +76,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self.draining = False
         self.step_log: deque[tuple[float, float, int]] = deque(maxlen=100_000)  # (end time, seconds, tokens out)
+        self.arrivals = ArrivedPrompts()  # prompts since the controller last asked (proactive rebalancing)
         self.stats = ServingStats()  # serving metrics: hooks at submit, after each step, at abort and failure
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="moefleet-engine", daemon=True)
@@ -109,6 +111,7 @@ class AsyncEngine:
             self._adds.append(stream)
             self.stats.arrived(seq.request_id)
             self._lock.notify()
+        self.arrivals.add(seq.prompt_token_ids)
         return seq.request_id
 
     async def stream(self, prompt, params: SamplingParams, request_id: str | None = None,

@@ -179,3 +179,46 @@ def test_recording_routing_refuses_bad_arguments(two_node_controller):
                         ((1.0, 601.0, 10), "duration_s"), ((1.0, 1.0, 0), "max_events")):
         with pytest.raises(InvalidRequestError, match=field):
             two_node_controller.record_routing(*args)
+
+
+def test_proactive_rebalancing_moves_experts_before_the_predicted_load_arrives(model_dir):
+    """The affinity model has learned that token 5 routes, at every MoE layer, to the two busiest
+    experts of the busiest shard (round robin on 2 shards). Requests of token 5 are admitted (the
+    real router sends them elsewhere: the model is random); the prediction alone puts the forecast
+    above the threshold, and the controller rebalances toward it."""
+    from moefleet.actors.local_groups import local_controller
+    from moefleet.autoscaler.rebalance_config import AutoRebalance
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
+    from moefleet.cluster.control.state_store import InMemoryStore
+
+    # threshold 5: the reactive rule never fires here; only the proactive one can.
+    config = ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1),
+                              model_id="mixtral-tiny", stage_pace_s=0.0, expert_shards=2,
+                              auto_rebalance=AutoRebalance(enabled=True, threshold=5.0, cooldown_s=0.0))
+    controller = local_controller(config, InMemoryStore())
+    try:
+        controller.start(1)
+        replica = controller.replica_group.handle("replica-0")
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        for prompt in random_prompts(replica.engine.engine.spec.vocab_size, (40, 33, 51, 27, 45, 38), seed=1):
+            asyncio.run(collect_tokens(replica, prompt, params))
+        controller.check(time.time())  # the observed window: a spread load; nothing predicted ahead
+        assert controller.placement.epoch == 0
+        load = controller._collect_load()  # [L, E]; round robin: shard s holds experts e with e % 2 == s
+        hot = []
+        for row in load:
+            heavy = int(np.argmax([row[0::2].sum(), row[1::2].sum()]))
+            hot.append(sorted(range(heavy, len(row), 2), key=lambda e: -row[e])[:2])
+        controller.affinity.observe(np.full(1000, 5), np.tile(np.array(hot), (1000, 1, 1)))
+        for _ in range(4):  # 2,000 prompt tokens coming: the predicted change counts (almost) in full
+            asyncio.run(collect_tokens(replica, [5] * 500, SamplingParams(temperature=0, max_tokens=1)))
+        controller.check(time.time())
+        committed = [e for e in controller.events if e.startswith("epoch-committed")]
+        assert controller.placement.epoch == 1 and "proactive: forecast imbalance" in committed[0]
+        # The planner spread each layer's two coming-hot experts over both shards (or copied one).
+        for row, layer in enumerate(controller.moe_layers):
+            holders = {s for e in hot[row] for s in controller.placement.holders(layer, e)}
+            assert holders == {0, 1}
+    finally:
+        controller.shutdown()
