@@ -117,6 +117,8 @@ class PerformanceProfile(_Section):
     shard: ShardTable = Field(description="Expert shard compute by token rows.")
     remote_step_s: float = Field(ge=0, description="Added to each step when the experts live on shared shards "
                                                    "(sending rows and gathering results).")
+    request_overhead_s: float = Field(0.0, ge=0, description="Added to each request's time to first token: the "
+                                      "serving path beyond the engine (API, gateway, output channel).")
     replica_start: StartTimes = Field(description="Start time of a model replica.")
     shard_start: StartTimes = Field(description="Start time of an expert shard (its experts loaded).")
     notes: dict[str, str] = Field(default_factory=dict, description="How each number was measured, by field.")

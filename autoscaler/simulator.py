@@ -265,8 +265,9 @@ class _Simulation:
             elif kind == "pool_ready":
                 self._pool_ready(now, *data)
         self._account(now)
-        ttft = np.array([(r.first_token_s - r.arrival_s) * 1000 if r.first_token_s is not None else np.nan
-                         for r in self.requests])
+        overhead_ms = self.profile.request_overhead_s * 1000
+        ttft = np.array([(r.first_token_s - r.arrival_s) * 1000 + overhead_ms if r.first_token_s is not None
+                         else np.nan for r in self.requests])
         itl = np.array([(r.finish_s - r.first_token_s) * 1000 / (r.output_len - 1)
                         if r.finish_s is not None and r.output_len > 1 else np.nan for r in self.requests])
         slo = self.spec.slo
@@ -348,7 +349,7 @@ class _Simulation:
             if request.prefilled == request.prompt_len:
                 request.generated = 1
                 request.first_token_s = now
-                self.ttft_samples.append((now, (now - request.arrival_s) * 1000))
+                self.ttft_samples.append((now, (now - request.arrival_s + self.profile.request_overhead_s) * 1000))
         for request in decodes:
             request.generated += steps
         for request in decodes + [r for r, _ in chunks]:

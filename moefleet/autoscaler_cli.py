@@ -43,6 +43,11 @@ def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
     prof.add_argument("--shards", type=int, default=2, help="shards the experts are spread over: a shard's start "
                                                             "loads 1/N of them (default 2)")
     prof.add_argument("--shard-rows", default="1,64,512", help="token rows per shard per step (default 1,64,512)")
+    prof.add_argument("--address", help="also measure a running deployment of this model (gRPC host:port): the "
+                                        "time a step takes there beyond the in-process engine's becomes "
+                                        "remote_step_s (shards in other processes, the output path, the "
+                                        "deployment's other processes on the same cores)")
+    prof.add_argument("--token", help="inference token for --address (default: MOEFLEET_INFERENCE_TOKEN)")
     prof.set_defaults(func=_profile)
 
 
@@ -226,6 +231,24 @@ def _profile(args) -> int:
         shard_seconds.append(sorted(times)[1])
     kv_tokens = engine.blocks.num_blocks * config.block_size
     llm.shutdown()
+    remote_step_s, remote_note = 0.0, "not measured (no --address; the in-process engine has no remote shards): 0"
+    request_overhead_s, overhead_note = 0.0, "not measured (no --address): 0"
+    if args.address:
+        context = contexts[0]
+        served = _served_times(args.address, args.token or os.environ.get("MOEFLEET_INFERENCE_TOKEN"),
+                               batch_sizes, context, spec.vocab_size)
+        extra = [max(0.0, served[b][0] - decode[b, context]) for b in batch_sizes]
+        remote_step_s = sorted(extra)[len(extra) // 2]
+        remote_note = (f"median over batches {batch_sizes} of (median inter-token gap of that many concurrent "
+                       f"streams through the deployment at {args.address}, minus the in-process step at context "
+                       f"{context}): " + ", ".join(f"{b}: {served[b][0] * 1e3:.1f} vs {decode[b, context] * 1e3:.1f} "
+                                                  "ms" for b in batch_sizes))
+        # The first token also waits for one prefill step of the batch and its remote overhead.
+        overheads = [max(0.0, served[b][1] - step.time(b * context, context) - remote_step_s) for b in batch_sizes]
+        request_overhead_s = sorted(overheads)[len(overheads) // 2]
+        overhead_note = (f"median over batches {batch_sizes} of (median time to first token through the deployment "
+                         "minus the modelled prefill step): " + ", ".join(
+                             f"{b}: {served[b][1] * 1e3:.1f} ms" for b in batch_sizes))
 
     cores = len(os.sched_getaffinity(0))
     profile = PerformanceProfile(
@@ -235,7 +258,8 @@ def _profile(args) -> int:
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         num_experts=spec.moe.num_experts, num_moe_layers=len(layers), top_k=spec.moe.top_k,
         expert_bytes=shard.nbytes() // (per_shard * len(layers)),
-        step=step, shard=ShardTable(rows=shard_rows, seconds=shard_seconds), remote_step_s=0.0,
+        step=step, shard=ShardTable(rows=shard_rows, seconds=shard_seconds), remote_step_s=remote_step_s,
+        request_overhead_s=request_overhead_s,
         replica_start=StartTimes(cold_s=process_s + engine_s, standby_s=0.0),
         shard_start=StartTimes(cold_s=process_s + load_s, standby_s=load_s),
         notes={
@@ -244,7 +268,8 @@ def _profile(args) -> int:
                     "length, the same for every context column (its context effect is not measured)",
             "shard": f"median of 3 runs of ExpertShard.compute over all {len(layers)} MoE layers, rows routed to "
                      f"random experts of a shard holding {per_shard} experts per layer",
-            "remote_step_s": "not measured (the in-process engine has no remote shards): 0",
+            "remote_step_s": remote_note,
+            "request_overhead_s": overhead_note,
             "replica_start.cold_s": f"a fresh Python process importing torch and the engine ({process_s:.2f}s) plus "
                                     f"building the in-process engine, kernels already built ({engine_s:.2f}s); "
                                     "excludes Ray's actor start",
@@ -260,3 +285,36 @@ def _profile(args) -> int:
           f"replica start {profile.replica_start.cold_s:.1f}s, shard start {profile.shard_start.cold_s:.1f}s",
           file=sys.stderr)
     return 0
+
+
+def _served_times(address: str, token: str | None, batch_sizes: list[int], context: int,
+                  vocab_size: int) -> dict[int, tuple[float, float]]:
+    """batch -> (median seconds between tokens, median seconds to the first token) of `batch`
+    concurrent greedy streams (prompts of `context` random tokens, 48 tokens each) through a
+    deployment's gRPC API."""
+    import asyncio
+    import random
+    import time
+
+    from moefleet.client import AsyncClient
+
+    async def measure(batch: int) -> tuple[float, float]:
+        gaps, firsts = [], []
+        async with AsyncClient(address, token=token, timeout=600) as client:
+            async def one(seed: int):
+                prompt = [random.Random(seed).randrange(10, vocab_size) for _ in range(context)]
+                last = sent = time.perf_counter()
+                async for message in client.generate_stream(prompt, max_tokens=48, temperature=0, ignore_eos=True):
+                    now = time.perf_counter()
+                    if not message.token_ids:
+                        continue
+                    if last == sent:
+                        firsts.append(now - sent)
+                    else:
+                        gaps.extend([(now - last) / len(message.token_ids)] * len(message.token_ids))
+                    last = now
+
+            await asyncio.gather(*(one(batch * 1000 + i) for i in range(batch)))
+        return sorted(gaps)[len(gaps) // 2], sorted(firsts)[len(firsts) // 2]
+
+    return {batch: asyncio.run(measure(batch)) for batch in batch_sizes}

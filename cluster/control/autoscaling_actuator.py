@@ -15,6 +15,7 @@ reasons and signals (what `moefleet admin autoscaler history` shows)."""
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -35,8 +36,9 @@ class AutoscalingActuator:
         self.autoscaling = Autoscaling(policy, stored)
         self.request_capacity = request_capacity
         self.gateway_waiting: dict[str, tuple[int, float]] = {}  # gateway id -> (requests held, when told)
-        self._acting: threading.Thread | None = None
+        self._acting: dict[str, threading.Thread] = {}  # pool -> the change in flight (one per pool)
         self._starting = 0  # replicas being started by the change in flight
+        self.failures: deque[dict] = deque(maxlen=20)  # acting that failed, newest first (shown in status)
 
     # ----- what the gateways and the Admin API call -----
     def note_waiting(self, gateway_id: str, count: int, now_s: float) -> None:
@@ -57,13 +59,14 @@ class AutoscalingActuator:
     def status(self) -> dict:
         actual = {"replicas": len(self.controller.serving_replicas()), "expert_shards": self.controller.num_shards(),
                   "standby_shards": len(self.controller.standby)}
-        return {**self.autoscaling.status(actual), "acting": self.acting()}
+        return {**self.autoscaling.status(actual), "acting": self.acting(), "failures": list(self.failures)}
 
     def history(self, limit: int = 100) -> list[dict]:
         return list(self.autoscaling.history)[:limit]
 
-    def acting(self) -> bool:
-        return self._acting is not None and self._acting.is_alive()
+    def acting(self, pool: str | None = None) -> bool:
+        """Whether a change of `pool` (None: of any pool) is in flight."""
+        return any(thread.is_alive() for name, thread in self._acting.items() if pool in (None, name))
 
     def gauges(self) -> dict[str, dict[str, float]]:
         """desired and actual size per pool, for Prometheus."""
@@ -83,11 +86,23 @@ class AutoscalingActuator:
         if decision.changes:
             self.controller.log_action("autoscale", advisory=decision.advisory,
                                        changes=[c.to_dict() for c in decision.changes])
-        if not decision.advisory and not self.acting():
-            self._acting = threading.Thread(target=self._act, args=(decision,), name="moefleet-autoscaler",
-                                            daemon=True)
-            self._acting.start()
+        if not decision.advisory:
+            if self.request_capacity is not None:
+                self._in_background("capacity", self._request_capacity, decision)
+            self._in_background("replicas", self._act_on_replicas, decision)
+            if self.controller.owns_shards():
+                self._in_background("expert_shards", self._act_on_shards, decision)
         return decision
+
+    def _in_background(self, pool: str, act: Callable[[Decision], None], decision: Decision) -> None:
+        """Act for one pool on a thread of its own, unless its last change is still in flight (the
+        next decision sees that change as starting units and decides again)."""
+        if self.acting(pool):
+            return
+        thread = threading.Thread(target=self._guarded, args=(pool, act, decision), name=f"moefleet-autoscaler-{pool}",
+                                  daemon=True)
+        self._acting[pool] = thread
+        thread.start()
 
     def _observation(self, now_s: float, states: list[ReplicaState]) -> Observation:
         controller = self.controller
@@ -100,29 +115,48 @@ class AutoscalingActuator:
                            expert_copies=copies, imbalance=imbalance, expert_bytes=controller.expert_bytes(),
                            predicted_expert_load=None)
 
-    def _act(self, decision: Decision) -> None:
-        controller, started = self.controller, time.monotonic()
+    def _guarded(self, pool: str, act: Callable[[Decision], None], decision: Decision) -> None:
+        started = time.monotonic()
         try:
-            if self.request_capacity is not None:
-                self.request_capacity(decision.replicas, decision.expert_shards)
-            serving = len(controller.serving_replicas())
-            if decision.replicas != serving:
-                self._starting = max(0, decision.replicas - serving)
-                controller.scale_replicas_to(decision.replicas)
-            if controller.owns_shards() and decision.expert_shards >= 1 and \
-                    decision.expert_shards != controller.num_shards():
-                controller.scale_shards(decision.expert_shards)
-            if controller.owns_shards():
-                controller.set_standby_shards(decision.standby_shards)
-            if decision.replications and controller.owns_shards():
-                controller.rebalance("autoscaler: copies of hot experts "
-                                     + ", ".join(f"L{c.layer}/E{c.expert}" for c in decision.replications[:8]))
+            act(decision)
         except Exception as e:  # the next decision tries again; the failure is in the log and the history
-            log.warning("autoscaler: acting on the decision failed: %s", e)
-            controller.log_action("autoscale-failed", error=f"{type(e).__name__}: {e}"[:300])
+            log.warning("autoscaler: acting on %s failed: %s", pool, e)
+            failure = {"at_s": time.time(), "pool": pool, "error": f"{type(e).__name__}: {e}"[:300]}
+            self.failures.appendleft(failure)
+            self.controller.log_action("autoscale-failed", **failure)
+        finally:
+            log.info("autoscaler: %s acted in %.1f s", pool, time.monotonic() - started)
+
+    def _request_capacity(self, decision: Decision) -> None:
+        self.request_capacity(decision.replicas, decision.expert_shards)
+
+    def _act_on_replicas(self, decision: Decision) -> None:
+        change = _change_of(decision, "replicas", len(self.controller.serving_replicas()))
+        if change is None:
+            return
+        self._starting = max(0, change.after - change.before)
+        try:
+            self.controller.scale_replicas_to(change.after)
         finally:
             self._starting = 0
-            log.info("autoscaler: acted in %.1f s", time.monotonic() - started)
+
+    def _act_on_shards(self, decision: Decision) -> None:
+        controller = self.controller
+        change = _change_of(decision, "expert_shards", controller.num_shards())
+        if change is not None and change.after >= 1:
+            controller.scale_shards(change.after)
+        controller.set_standby_shards(decision.standby_shards)
+        if decision.replications:
+            controller.rebalance("autoscaler: copies of hot experts "
+                                 + ", ".join(f"L{c.layer}/E{c.expert}" for c in decision.replications[:8]))
+
+
+def _change_of(decision: Decision, pool: str, size_now: int):
+    """The decision's size change of `pool`, or None: none was decided, or the pool is no longer
+    the size the decision was made at (a change in flight finished meanwhile; acting on it would
+    undo that change, so the next decision, on fresh signals, says what to do)."""
+    change = next((c for c in decision.changes if c.pool == pool and c.action in ("scale_up", "scale_down")), None)
+    return change if change is not None and change.before == size_now else None
 
 
 def copies_of(placement, moe_layers: list[int]) -> np.ndarray:

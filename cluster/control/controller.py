@@ -104,6 +104,7 @@ class Controller:
         self._shard_node_ids: list[str] = []
         self._replica_node_ids: dict[str, str] = {}
         self.recovered = self._recover()
+        self.started = self.recovered  # start() ran, here or in the controller before this one
         self.autoscaler = None
         if config.autoscaling is not None:
             self.autoscaler = AutoscalingActuator(self, config.autoscaling, self._store(self.store.autoscaler),
@@ -291,6 +292,7 @@ class Controller:
             missing = replicas - len(self._serving())
             started = self._start_replicas(missing) if missing > 0 else []
             self._save_deployment()
+            self.started = True
         if self.config.expert_shards:
             self._refill_standby()
         return started
@@ -599,7 +601,7 @@ class Controller:
                     log.warning("automatic rebalance waits: %s", e)
             elif rule.enabled and rule.proactive and load.sum() > 0:
                 self._rebalance_ahead(load, now)
-        if self.autoscaler is not None:
+        if self.autoscaler is not None and self.started:  # not before the first replicas and epoch
             self.autoscaler.round(now, states)
         for rid in list(self.replica_ids):
             self._best_effort(self.store.heartbeat, "replica", rid, {"draining": rid in self.draining}, now,
