@@ -4,7 +4,8 @@ on a thread of their own so that the monitor keeps watching while a replica or a
 - replicas: scale_replicas (new ones start, surplus ones drain: no request is dropped; to zero
   when the policy scales to zero, and back from zero when a gateway holds a request);
 - expert shards: scale_shards through a placement epoch (only where the controller owns shards);
-- standby shards: the warm count the decision asks for;
+- standby replicas and shards: the warm counts the decision asks for (a scale-up takes warm
+  ones first);
 - copies of hot experts: a rebalance with spare slots (the load planner copies hot experts);
 - capacity: the cluster is asked for the nodes the new sizes need (`request_capacity`: Ray's
   autoscaler SDK, or the KubeRay actuator on Kubernetes; nothing on a fixed local cluster).
@@ -58,6 +59,7 @@ class AutoscalingActuator:
 
     def status(self) -> dict:
         actual = {"replicas": len(self.controller.serving_replicas()), "expert_shards": self.controller.num_shards(),
+                  "standby_replicas": len(self.controller.standby_replicas),
                   "standby_shards": len(self.controller.standby)}
         return {**self.autoscaling.status(actual), "acting": self.acting(), "failures": list(self.failures)}
 
@@ -110,7 +112,8 @@ class AutoscalingActuator:
         waiting = sum(count for count, at in self.gateway_waiting.values() if now_s - at < 10 * controller.interval_s())
         load, copies, imbalance = controller.expert_load_view()
         return Observation(now_s=now_s, replicas=tuple(s for s in states if s.replica_id in serving),
-                           replicas_starting=self._starting, replicas_standby=0, shards=controller.num_shards(),
+                           replicas_starting=self._starting, replicas_standby=len(controller.standby_replicas),
+                           shards=controller.num_shards(),
                            shards_standby=len(controller.standby), gateway_waiting=waiting, expert_load=load,
                            expert_copies=copies, imbalance=imbalance, expert_bytes=controller.expert_bytes(),
                            predicted_expert_load=None)
@@ -133,12 +136,14 @@ class AutoscalingActuator:
     def _act_on_replicas(self, decision: Decision) -> None:
         change = _change_of(decision, "replicas", len(self.controller.serving_replicas()))
         if change is None:
+            self.controller.set_standby_replicas(decision.standby_replicas)
             return
         self._starting = max(0, change.after - change.before)
         try:
             self.controller.scale_replicas_to(change.after)
         finally:
             self._starting = 0
+        self.controller.set_standby_replicas(decision.standby_replicas)
 
     def _act_on_shards(self, decision: Decision) -> None:
         controller = self.controller

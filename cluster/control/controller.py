@@ -85,6 +85,9 @@ class Controller:
         self.shard_names: list[str] = []  # shard_names[i] serves shard index i (empty: experts inside replicas)
         self.standby: list[str] = []
         self.standby_target = config.standby_shards  # the autoscaler may change it
+        self.standby_replicas: list[str] = []  # started and loaded, not serving: the autoscaler's warm ones
+        self.standby_replicas_target = 0
+        self._standby_replica_lock = threading.Lock()  # one refill at a time
         self.replica_ids: list[str] = []
         self.draining: set[str] = set()
         self.target_replicas = 0
@@ -137,7 +140,7 @@ class Controller:
     def _save_deployment(self) -> None:
         self._store(self.store.put_deployment, DeploymentRecord(
             tuple(self.shard_names), tuple(self.replica_ids), tuple(sorted(self.draining)), tuple(self.standby),
-            self.target_replicas, self.next_replica))
+            self.target_replicas, self.next_replica, tuple(self.standby_replicas)))
 
     def _log(self, action: str, **details) -> None:
         self.events.appendleft(f"{action} {details}")
@@ -269,6 +272,7 @@ class Controller:
             else:
                 self._log("replica-gone-at-recovery", replica=rid)
         self.draining = set(record.draining) & set(self.replica_ids)
+        self.standby_replicas = [rid for rid in record.standby_replicas if self.replica_group.attach(rid)]
         self.standby = [name for name in record.standby if self.shard_group.attach(name)]
         self.shard_names = list(record.shards)
         lost = {i for i, name in enumerate(self.shard_names)
@@ -353,15 +357,62 @@ class Controller:
                     pass
 
     def _start_replicas(self, count: int) -> list[str]:
-        ids = [f"replica-{self.next_replica + n}" for n in range(count)]
-        self.next_replica += count
+        """`count` more serving replicas: warm standby ones first (they only switch to the current
+        epoch), fresh ones for the rest."""
+        warm, self.standby_replicas = self.standby_replicas[:count], self.standby_replicas[count:]
+        ids = [f"replica-{self.next_replica + n}" for n in range(count - len(warm))]
+        self.next_replica += len(ids)
         record = self._epoch_record()
         self.replica_group.start(ids, record)
-        self.replica_ids += ids
-        # A replica keeping its experts in process starts on the first epoch: it catches up here.
-        self.replica_group.install(ids, record, wait=True)
-        self._log("replicas-started", replicas=ids)
-        return ids
+        # A replica keeping its experts in process starts on the first epoch, and a standby one on
+        # the epoch of its start: each catches up here.
+        acks = self.replica_group.install(warm + ids, record, wait=True)
+        lost = [rid for rid in warm if isinstance(acks.get(rid), str)]  # a standby replica that died meanwhile
+        for rid in lost:
+            self.replica_group.shutdown(rid)
+        started = [rid for rid in warm if rid not in lost] + ids
+        self.replica_ids += started
+        if lost:
+            started += self._start_replicas(len(lost))
+        self._log("replicas-started", replicas=started, from_standby=[rid for rid in warm if rid not in lost])
+        if warm:
+            self._refill_standby_replicas_later()
+        return started
+
+    def set_standby_replicas(self, count: int) -> None:
+        """Keep `count` replicas started but not serving (the autoscaler's warm pool)."""
+        self.standby_replicas_target = count
+        surplus = []
+        with self.lock:
+            while len(self.standby_replicas) > count:
+                surplus.append(self.standby_replicas.pop())
+            if surplus:
+                self._save_deployment()
+        for rid in surplus:
+            self.replica_group.shutdown(rid)
+        self._refill_standby_replicas_later()
+
+    def _refill_standby_replicas_later(self) -> None:
+        if len(self.standby_replicas) < self.standby_replicas_target:
+            threading.Thread(target=self._refill_standby_replicas, daemon=True).start()
+
+    def _refill_standby_replicas(self) -> None:
+        """Start standby replicas up to the target, outside the lock (a start takes seconds)."""
+        with self._standby_replica_lock:
+            with self.lock:
+                missing = self.standby_replicas_target - len(self.standby_replicas)
+                ids = [f"replica-{self.next_replica + n}" for n in range(max(0, missing))]
+                self.next_replica += len(ids)
+            if not ids:
+                return
+            self.replica_group.start(ids, self._epoch_record())
+            with self.lock:
+                self.standby_replicas += ids
+                self._log("standby-replicas-started", replicas=ids)
+                try:
+                    self._save_deployment()
+                except ControlUnavailableError:
+                    pass
 
     def replicas(self) -> list[tuple[str, object, bool]]:
         """(replica id, handle, draining) for gateways."""
@@ -754,7 +805,8 @@ class Controller:
         """Stop the monitor, the replicas and the shards (the store keeps its record)."""
         self._stopped.set()
         with self.lock:
-            replicas, self.replica_ids = self.replica_ids, []
+            replicas, self.replica_ids = self.replica_ids + self.standby_replicas, []
+            self.standby_replicas, self.standby_replicas_target = [], 0
             shards, self.shard_names, self.standby = self.shard_names + self.standby, [], []
         for rid in replicas:
             self.replica_group.shutdown(rid)

@@ -16,16 +16,18 @@ class DeploymentRecord:
     standby: tuple[str, ...] = ()  # empty shards started ahead of need
     target_replicas: int = 0  # serving replicas wanted (lost ones are replaced up to it)
     next_replica: int = 0  # replica ids are never reused, across controller restarts too
+    standby_replicas: tuple[str, ...] = ()  # replicas started and loaded, not yet serving (warm)
 
     def to_dict(self) -> dict:
         return {"shards": list(self.shards), "replicas": list(self.replicas), "draining": list(self.draining),
                 "standby": list(self.standby), "target_replicas": self.target_replicas,
-                "next_replica": self.next_replica}
+                "next_replica": self.next_replica, "standby_replicas": list(self.standby_replicas)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeploymentRecord":
         return cls(tuple(data.get("shards", ())), tuple(data.get("replicas", ())), tuple(data.get("draining", ())),
-                   tuple(data.get("standby", ())), int(data.get("target_replicas", 0)), int(data.get("next_replica", 0)))
+                   tuple(data.get("standby", ())), int(data.get("target_replicas", 0)),
+                   int(data.get("next_replica", 0)), tuple(data.get("standby_replicas", ())))
 
 
 @dataclass(frozen=True)

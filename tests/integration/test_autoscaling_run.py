@@ -55,4 +55,5 @@ def test_serve_scales_replicas_and_shards_up_then_down_under_a_burst(model_dir, 
         assert {c["action"] for c in changes if c["pool"] == pool} >= {"scale_up", "scale_down"}
     for change in changes:
         assert change["reason"] and change["signals"], change  # every action explained
-    assert status["failures"] == [] and status["actual"] == {"replicas": 1, "expert_shards": 1, "standby_shards": 0}
+    assert status["failures"] == [] and status["actual"] == {"replicas": 1, "expert_shards": 1, "standby_replicas": 0,
+                                                                "standby_shards": 0}

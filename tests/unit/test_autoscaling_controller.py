@@ -26,6 +26,7 @@ spec:
       min: 1
       max: 3
       max_step: 2
+      standby: %s
       targets: {running_requests: 2, waiting_requests: null, kv_cache_usage: null, ttft_slo_fraction: null,
                 itl_slo_fraction: null}
       scale_up: {stabilization_window_s: 0, cooldown_s: 0}
@@ -42,9 +43,9 @@ def autoscaled(model_dir):
 
     made = []
 
-    def make(mode="active", store=None, groups=()):
+    def make(mode="active", store=None, groups=(), standby=0):
         config = ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1),
-                                  model_id="mixtral-tiny", autoscaling=parse_policy(POLICY % mode))
+                                  model_id="mixtral-tiny", autoscaling=parse_policy(POLICY % (mode, standby)))
         controller = local_controller(config, store if store is not None else InMemoryStore(), *groups)
         made.append(controller)
         return controller
@@ -135,8 +136,8 @@ def test_policy_hot_reload_is_validated_and_survives_a_restart_through_redis(aut
         first.start(1)
         first.check(time.time())  # one decision: the policy's state goes to the store
         with pytest.raises(InvalidRequestError, match=r"spec\.pools\.replicas\.max: .*greater than or equal to 0"):
-            first.set_autoscaling_policy((POLICY % "active").replace("max: 3", "max: -1"))
-        assert "in force" in first.set_autoscaling_policy((POLICY % "active").replace("max: 3", "max: 2"))
+            first.set_autoscaling_policy((POLICY % ("active", 0)).replace("max: 3", "max: -1"))
+        assert "in force" in first.set_autoscaling_policy((POLICY % ("active", 0)).replace("max: 3", "max: 2"))
         assert "max: 2" in first.get_autoscaling_policy()
         second = local_controller(first.config, store, first.shard_group, first.replica_group)
         # The restarted controller decides by the policy set over the Admin API, not the file's.
@@ -144,3 +145,25 @@ def test_policy_hot_reload_is_validated_and_survives_a_restart_through_redis(aut
         assert second.autoscaler.autoscaling.state == first.autoscaler.autoscaling.state
     finally:
         server.stop()
+
+
+def test_a_standby_replica_is_kept_warm_and_a_scale_up_takes_it_first(autoscaled, engines):
+    controller = autoscaled(standby=1)
+    controller.start(1)
+    controller.check(time.time())  # the first decision asks for one warm replica
+    _wait_for(lambda: len(controller.standby_replicas) == 1)
+    warm = controller.standby_replicas[0]
+    assert controller.serving_replicas() == ["replica-0"]  # warm, not routed to
+    params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    thread, results, prompts = _busy(controller, 8, params)
+    _wait_for(lambda: controller.replica_group.handle("replica-0").stats().running >= 6)
+    controller.check(time.time())
+    _wait_for(lambda: warm in controller.serving_replicas())
+    assert any(e.startswith("replicas-started") and f"'from_standby': ['{warm}']" in e for e in controller.events)
+    thread.join()
+    expected = [o.outputs[0].token_ids for o in engines("mixtral").generate(
+        [{"prompt_token_ids": p} for p in prompts], params)]
+    assert results == expected
+    # At the maximum (3) no room is left for a warm one (standby is at most max - desired).
+    _wait_for(lambda: not controller.autoscaler.acting())
+    assert controller.autoscaler_status()["standby"]["replicas"] == 0
