@@ -43,9 +43,12 @@ class Observation:
 
 class Autoscaling:
     def __init__(self, policy: AutoscalingPolicy, record: dict | None = None):
-        """`record`: what record() gave a previous controller (its policy, if set over the Admin
-        API since, wins over the file's; its state carries on)."""
-        self.policy = parse_policy(record["policy"], "the stored autoscaling policy") if record else policy
+        """`policy`: the deployment's (its file). `record`: what record() gave a previous
+        controller: its state carries on, and so does a policy set over the Admin API since, unless
+        the deployment's own policy changed meanwhile (a new file, or a Helm upgrade, wins)."""
+        self.configured = dump_policy(policy)
+        same_file = record is not None and record.get("configured") == self.configured
+        self.policy = parse_policy(record["policy"], "the stored autoscaling policy") if same_file else policy
         self.state = PolicyState.from_dict(record["state"]) if record and record.get("state") else PolicyState()
         self.history: deque[dict] = deque(maxlen=HISTORY)
         self.last: Decision | None = None
@@ -60,7 +63,7 @@ class Autoscaling:
         self.policy = policy
 
     def record(self) -> dict:
-        return {"policy": dump_policy(self.policy), "state": self.state.to_dict()}
+        return {"policy": dump_policy(self.policy), "configured": self.configured, "state": self.state.to_dict()}
 
     def observe(self, seen: Observation) -> None:
         """Every monitoring round: the latency and compute windows move on."""

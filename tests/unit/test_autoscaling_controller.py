@@ -143,6 +143,12 @@ def test_policy_hot_reload_is_validated_and_survives_a_restart_through_redis(aut
         # The restarted controller decides by the policy set over the Admin API, not the file's.
         assert second.autoscaler.autoscaling.policy.spec.pools.replicas.max == 2
         assert second.autoscaler.autoscaling.state == first.autoscaler.autoscaling.state
+        # A deployment started with a changed policy file takes the file's, and keeps the state.
+        changed = first.config.model_copy(update={"autoscaling": parse_policy((POLICY % ("active", 0)).replace(
+            "max: 3", "max: 4"))})
+        third = local_controller(changed, store, first.shard_group, first.replica_group)
+        assert third.autoscaler.autoscaling.policy.spec.pools.replicas.max == 4
+        assert third.autoscaler.autoscaling.state == first.autoscaler.autoscaling.state
     finally:
         server.stop()
 
