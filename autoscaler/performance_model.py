@@ -12,9 +12,9 @@ import json
 from bisect import bisect_right
 from functools import cached_property
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moefleet.cluster.config.validation_errors import describe_error
+from moefleet.cluster.config.validation_errors import read_text, validated
 
 PLACEHOLDER = "placeholder"
 
@@ -182,20 +182,11 @@ def parse_profile(text: str, source: str = "<profile>") -> PerformanceProfile:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}:{e.lineno}: not valid JSON: {e.msg}") from None
-    try:
-        return PerformanceProfile.model_validate(data)
-    except ValidationError as e:
-        lines = (f"{source}: {describe_error(error)}" for error in e.errors(include_url=False))
-        raise ValueError("\n".join(lines)) from None
+    return validated(PerformanceProfile, data, source)
 
 
 def load_profile(path: str) -> PerformanceProfile:
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror}") from None
-    return parse_profile(text, str(path))
+    return parse_profile(read_text(path), str(path))
 
 
 def save_profile(profile: PerformanceProfile, path: str) -> None:

@@ -9,9 +9,9 @@ then expert replication, the load predictor, and which policy decides (ours or R
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moefleet.cluster.config.validation_errors import describe_error
+from moefleet.cluster.config.validation_errors import read_text, validated
 
 API_VERSION = "moefleet.io/v1alpha1"
 KIND = "AutoscalingPolicy"
@@ -284,21 +284,12 @@ def parse_policy(text: str, source: str = "<policy>") -> AutoscalingPolicy:
         raise ValueError(f"{where}: not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{source}: an autoscaling policy must be a YAML mapping (got {type(data).__name__})")
-    try:
-        return AutoscalingPolicy.model_validate(data)
-    except ValidationError as e:
-        lines = (f"{source}: {describe_error(error)}" for error in e.errors(include_url=False))
-        raise ValueError("\n".join(lines)) from None
+    return validated(AutoscalingPolicy, data, source)
 
 
 def load_policy(path: str) -> AutoscalingPolicy:
     """The policy file at `path`; errors as parse_policy's, naming the path."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror}") from None
-    return parse_policy(text, str(path))
+    return parse_policy(read_text(path), str(path))
 
 
 def dump_policy(policy: AutoscalingPolicy) -> str:
