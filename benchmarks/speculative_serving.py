@@ -138,20 +138,43 @@ def _serve_variant(cluster_address: str, model: str, variant: str, placement_fil
 
 
 def run(args) -> list[dict]:
-    """The serving rows, one per placement (see the module docstring); args: the offline
-    benchmark's (cache, train_steps, prompt_tokens, max_tokens) plus e2e_prompts."""
+    """The serving rows, one per checkpoint (trained and random) and placement (see the module
+    docstring); args: the offline benchmark's (cache, train_steps, prompt_tokens, max_tokens), and
+    e2e_prompts if set (default 48 per phase)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    from benchmarks.speculative import checkpoint, prompt_sets, traces
+    from benchmarks.speculative import checkpoint, prompt_sets
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    trained = checkpoint(args.cache, args.train_steps)
+    count = getattr(args, "e2e_prompts", 48)
+    sets = prompt_sets(trained, os.path.join(trained, "tokenizer.json"), count, args.prompt_tokens)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"vnode0": 8}})
+    cluster.add_node(num_cpus=1, resources={"vnode1": 8})
+    rows = []
+    try:
+        for name, model in ((f"trained ({args.train_steps} steps)", trained), ("random", checkpoint(args.cache, 0))):
+            files = _plans(args, model, sets["profile"])
+            served = []
+            for variant in VARIANTS:
+                served.append(_serve_variant(cluster.address, model, variant, files.get(variant), sets["profile"],
+                                             sets["eval"], args.max_tokens, sample_rate=0.25))
+                if ray.is_initialized():
+                    ray.shutdown()
+            rows += [{"checkpoint": name, **row} for row in _compared(served)]
+    finally:
+        cluster.shutdown()
+    return rows
+
+
+def _plans(args, model: str, prompts: list[list[int]]) -> dict[str, str]:
+    """variant -> placement file planned by `moefleet routing plan` on the profiling trace of `model`."""
+    from benchmarks.speculative import traces
     from moefleet.cli import main as moefleet_cli
     from moefleet.cluster.routing.trace import write_trace
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    model = checkpoint(args.cache, args.train_steps)
-    count = getattr(args, "e2e_prompts", 48)
-    sets = prompt_sets(model, os.path.join(model, "tokenizer.json"), count, args.prompt_tokens)
-    profile_trace = traces(args.cache, model, {"profile": sets["profile"]}, args.max_tokens)["profile"]
+    profile_trace = traces(args.cache, model, {"profile": prompts}, args.max_tokens)["profile"]
     workdir = tempfile.mkdtemp(prefix="speculative-e2e-")
     trace_path = os.path.join(workdir, "profile.jsonl")
     write_trace(trace_path, profile_trace.events())
@@ -162,27 +185,23 @@ def run(args) -> list[dict]:
                              "--objective", objective, "--out", files[variant]])
         if code:
             raise SystemExit(f"planning {objective} failed")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"vnode0": 8}})
-    cluster.add_node(num_cpus=1, resources={"vnode1": 8})
-    rows = []
-    try:
-        for variant in VARIANTS:
-            rows.append(_serve_variant(cluster.address, model, variant, files.get(variant), sets["profile"],
-                                       sets["eval"], args.max_tokens, sample_rate=0.25))
-            if ray.is_initialized():
-                ray.shutdown()
-    finally:
-        cluster.shutdown()
+    return files
+
+
+def _compared(rows: list[dict]) -> list[dict]:
+    """Each placement's row with its ratios to load-only, rounded for the table. Every placement
+    computes the same expert work (the same tokens: the router decides); its measured compute time
+    differs only by this machine's drift, so the modelled MoE-layer time takes the load-only run's
+    compute for all and adds each placement's own modelled link time."""
     load = next(r for r in rows if r["placement"] == "load-only")
-    # Every placement computes the same expert work (the same tokens, the router decides); its
-    # measured time differs only by this machine's drift, so the modelled MoE-layer time takes the
-    # load-only run's compute for all and adds each placement's own modelled link time.
     compute, reference = load["measured_compute_ms_per_token"], rows[0]["texts"]
     load_moe_ms = compute + load["modelled_link_ms_per_token"]
+    out = []
     for row in rows:
-        row["same_text_as_round_robin"] = row.pop("texts") == reference
+        row = {**{k: v for k, v in row.items() if k != "texts"}, "same_text_as_round_robin": row["texts"] == reference}
         row["cross_node_bytes_vs_load"] = row["cross_node_bytes_per_token"] / load["cross_node_bytes_per_token"]
         row["modelled_moe_ms_per_token"] = compute + row["modelled_link_ms_per_token"]
         row["modelled_link_time_vs_load"] = row["modelled_link_ms_per_token"] / load["modelled_link_ms_per_token"]
         row["modelled_moe_time_vs_load"] = row["modelled_moe_ms_per_token"] / load_moe_ms
-    return rows
+        out.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    return out
