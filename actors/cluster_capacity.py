@@ -30,7 +30,10 @@ def _kuberay_capacity() -> Callable[[int, int], None]:
 
     from moefleet.autoscaler.kuberay_actuator import KubeRayActuator
 
-    config.load_incluster_config()
+    try:
+        config.load_incluster_config()  # the head pod's ServiceAccount (the chart's Role)
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # outside a pod
     actuator = KubeRayActuator(client.CustomObjectsApi(), os.environ["MOEFLEET_K8S_NAMESPACE"],
                                os.environ["MOEFLEET_K8S_RAYCLUSTER"], os.environ["MOEFLEET_K8S_RELEASE"])
     slots = {"replicas": int(os.environ.get("MOEFLEET_K8S_REPLICA_SLOTS", "1")),

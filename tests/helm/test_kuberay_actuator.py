@@ -199,3 +199,26 @@ def test_the_heads_service_account_with_the_charts_rbac(admin_client, dynamic_ad
                         ["system:serviceaccounts"], namespace, "patch", chart["name"])
     assert head.scale_group("replicas", 2) == 2
     assert _replicas(admin_client, chart)["replicas"] == 2
+
+
+def test_the_autoscalers_capacity_request_sets_each_groups_pods_by_its_slots(apiserver, admin_client, chart,
+                                                                             monkeypatch):
+    """What the controller calls with each decision on Kubernetes (actors/cluster_capacity.py): the
+    head pod's MOEFLEET_K8S_* variables name the RayCluster and the slots per pod of each group."""
+    from moefleet.actors.cluster_capacity import cluster_capacity
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
+
+    head = find(chart["docs"], "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    monkeypatch.setenv("KUBECONFIG", str(apiserver / "kubeconfig"))
+    monkeypatch.setenv("MOEFLEET_K8S_NAMESPACE", chart["namespace"])
+    for name in ("MOEFLEET_K8S_RAYCLUSTER", "MOEFLEET_K8S_RELEASE", "MOEFLEET_K8S_REPLICA_SLOTS",
+                 "MOEFLEET_K8S_SHARD_SLOTS"):
+        monkeypatch.setenv(name, env[name])
+    assert (env["MOEFLEET_K8S_REPLICA_SLOTS"], env["MOEFLEET_K8S_SHARD_SLOTS"]) == ("1", "2")  # the chart's defaults
+    request = cluster_capacity(ControllerConfig(engine=EngineConfig(model="unused"), model_id="m"), False)
+    request(3, 3)  # 3 replicas at 1 per pod, 3 shards at 2 per pod
+    assert _replicas(admin_client, chart) == {"replicas": 3, "shards": 2}
+    request(1, 0)
+    assert _replicas(admin_client, chart) == {"replicas": 1, "shards": 0}
