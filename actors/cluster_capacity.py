@@ -16,8 +16,9 @@ from moefleet.cluster.config.controller_config import ControllerConfig
 log = logging.getLogger(__name__)
 
 
-def cluster_capacity(config: ControllerConfig, joined_cluster: bool) -> Callable[[int, int], None] | None:
-    """request(replicas, shards), or None where there is nothing to ask."""
+def cluster_capacity(config: ControllerConfig, joined_cluster: bool) -> Callable[[int, int, set[str]], None] | None:
+    """request(replicas, shards, busy_nodes), or None where there is nothing to ask. busy_nodes:
+    the Ray node ids that run a replica or shard of ours (a scale-down never deletes their pods)."""
     if os.environ.get("MOEFLEET_K8S_RAYCLUSTER"):
         return _kuberay_capacity()
     if joined_cluster and (config.replica_resources or config.engine.shard_resources):
@@ -25,7 +26,7 @@ def cluster_capacity(config: ControllerConfig, joined_cluster: bool) -> Callable
     return None
 
 
-def _kuberay_capacity() -> Callable[[int, int], None]:
+def _kuberay_capacity() -> Callable[[int, int, set[str]], None]:
     from kubernetes import client, config
 
     from moefleet.autoscaler.kuberay_actuator import KubeRayActuator
@@ -39,21 +40,39 @@ def _kuberay_capacity() -> Callable[[int, int], None]:
     slots = {"replicas": int(os.environ.get("MOEFLEET_K8S_REPLICA_SLOTS", "1")),
              "shards": int(os.environ.get("MOEFLEET_K8S_SHARD_SLOTS", "1"))}
 
-    def request(replicas: int, shards: int) -> None:
+    resources = {"replicas": "moefleet_replica_slot", "shards": "moefleet_shard_slot"}
+
+    def request(replicas: int, shards: int, busy_nodes: set[str]) -> None:
+        nodes = _ray_nodes()
         for group, units in (("replicas", replicas), ("shards", shards)):
-            pods = actuator.scale_group(group, math.ceil(units / max(1, slots[group])))
+            idle = idle_pods(nodes, busy_nodes, resources[group]) if nodes is not None else None
+            pods = actuator.scale_group(group, math.ceil(units / max(1, slots[group])), idle)
             log.info("autoscaler: worker group %s -> %d pods for %d units", group, pods, units)
 
     return request
 
 
-def _ray_capacity(config: ControllerConfig) -> Callable[[int, int], None]:
+def idle_pods(nodes: list[dict], busy_node_ids: set[str], resource: str) -> list[str]:
+    """Pods (a KubeRay node's hostname is its pod's name) of the group offering `resource` that run
+    no moefleet actor: those a scale-down may delete. nodes: ray.nodes()' entries."""
+    return [node["NodeManagerHostname"] for node in nodes
+            if node.get("Alive") and resource in node.get("Resources", {}) and node["NodeID"] not in busy_node_ids]
+
+
+def _ray_nodes() -> list[dict] | None:
+    """ray.nodes(), or None outside Ray (then KubeRay picks the pods a scale-down deletes)."""
+    import ray
+
+    return ray.nodes() if ray.is_initialized() else None
+
+
+def _ray_capacity(config: ControllerConfig) -> Callable[[int, int, set[str]], None]:
     from ray.autoscaler.sdk import request_resources
 
     def bundles(resources: list[dict[str, float]] | None, units: int) -> list[dict[str, float]]:
         return [dict(resources[i % len(resources)]) for i in range(units)] if resources else []
 
-    def request(replicas: int, shards: int) -> None:
+    def request(replicas: int, shards: int, busy_nodes: set[str]) -> None:
         request_resources(bundles=bundles(config.replica_resources, replicas)
                           + bundles(config.engine.shard_resources, shards))
 

@@ -46,9 +46,14 @@ class KubeRayActuator:
         cluster = self._read()
         return self._group(cluster, group)[1].get("replicas", 0)
 
-    def scale_group(self, group: str, replicas: int) -> int:
+    def scale_group(self, group: str, replicas: int, idle_pods: list[str] | None = None) -> int:
         """Set worker group `group` to `replicas` pods, clamped to its minReplicas..maxReplicas;
-        returns the replicas set. A conflicting change in between is retried on the new object."""
+        returns the replicas set. A conflicting change in between is retried on the new object.
+
+        `idle_pods`: on a scale-down, the group's pods that run nothing of ours. Given, the group
+        shrinks by at most that many and KubeRay is told to delete exactly those pods
+        (scaleStrategy.workersToDelete), never one whose replica is still draining; the rest of the
+        scale-down waits for the next call, once more pods are idle. None: KubeRay picks the pods."""
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas must be a non-negative int, got {replicas!r}")
         for _ in range(CONFLICT_ATTEMPTS):
@@ -56,12 +61,20 @@ class KubeRayActuator:
             index, spec = self._group(cluster, group)
             wanted = min(max(replicas, spec.get("minReplicas", DEFAULT_MIN_REPLICAS)),
                          spec.get("maxReplicas", DEFAULT_MAX_REPLICAS))
-            if spec.get("replicas") == wanted:
+            current = spec.get("replicas", 0)
+            doomed: list[str] = []
+            if idle_pods is not None and wanted < current:
+                doomed = sorted(idle_pods)[:current - wanted]
+                wanted = current - len(doomed)
+            if current == wanted:
                 return wanted
             # The resourceVersion makes the server check that nothing changed since the read.
             patch = [{"op": "replace", "path": "/metadata/resourceVersion",
                       "value": cluster["metadata"]["resourceVersion"]},
                      {"op": "add", "path": f"/spec/workerGroupSpecs/{index}/replicas", "value": wanted}]
+            if doomed:
+                patch.append({"op": "add", "path": f"/spec/workerGroupSpecs/{index}/scaleStrategy",
+                              "value": {"workersToDelete": doomed}})
             try:
                 self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.cluster_name,
                                                         patch, _content_type="application/json-patch+json")

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 class AutoscalingActuator:
     def __init__(self, controller, policy: AutoscalingPolicy, stored: dict | None,
-                 request_capacity: Callable[[int, int], None] | None = None):
+                 request_capacity: Callable[[int, int, set[str]], None] | None = None):
         self.controller = controller
         self.autoscaling = Autoscaling(policy, stored)
         self.request_capacity = request_capacity
@@ -131,7 +131,7 @@ class AutoscalingActuator:
             log.info("autoscaler: %s acted in %.1f s", pool, time.monotonic() - started)
 
     def _request_capacity(self, decision: Decision) -> None:
-        self.request_capacity(decision.replicas, decision.expert_shards)
+        self.request_capacity(decision.replicas, decision.expert_shards, self.controller.busy_nodes())
 
     def _act_on_replicas(self, decision: Decision) -> None:
         change = _change_of(decision, "replicas", len(self.controller.serving_replicas()))

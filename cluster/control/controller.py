@@ -71,9 +71,9 @@ def _store_errors() -> tuple[type, ...]:
 
 class Controller:
     def __init__(self, config: ControllerConfig, shards: ShardGroup, replicas: ReplicaGroup, store: StateStore,
-                 request_capacity: Callable[[int, int], None] | None = None):
-        """request_capacity(replicas, shards): asks the cluster for the nodes those sizes need
-        (actors/cluster_capacity.py); None: the cluster is what it is."""
+                 request_capacity: Callable[[int, int, set[str]], None] | None = None):
+        """request_capacity(replicas, shards, busy nodes): asks the cluster for the nodes those
+        sizes need (actors/cluster_capacity.py); None: the cluster is what it is."""
         self.config = config
         self.shard_group, self.replica_group, self.store = shards, replicas, store
         self.spec = spec = load_spec(config.engine.model)
@@ -721,6 +721,21 @@ class Controller:
         if load.sum() == 0:
             return None, copies_of(self.placement, self.moe_layers), 1.0
         return load, copies_of(self.placement, self.moe_layers), imbalance(load, self.placement, self.moe_layers)
+
+    def busy_nodes(self) -> set[str]:
+        """Ray node ids running a replica (serving, draining or standby) or a shard (serving or
+        standby) of this deployment: nodes a cluster scale-down must keep."""
+        nodes = set(self._replica_node_ids.values()) | set(self._shard_node_ids)
+        for rid in list(self.standby_replicas):
+            try:
+                nodes.add(self.replica_group.stats(rid).node_id)
+            except Exception:  # gone: its node holds nothing of ours
+                pass
+        try:
+            nodes |= set(self.shard_group.nodes(list(self.standby)))
+        except Exception:
+            pass
+        return nodes
 
     def set_standby_shards(self, count: int) -> None:
         self.standby_target = count

@@ -218,7 +218,33 @@ def test_the_autoscalers_capacity_request_sets_each_groups_pods_by_its_slots(api
         monkeypatch.setenv(name, env[name])
     assert (env["MOEFLEET_K8S_REPLICA_SLOTS"], env["MOEFLEET_K8S_SHARD_SLOTS"]) == ("1", "2")  # the chart's defaults
     request = cluster_capacity(ControllerConfig(engine=EngineConfig(model="unused"), model_id="m"), False)
-    request(3, 3)  # 3 replicas at 1 per pod, 3 shards at 2 per pod
+    request(3, 3, set())  # 3 replicas at 1 per pod, 3 shards at 2 per pod
     assert _replicas(admin_client, chart) == {"replicas": 3, "shards": 2}
-    request(1, 0)
+    request(1, 0, set())  # outside Ray (no node list): KubeRay picks the pods
     assert _replicas(admin_client, chart) == {"replicas": 1, "shards": 0}
+
+
+def test_a_scale_down_deletes_only_idle_pods_and_names_them(admin_client, chart):
+    """Scaling the replica group from 3 pods to 1 with one idle pod: one pod goes, the idle one,
+    named in scaleStrategy.workersToDelete; the other waits until its replica has drained."""
+    actuator = KubeRayActuator(client.CustomObjectsApi(admin_client), chart["namespace"], chart["name"], RELEASE)
+    actuator.scale_group("replicas", 3)
+    assert actuator.scale_group("replicas", 1, idle_pods=["pod-c"]) == 2
+    group = next(g for g in _stored(admin_client, chart)["spec"]["workerGroupSpecs"] if g["groupName"] == "replicas")
+    assert group["replicas"] == 2 and group["scaleStrategy"] == {"workersToDelete": ["pod-c"]}
+    assert actuator.scale_group("replicas", 1, idle_pods=[]) == 2  # nothing idle: nothing deleted yet
+    assert actuator.scale_group("replicas", 3, idle_pods=[]) == 3  # a scale-up needs no idle pod
+
+
+def test_idle_pods_are_the_groups_live_nodes_without_moefleet_actors():
+    from moefleet.actors.cluster_capacity import idle_pods
+
+    def node(node_id, pod, alive, resources):
+        return {"NodeID": node_id, "NodeManagerHostname": pod, "Alive": alive, "Resources": resources}
+
+    nodes = [node("a", "replicas-a", True, {"moefleet_replica_slot": 1}),
+             node("b", "replicas-b", True, {"moefleet_replica_slot": 1}),
+             node("c", "replicas-c", False, {"moefleet_replica_slot": 1}),
+             node("d", "shards-d", True, {"moefleet_shard_slot": 2})]
+    assert idle_pods(nodes, {"a"}, "moefleet_replica_slot") == ["replicas-b"]
+    assert idle_pods(nodes, set(), "moefleet_shard_slot") == ["shards-d"]
