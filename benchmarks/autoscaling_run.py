@@ -68,6 +68,20 @@ def bursty_trace(seed: int, phases=PHASES) -> list[tuple[float, int, int]]:
     return entries
 
 
+def token_requests(entries, vocab_size: int, seed: int) -> list[tuple[float, list[int], int]]:
+    """(arrival s, prompt token ids, output tokens) per trace entry: random ids of the entry's length."""
+    rng = np.random.default_rng(seed)
+    return [(t, rng.integers(3, vocab_size, prompt).tolist(), output) for t, prompt, output in entries]
+
+
+def greedy_texts(llm, requests) -> list[str]:
+    """What the in-process engine (an LLM) generates greedily for each request: the reference."""
+    from moefleet import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=n) for _, _, n in requests]
+    return [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for _, p, _ in requests], params)]
+
+
 def write_mooncake(path: str, entries) -> None:
     with open(path, "w") as f:
         for t, prompt, output in entries:
@@ -160,6 +174,14 @@ async def replay(base_url: str, model_id: str, requests: list[tuple[float, list[
     return results
 
 
+def autoscaler_report(address: str) -> tuple[list[dict], dict]:
+    """(the autoscaler's decision history, newest first; its status) over the Admin API."""
+    from moefleet.client import Client
+
+    with Client(address, token="bench-admin", timeout=30) as client:
+        return client.autoscaler_status(history=True, limit=1000), client.autoscaler_status()
+
+
 def unit_seconds(samples: np.ndarray, column: int, start: float, end: float) -> float:
     """Integral of a pool's size from `start` to `end` (samples: time, replicas, shards; a step function)."""
     inside = samples[(samples[:, 0] >= start) & (samples[:, 0] <= end)]
@@ -171,8 +193,7 @@ def unit_seconds(samples: np.ndarray, column: int, start: float, end: float) -> 
 
 def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilization: float = 0.08) -> dict:
     """The real run and its simulation; returns every figure (see the module docstring)."""
-    from moefleet import LLM, SamplingParams
-    from moefleet.client import Client
+    from moefleet import LLM
 
     os.makedirs(workdir, exist_ok=True)
     entries = bursty_trace(seed, phases)
@@ -181,11 +202,8 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
     with open(policy_path, "w") as f:
         f.write(POLICY % {"shard_utilization": shard_utilization})
     llm = LLM(model)
-    rng = np.random.default_rng(seed + 1)
-    vocab = llm.engine.spec.vocab_size
-    requests = [(t, rng.integers(3, vocab, prompt).tolist(), output) for t, prompt, output in entries]
-    params = [SamplingParams(temperature=0, max_tokens=n) for _, _, n in requests]
-    expected = [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for _, p, _ in requests], params)]
+    requests = token_requests(entries, llm.engine.spec.vocab_size, seed + 1)
+    expected = greedy_texts(llm, requests)
     del llm
 
     proc, grpc_address, http_url = start_serve(model, policy_path, os.path.join(workdir, "serve.log"))
@@ -205,9 +223,7 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
         replay_to = time.monotonic() - poller.started
         time.sleep(30)  # the low phase's scale-down: windows and cooldowns
         samples = poller.stop()
-        with Client(grpc_address, token="bench-admin", timeout=30) as client:
-            history = client.autoscaler_status(history=True, limit=1000)
-            status = client.autoscaler_status()
+        history, status = autoscaler_report(grpc_address)
     finally:
         stop_serve(proc)
 

@@ -51,18 +51,11 @@ def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
     prof.set_defaults(func=_profile)
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror}") from None
-
-
 def _simulate(args) -> int:
     from moefleet.autoscaler.performance_model import DEFAULT_PROFILE, load_profile
     from moefleet.autoscaler.policy_file import load_policy
     from moefleet.autoscaler.simulator import expert_mixes_from_routing, simulate
+    from moefleet.cluster.config.validation_errors import read_text
     from moefleet.cluster.routing.trace import read_trace
     from moefleet.cluster.workload.request_trace import TraceFormatError, parse_trace
 
@@ -74,7 +67,7 @@ def _simulate(args) -> int:
         print("moefleet simulate: no --profile: using placeholder numbers, not measurements "
               "(run moefleet profile)", file=sys.stderr)
     try:
-        entries = parse_trace(args.trace, _read(args.trace))
+        entries = parse_trace(args.trace, read_text(args.trace))
     except TraceFormatError as e:
         raise ValueError(f"{args.trace}: {e}") from None
     mixes = expert_mixes_from_routing(read_trace(args.routing_trace)) if args.routing_trace else None

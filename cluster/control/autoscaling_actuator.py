@@ -78,8 +78,10 @@ class AutoscalingActuator:
         return {"desired": desired, "actual": actual}
 
     # ----- each monitoring round -----
-    def round(self, now_s: float, states: list[ReplicaState]) -> Decision | None:
-        seen = self._observation(now_s, states)
+    def round(self, now_s: float, states: list[ReplicaState], load: np.ndarray | None) -> Decision | None:
+        """One monitoring round: `states` of the replicas, `load` float64[L, E] their load window
+        (None before there is a placement and a replica)."""
+        seen = self._observation(now_s, states, load)
         self.autoscaling.observe(seen)
         if not self.autoscaling.due(now_s):
             return None
@@ -106,11 +108,11 @@ class AutoscalingActuator:
         self._acting[pool] = thread
         thread.start()
 
-    def _observation(self, now_s: float, states: list[ReplicaState]) -> Observation:
+    def _observation(self, now_s: float, states: list[ReplicaState], load: np.ndarray | None) -> Observation:
         controller = self.controller
         serving = set(controller.serving_replicas())
         waiting = sum(count for count, at in self.gateway_waiting.values() if now_s - at < 10 * controller.interval_s())
-        load, copies, imbalance = controller.expert_load_view()
+        load, copies, imbalance = controller.expert_load_view(load)
         return Observation(now_s=now_s, replicas=tuple(s for s in states if s.replica_id in serving),
                            replicas_starting=self._starting, replicas_standby=len(controller.standby_replicas),
                            shards=controller.num_shards(),
@@ -162,12 +164,3 @@ def _change_of(decision: Decision, pool: str, size_now: int):
     undo that change, so the next decision, on fresh signals, says what to do)."""
     change = next((c for c in decision.changes if c.pool == pool and c.action in ("scale_up", "scale_down")), None)
     return change if change is not None and change.before == size_now else None
-
-
-def copies_of(placement, moe_layers: list[int]) -> np.ndarray:
-    """int64[L, E]: copies of each expert of each MoE layer under `placement`."""
-    copies = np.zeros((len(moe_layers), placement.num_experts), dtype=np.int64)
-    for row, layer in enumerate(moe_layers):
-        for experts in placement.shard_experts[layer]:
-            copies[row, list(experts)] += 1
-    return copies

@@ -34,7 +34,7 @@ from moefleet.autoscaler.policy_file import dump_policy
 from moefleet.autoscaler.proactive_rebalance import ProactiveSettings, proactive_rebalance
 from moefleet.autoscaler.rebalance_rule import rebalance_due
 from moefleet.cluster.config.controller_config import ControllerConfig
-from moefleet.cluster.control.autoscaling_actuator import AutoscalingActuator, copies_of
+from moefleet.cluster.control.autoscaling_actuator import AutoscalingActuator
 from moefleet.cluster.control.groups import ReplicaGroup, ShardGroup
 from moefleet.cluster.control.records import DeploymentRecord, RebalanceState
 from moefleet.cluster.control.speculation import GatewayLocality, Speculation, Topology
@@ -636,8 +636,8 @@ class Controller:
             if rid in self.draining and state.requests == 0:
                 self._retire_replica(rid)
         self._learn_routing(now)
-        if self.placement is not None and self.replica_ids:
-            load = self._collect_load()
+        load = self._collect_load() if self.placement is not None and self.replica_ids else None
+        if load is not None:
             if load.sum() > 0:
                 with self.lock:  # a change committed meanwhile resets the samples: not to be overwritten
                     self.policy = self.policy.sampled(now, imbalance(load, self.placement, self.moe_layers),
@@ -653,7 +653,7 @@ class Controller:
             elif rule.enabled and rule.proactive and load.sum() > 0:
                 self._rebalance_ahead(load, now)
         if self.autoscaler is not None and self.started:  # not before the first replicas and epoch
-            self.autoscaler.round(now, states)
+            self.autoscaler.round(now, states, load)
         for rid in list(self.replica_ids):
             self._best_effort(self.store.heartbeat, "replica", rid, {"draining": rid in self.draining}, now,
                               self.config.monitor_interval_s * 10)
@@ -713,14 +713,15 @@ class Controller:
         spec = self.spec
         return 3 * spec.hidden_size * spec.moe.intermediate_size * 4
 
-    def expert_load_view(self) -> tuple[np.ndarray | None, np.ndarray | None, float]:
-        """(load float64[L, E] over the window, copies int64[L, E], imbalance) for the autoscaler."""
+    def expert_load_view(self, load: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+        """(load float64[L, E] over the window or None, copies int64[L, E], imbalance) for the
+        autoscaler, from this round's `load` (None: no placement or no replica yet)."""
         if self.placement is None:
             return None, None, 1.0
-        load = self._collect_load()
-        if load.sum() == 0:
-            return None, copies_of(self.placement, self.moe_layers), 1.0
-        return load, copies_of(self.placement, self.moe_layers), imbalance(load, self.placement, self.moe_layers)
+        copies = self.placement.holder_matrix(self.moe_layers).sum(axis=2)
+        if load is None or load.sum() == 0:
+            return None, copies, 1.0
+        return load, copies, imbalance(load, self.placement, self.moe_layers)
 
     def busy_nodes(self) -> set[str]:
         """Ray node ids running a replica (serving, draining or standby) or a shard (serving or

@@ -14,6 +14,7 @@ import numpy as np
 
 from moefleet.cluster.placement.placement import Placement
 from moefleet.cluster.routing.affinity import AffinityModel
+from moefleet.cluster.routing.evaluate import distinct_per_row
 from moefleet.cluster.routing.request_placement import NodeAffinityTable, node_affinity_table, node_share
 
 QUALITY_DECAY = 0.95  # per learned sample: the quality gauges follow roughly the last 20 samples
@@ -105,7 +106,8 @@ class Speculation:
                                 "token_layers", "remote_sends"), 0.0)
         shard_nodes = np.array(topology.shard_nodes or (0,) * placement.num_shards)
         local_node = token_node if topology.shard_nodes else 0  # shards inside the replica: all local
-        for ordinal, layer in enumerate(moe_layers):
+        held = placement.holder_matrix(moe_layers)  # [L, E, S]
+        for ordinal in range(len(moe_layers)):
             actual = experts[:, ordinal]
             reached = (actual >= 0).all(axis=1)
             if not reached.any():
@@ -114,7 +116,7 @@ class Speculation:
             predicted, _ = self.model.predict(tokens[reached], ordinal, k=actual.shape[1])
             counts["hits"] += float((predicted[:, :, None] == actual[:, None, :]).any(axis=2).sum())
             counts["predicted"] += predicted.size
-            holders = _holders(placement, layer)  # bool[E, S]
+            holders = held[ordinal]  # bool[E, S]
             on_node = (holders & (shard_nodes == local_node)[None, :]).any(axis=1)  # bool[E]
             counts["local"] += float(on_node[actual].sum())
             counts["predicted_local"] += float(on_node[predicted].sum())
@@ -122,9 +124,9 @@ class Speculation:
             serving = np.where(holders & (shard_nodes == local_node)[None, :], 1, 0).argmax(axis=1)
             first = holders.argmax(axis=1)
             chosen = np.where(on_node, serving, first)[actual]  # [N, K]: a copy on the token's node if any
-            counts["distinct_shards"] += _distinct(chosen)
+            counts["distinct_shards"] += float(distinct_per_row(chosen).sum())
             counts["token_layers"] += len(actual)
-            counts["remote_sends"] += _distinct(np.where(on_node[actual], -1, chosen))
+            counts["remote_sends"] += float(distinct_per_row(np.where(on_node[actual], -1, chosen)).sum())
         counts["tokens"] = float(len(tokens))
         return counts
 
@@ -139,19 +141,3 @@ class Speculation:
             return None
         share = node_share(placement, topology.shard_nodes, moe_layers)
         return GatewayLocality(node_affinity_table(self.model, share), dict(topology.replica_nodes), model_dir)
-
-
-def _distinct(rows: np.ndarray) -> float:
-    """Distinct values >= 0 per row of int64[N, K], summed over the rows."""
-    ordered = np.sort(rows, axis=1)
-    new = np.ones_like(ordered, dtype=bool)
-    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    return float((new & (ordered >= 0)).sum())
-
-
-def _holders(placement: Placement, layer: int) -> np.ndarray:
-    """bool[E, S]: shard s holds expert e of `layer`."""
-    holders = np.zeros((placement.num_experts, placement.num_shards), dtype=bool)
-    for shard, experts in enumerate(placement.shard_experts[layer]):
-        holders[list(experts), shard] = True
-    return holders

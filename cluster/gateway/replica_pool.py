@@ -104,7 +104,7 @@ class ReplicaPool:
         try:
             return self.pick(request)
         except DrainingError:
-            if not self.wait_for_replica_s or any(rid not in self.draining for rid in self.handles):
+            if not self.wait_for_replica_s:
                 raise
         self.waiting_for_replica += 1  # the controller hears of it: the autoscaler scales from zero
         try:

@@ -6,6 +6,8 @@ placements are pure functions.
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -35,6 +37,14 @@ class Placement:
     def holders(self, layer: int, expert: int) -> list[int]:
         """Shards holding `expert` of `layer`."""
         return [s for s, experts in enumerate(self.shard_experts[layer]) if expert in experts]
+
+    def holder_matrix(self, layers: list[int]) -> np.ndarray:
+        """bool[L, E, S]: shard s holds expert e of MoE layer layers[l]."""
+        held = np.zeros((len(layers), self.num_experts, self.num_shards), dtype=bool)
+        for row, layer in enumerate(layers):
+            for shard, experts in enumerate(self.shard_experts[layer]):
+                held[row, list(experts), shard] = True
+        return held
 
     def experts_of_shard(self, shard: int) -> dict[int, tuple[int, ...]]:
         return {layer: per_shard[shard] for layer, per_shard in self.shard_experts.items()}

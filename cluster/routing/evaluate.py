@@ -110,9 +110,9 @@ def evaluate(trace: RoutingTrace, placement: Placement, shard_nodes: tuple[int, 
     total = shard_load.sum(axis=0)
     precision, recall = _prediction_quality(events, predictor)
     return {
-        "fanout": float(_distinct_per_row(np.where(valid, chosen, -1)).mean()),
+        "fanout": float(distinct_per_row(np.where(valid, chosen, -1)).mean()),
         "local_fraction": float(local.sum() / valid.sum()),
-        "cross_node_sends_per_token": float(_distinct_per_row(np.where(valid & ~local, chosen, -1)).sum()
+        "cross_node_sends_per_token": float(distinct_per_row(np.where(valid & ~local, chosen, -1)).sum()
                                             / len(occurrence_seq)),
         "imbalance": float(total.max() / total.mean()),
         "imbalance_per_layer_max": float(per_layer.max()),
@@ -149,16 +149,11 @@ def _check(trace: RoutingTrace, placement: Placement, shard_nodes, predictor, re
 
 
 def _holders(placement: Placement, num_layers: int, num_experts: int) -> np.ndarray:
-    """bool[L, E, S]: shard s holds expert e of layer l."""
-    holders = np.zeros((num_layers, num_experts, placement.num_shards), dtype=bool)
-    for layer in range(num_layers):
-        for shard, experts in enumerate(placement.shard_experts[layer]):
-            held = [e for e in experts if e < num_experts]
-            holders[layer, held, shard] = True
-    return holders
+    """bool[L, E, S]: shard s holds expert e of layer l (the trace's experts: E <= the placement's)."""
+    return placement.holder_matrix(list(range(num_layers)))[:, :num_experts]
 
 
-def _distinct_per_row(values: np.ndarray) -> np.ndarray:
+def distinct_per_row(values: np.ndarray) -> np.ndarray:
     """int64[N]: distinct values >= 0 in each row of values int64[N, K]."""
     ordered = np.sort(values, axis=1)
     new = np.ones(ordered.shape, dtype=bool)

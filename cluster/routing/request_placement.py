@@ -45,11 +45,8 @@ def node_share(placement: Placement, shard_nodes: tuple[int, ...], moe_layers: l
     keys the placement), else 0."""
     if len(shard_nodes) != placement.num_shards:
         raise ValueError(f"shard_nodes names {len(shard_nodes)} shards, the placement has {placement.num_shards}")
-    share = np.zeros((len(moe_layers), placement.num_experts, max(shard_nodes) + 1))
-    for ordinal, layer in enumerate(moe_layers):
-        for shard, experts in enumerate(placement.shard_experts[layer]):
-            share[ordinal, list(experts), shard_nodes[shard]] = 1.0
-    return share
+    on_node = np.eye(max(shard_nodes) + 1)[list(shard_nodes)]  # [S, M]: shard s is on node m
+    return (placement.holder_matrix(moe_layers) @ on_node > 0).astype(np.float64)
 
 
 def node_affinity_table(model: AffinityModel, share: np.ndarray, chunk: int = 4096) -> NodeAffinityTable:

@@ -10,28 +10,29 @@ import time
 
 import pytest
 
-from benchmarks.autoscaling_run import POLICY, SizePoller, bursty_trace, replay, start_serve, stop_serve
+from benchmarks.autoscaling_run import (
+    POLICY,
+    SizePoller,
+    autoscaler_report,
+    bursty_trace,
+    greedy_texts,
+    replay,
+    start_serve,
+    stop_serve,
+    token_requests,
+)
 
 SHORT_PHASES = ((0, 5, 0.4), (5, 25, 4.0), (25, 30, 0.3))
 
 
 @pytest.mark.timeout(600)
 def test_serve_scales_replicas_and_shards_up_then_down_under_a_burst(model_dir, engines, tmp_path):
-    import numpy as np
-
-    from moefleet import SamplingParams
-    from moefleet.client import Client
-
     model = model_dir("mixtral")
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(POLICY % {"shard_utilization": 0.08})
-    rng = np.random.default_rng(1)
-    vocab = engines("mixtral").engine.spec.vocab_size
-    requests = [(t, rng.integers(3, vocab, prompt).tolist(), output)
-                for t, prompt, output in bursty_trace(0, SHORT_PHASES)]
-    expected = [o.outputs[0].text for o in engines("mixtral").generate(
-        [{"prompt_token_ids": p} for _, p, _ in requests], [SamplingParams(temperature=0, max_tokens=n)
-                                                             for _, _, n in requests])]
+    llm = engines("mixtral")
+    requests = token_requests(bursty_trace(0, SHORT_PHASES), llm.engine.spec.vocab_size, seed=1)
+    expected = greedy_texts(llm, requests)
     proc, grpc_address, http_url = start_serve(model, str(policy_path), str(tmp_path / "serve.log"))
     try:
         poller = SizePoller(grpc_address).start()
@@ -40,9 +41,7 @@ def test_serve_scales_replicas_and_shards_up_then_down_under_a_burst(model_dir, 
         while time.monotonic() < deadline and (not poller.samples or poller.samples[-1][1:] != (1, 1)):
             time.sleep(1)  # the low phase: back to one replica and one shard (windows and cooldowns)
         sizes = poller.stop()
-        with Client(grpc_address, token="bench-admin", timeout=30) as client:
-            history = client.autoscaler_status(history=True, limit=1000)
-            status = client.autoscaler_status()
+        history, status = autoscaler_report(grpc_address)
     finally:
         stop_serve(proc)
 
