@@ -206,8 +206,10 @@ class Replica:
         self.engine.engine.record_routing(sample_rate)
 
     def routing_sample(self) -> list[RecordedTokens]:
-        """The routing recorded since the last call (for the controller's affinity model)."""
-        return self.engine.engine.routing.take()
+        """The routing recorded since the last call (for the controller's affinity model), its
+        steps joined into one batch: one object to send, and one array for the model to learn."""
+        taken = self.engine.engine.routing.take()
+        return [RecordedTokens.concatenate(taken)] if taken else []
 
     def drain(self) -> None:
         """Take no new requests; those in flight finish."""

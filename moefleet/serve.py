@@ -48,7 +48,8 @@ class LocalDeployment:
                      log_to_driver=False)
         cores = len(os.sched_getaffinity(0))
         controller_config = config.controller_config(model, self.model_id, cores)
-        self.num_gateways, self.engine_threads = config.gateway_count(cores), controller_config.engine.num_threads
+        self.num_gateways, engine = config.gateway_count(cores), controller_config.engine
+        self.engine_threads = (engine.num_threads, engine.wide_step_threads, engine.wide_step_prefill_tokens)
         self.controller = remote_controller_class().options(name=CONTROLLER_NAME).remote(controller_config)
         self.initial_replicas = config.initial_replicas(controller_config.autoscaling)
         ray.get(self.controller.start.remote(self.initial_replicas))
@@ -99,9 +100,11 @@ def run_serve(config: ServeConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     host, grpc_port, http_port = deployment.addresses
     scheme = "https" if config.tls_cert else "http"
+    threads, wide, wide_tokens = deployment.engine_threads
     print(f"moefleet: serving model {deployment.model_id!r} with {deployment.initial_replicas} replica(s) of "
-          f"{deployment.engine_threads} torch thread(s) and {deployment.num_gateways} gateway(s) "
-          f"(for {len(os.sched_getaffinity(0))} cores; --replicas, --gateways and engine.num_threads override)\n"
+          f"{threads} torch thread(s) ({wide} in steps prefilling {wide_tokens}+ tokens) and {deployment.num_gateways} "
+          f"gateway(s) (for {len(os.sched_getaffinity(0))} cores; --replicas, --gateways and engine.num_threads, "
+          f"engine.wide_step_threads override)\n"
           f"  gRPC:  {host}:{grpc_port}   (moefleet generate --address {host}:{grpc_port} \"Hello\")\n"
           f"  HTTP:  {scheme}://{host}:{http_port}/v1   (OpenAI-compatible; /health, /metrics)", flush=True)
     if deployment.generated_token:

@@ -48,6 +48,12 @@ class EngineOptions(BaseModel):
     replicate_experts: dict[int, list[int]] | None = Field(
         None, description="Per MoE layer, experts to hold a second copy of (on the next shard).")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: the CPUs this process may use.")
+    wide_step_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads of a step that prefills at least wide_step_prefill_tokens "
+                                "tokens (compute-bound, and its long ops ride out a core lent to a busy gateway for a "
+                                "moment); default: num_threads (moefleet serve: every core its replicas share).")
+    wide_step_prefill_tokens: int = Field(64, gt=0, description="Prompt tokens run in one step from which it runs on "
+                                                                "wide_step_threads.")
     malloc_keep_mib: int = Field(
         256, ge=0, description="glibc only: allocations under 32 MiB come from the heap and up to this much freed memory "
                                "stays with the process (replica and shard actors), so each step reuses its activation "

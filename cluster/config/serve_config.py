@@ -71,8 +71,11 @@ class ServeConfig(ControllerOptions):
         # gateway made 3.4-3.6K tokens/s at 64 requests and 231 at 1, one of 1 thread 3.8K and 315
         # (tiny Mixtral through the output channel, benchmarks/output_channel.py's load).
         threads = max(1, (cores - self.gateway_count(cores)) // self.replicas)
-        engine = EngineConfig(**{"num_threads": threads, "ray_address": self.ray_address,
-                                 **self.engine.model_dump(exclude_unset=True), "model": model})
+        chosen = self.engine.model_dump(exclude_unset=True)
+        # Prefill-heavy steps take the gateways' cores too: few outputs then keep a gateway busy.
+        wide = chosen.get("num_threads") or max(threads, cores // self.replicas)
+        engine = EngineConfig(**{"num_threads": threads, "wide_step_threads": wide, "ray_address": self.ray_address,
+                                 **chosen, "model": model})
         shared = {name: getattr(self, name) for name in ControllerOptions.model_fields}
         autoscaling = load_policy(self.autoscaling_policy) if self.autoscaling_policy else None
         if autoscaling is not None and autoscaling.spec.pools.expert_shards.enabled:

@@ -18,7 +18,7 @@ from moefleet.cluster.engine.model_runner import ModelRunner
 from moefleet.cluster.engine.outputs import CompletionOutput, RequestOutput
 from moefleet.cluster.engine.routing_recorder import RoutingRecorder
 from moefleet.cluster.engine.sampler import sample
-from moefleet.cluster.engine.scheduler import Scheduler
+from moefleet.cluster.engine.scheduler import ScheduledChunk, Scheduler
 from moefleet.cluster.engine.sequence import Sequence
 from moefleet.cluster.engine.tokenizer import Tokenizer
 from moefleet.cluster.errors import InvalidRequestError
@@ -59,7 +59,9 @@ class LLMEngine:
         # Default: the cores that shard actors on this node leave free. Oversubscribed torch
         # threads wait on each other: a 15 ms forward became 70-1,100 ms beside a busy process.
         cores = len(os.sched_getaffinity(0))
-        torch.set_num_threads(config.num_threads or max(1, cores - self.experts.threads_used_on_this_node()))
+        self.step_threads = config.num_threads or max(1, cores - self.experts.threads_used_on_this_node())
+        self.wide_step_threads = config.wide_step_threads or self.step_threads
+        torch.set_num_threads(self.step_threads)
         self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
         self.dispatcher = Dispatcher(self.placement, self.experts.transport)
         self.record_routing(config.routing_sample_rate)
@@ -231,6 +233,7 @@ class LLMEngine:
         if not chunks:
             return []
         self.num_steps += 1
+        self._set_threads(chunks)
         self.load.begin_step()
         self.routing.begin_step(chunks, sampled=not self.runner.overlaps(chunks))
         try:
@@ -249,6 +252,17 @@ class LLMEngine:
             seq.detokenizer.add(token)
             self._check_finished(seq, token)
         return sampling
+
+    def _set_threads(self, chunks: list[ScheduledChunk]) -> None:
+        """Steps that prefill run on wide_step_threads, decode-only steps on num_threads. Beside a
+        busy gateway on a small machine, decode steps (many short ops) stall on two threads
+        whenever the gateway takes a core, so one thread decodes faster; but prompts, long ones
+        above all, then queued behind one thread (the Azure conversation trace's first-token
+        times doubled)."""
+        prefill = sum(c.num_tokens for c in chunks if c.num_tokens > 1)  # decodes run one token each
+        threads = self.wide_step_threads if prefill >= self.config.wide_step_prefill_tokens else self.step_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moefleet import SamplingParams
+from moefleet.cluster.engine.routing_recorder import RecordedTokens
 from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -13,14 +14,15 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
 def test_recorded_experts_are_the_routers_choice(engines, hf_model, arch):
-    llm = engines(arch, routing_sample_rate=1.0)
+    llm = engines(arch, routing_sample_rate=1.0, max_num_batched_tokens=5)  # the prompt in 3 chunks
     llm.engine.routing.take()
     prompt = random_prompts(llm.engine.spec.vocab_size, [13], seed=3)[0]
     llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=1))
     recorded = llm.engine.routing.take()
-    positions = torch.cat([torch.from_numpy(r.positions) for r in recorded])
-    tokens = torch.cat([torch.from_numpy(r.tokens) for r in recorded])
-    experts = torch.cat([torch.from_numpy(r.experts) for r in recorded])
+    assert len(recorded) > 1  # a step per prefill chunk: joined in order, as a replica hands them on
+    merged = RecordedTokens.concatenate(recorded)
+    positions, tokens, experts = (torch.from_numpy(a) for a in (merged.positions, merged.tokens, merged.experts))
+    assert len(merged.request_ids) == len(positions)
     assert positions.tolist() == list(range(13)) and tokens.tolist() == prompt  # every prompt token, once
     with torch.no_grad():
         router_logits = hf_model(arch)(torch.tensor([prompt]), output_router_logits=True).router_logits

@@ -91,13 +91,24 @@ def test_a_good_file_becomes_one_typed_tree(tmp_path):
     assert controller.auto_rebalance == config.auto_rebalance and controller.auto_rebalance.threshold == 1.2
     # The engine: the file's options, the served model, and the cores shared among the replicas.
     assert controller.engine == EngineConfig(model="/models/tiny", kv_cache_gib=0.5, replicate_experts={1: [0, 3]},
-                                             num_threads=2)
+                                             num_threads=2, wide_step_threads=2)
 
 
 def test_the_engine_section_may_set_the_threads_itself():
     config = ServeConfig(replicas=4, engine={"num_threads": 3})
-    assert config.controller_config("/m", "m", cores=2).engine.num_threads == 3
+    engine = config.controller_config("/m", "m", cores=2).engine
+    assert (engine.num_threads, engine.wide_step_threads) == (3, 3)  # the user's count for every step
     assert ServeConfig(replicas=4).controller_config("/m", "m", cores=2).engine.num_threads == 1
+    chosen = ServeConfig(engine={"wide_step_threads": 1}).controller_config("/m", "m", cores=2).engine
+    assert (chosen.num_threads, chosen.wide_step_threads) == (1, 1)
+
+
+def test_prefill_steps_take_the_gateways_cores_too():
+    """On 2 cores one gateway keeps a core: decode steps run on the other, prefill steps on both."""
+    engine = ServeConfig().controller_config("/m", "m", cores=2).engine
+    assert (engine.num_threads, engine.wide_step_threads) == (1, 2)
+    shared = ServeConfig(replicas=2).controller_config("/m", "m", cores=8).engine  # one gateway per 8 cores
+    assert (shared.num_threads, shared.wide_step_threads) == (3, 4)
 
 
 def test_the_config_tree_has_no_untyped_fields():
