@@ -151,7 +151,7 @@ class ReplicaPool(_Pool):
 class ShardPool(_Pool):
     """Expert shards shared by every replica (the controller's expert_shards); max 0: no shared pool to scale."""
 
-    min: int = Field(0, ge=0, description="Fewest shards.")
+    min: int = Field(0, ge=0, description="Fewest shards; at least 1 when max is.")
     max: int = Field(0, ge=0, description="Most shards; 0: the deployment keeps experts inside each replica and "
                                           "this pool is not scaled.")
     targets: ShardTargets = Field(default_factory=ShardTargets, description="Target signals per shard.")
@@ -161,9 +161,16 @@ class ShardPool(_Pool):
         return self.max > 0
 
     @model_validator(mode="after")
-    def _some_signal(self):
-        if self.enabled and _signals_off(self.targets, "shard_utilization", "expert_load_imbalance",
-                                         "ttft_slo_fraction", "itl_slo_fraction"):
+    def _a_pool_to_scale(self):
+        if not self.enabled:
+            return self
+        if self.min < 1:
+            # A deployment started with no shared shard keeps experts inside each replica, and the
+            # shards hold every replica's experts once it has them: a pool of 0 neither starts nor stays.
+            raise ValueError(f"min ({self.min}) must be at least 1 when max ({self.max}) is: with no shard the "
+                             "replicas keep their experts in process and there is no pool to scale")
+        if _signals_off(self.targets, "shard_utilization", "expert_load_imbalance", "ttft_slo_fraction",
+                        "itl_slo_fraction"):
             raise ValueError("targets: every signal is null; keep at least one")
         return self
 

@@ -10,6 +10,8 @@ TrendState the policy keeps in its own state.
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from moefleet.autoscaler.policy_file import ConstantPredictor, EwmaTrendPredictor
 from moefleet.autoscaler.signals import AutoscalingContext
 
@@ -66,6 +68,21 @@ def expert_load_factor(observed_total: float | None, predicted_total: float | No
     if observed_total is None or predicted_total is None or observed_total <= 0:
         return 1.0
     return min(MAX_FACTOR, max(MIN_FACTOR, predicted_total / observed_total))
+
+
+def arriving_expert_load(observed: np.ndarray | None, seen: np.ndarray, seen_span_s: float, coming: np.ndarray,
+                         coming_span_s: float) -> np.ndarray | None:
+    """float64[L, E]: the load window as the requests now arriving will make it. `observed` is the
+    window's load; `coming` the affinity model's predicted load of the prompts admitted over the
+    last `coming_span_s` seconds, `seen` that of the prompts admitted over the `seen_span_s` before.
+    The result is shaped like `coming` (which experts the arrivals need) and as large as `observed`
+    times the arrivals' predicted rate over the earlier rate (how much more, or less, is coming).
+    None when there is nothing to compare: no observed load, no arrival, or no earlier arrivals."""
+    if (observed is None or observed.sum() <= 0 or coming.sum() <= 0 or seen.sum() <= 0 or seen_span_s <= 0
+            or coming_span_s <= 0):
+        return None
+    rate_ratio = (coming.sum() / coming_span_s) / (seen.sum() / seen_span_s)
+    return coming / coming.sum() * observed.sum() * rate_ratio
 
 
 def observe(settings: ConstantPredictor | EwmaTrendPredictor, state: TrendState,

@@ -23,7 +23,9 @@ import numpy as np
 
 from moefleet.autoscaler.policy import Decision
 from moefleet.autoscaler.policy_file import AutoscalingPolicy, parse_policy
+from moefleet.autoscaler.predictor import arriving_expert_load
 from moefleet.cluster.control.autoscaling import Autoscaling, Observation
+from moefleet.cluster.control.speculation import ArrivingLoad
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.messages import ReplicaState
 
@@ -78,10 +80,12 @@ class AutoscalingActuator:
         return {"desired": desired, "actual": actual}
 
     # ----- each monitoring round -----
-    def round(self, now_s: float, states: list[ReplicaState], load: np.ndarray | None) -> Decision | None:
+    def round(self, now_s: float, states: list[ReplicaState], load: np.ndarray | None,
+              arriving: ArrivingLoad | None = None) -> Decision | None:
         """One monitoring round: `states` of the replicas, `load` float64[L, E] their load window
-        (None before there is a placement and a replica)."""
-        seen = self._observation(now_s, states, load)
+        (None before there is a placement and a replica), `arriving` the predicted load of the
+        requests they admitted (None: no prediction; asked for where wants_predicted_load)."""
+        seen = self._observation(now_s, states, load, arriving)
         self.autoscaling.observe(seen)
         if not self.autoscaling.due(now_s):
             return None
@@ -108,7 +112,14 @@ class AutoscalingActuator:
         self._acting[pool] = thread
         thread.start()
 
-    def _observation(self, now_s: float, states: list[ReplicaState], load: np.ndarray | None) -> Observation:
+    def wants_predicted_load(self) -> bool:
+        """Whether the policy sizes shards or copies experts by the arriving requests' predicted load."""
+        spec = self.autoscaling.policy.spec
+        return spec.predictor.kind == "predicted_expert_load" or (
+            spec.expert_replication.enabled and spec.expert_replication.trigger.source == "predicted")
+
+    def _observation(self, now_s: float, states: list[ReplicaState], load: np.ndarray | None,
+                     arriving: ArrivingLoad | None) -> Observation:
         controller = self.controller
         serving = set(controller.serving_replicas())
         waiting = sum(count for count, at in self.gateway_waiting.values() if now_s - at < 10 * controller.interval_s())
@@ -118,7 +129,8 @@ class AutoscalingActuator:
                            shards=controller.num_shards(),
                            shards_standby=len(controller.standby), gateway_waiting=waiting, expert_load=load,
                            expert_copies=copies, imbalance=imbalance, expert_bytes=controller.expert_bytes(),
-                           predicted_expert_load=None)
+                           predicted_expert_load=None if arriving is None or load is None else arriving_expert_load(
+                               load, arriving.seen, arriving.seen_span_s, arriving.coming, arriving.coming_span_s))
 
     def _guarded(self, pool: str, act: Callable[[Decision], None], decision: Decision) -> None:
         started = time.monotonic()

@@ -37,14 +37,20 @@ from moefleet.cluster.config.controller_config import ControllerConfig
 from moefleet.cluster.control.autoscaling_actuator import AutoscalingActuator
 from moefleet.cluster.control.groups import ReplicaGroup, ShardGroup
 from moefleet.cluster.control.records import DeploymentRecord, RebalanceState
-from moefleet.cluster.control.speculation import GatewayLocality, Speculation, Topology
+from moefleet.cluster.control.speculation import ArrivingLoad, GatewayLocality, Speculation, Topology
 from moefleet.cluster.control.state_store import StateStore
 from moefleet.cluster.errors import ControlUnavailableError, InvalidRequestError
 from moefleet.cluster.experts.backend import initial_placement
+from moefleet.cluster.experts.wire import TORCH_DTYPES
 from moefleet.cluster.placement.affinity_planner import plan_affinity_placement
 from moefleet.cluster.placement.epoch_record import EpochRecord
 from moefleet.cluster.placement.placement import Placement, placement_to_dict, round_robin_placement
-from moefleet.cluster.placement.placement_file import load_placement_file, on_model_layers, relabel_layers
+from moefleet.cluster.placement.placement_file import (
+    check_shard_nodes,
+    load_placement_file,
+    on_model_layers,
+    relabel_layers,
+)
 from moefleet.cluster.placement.planner import imbalance, plan_placement, scale_limits
 from moefleet.cluster.placement.routing_stats import RoutingStats
 from moefleet.cluster.placement.staging_plan import layout_epochs
@@ -97,13 +103,15 @@ class Controller:
         self.events: deque[str] = deque(maxlen=200)
         self._stopped = threading.Event()
         self.incarnation = uuid.uuid4().hex[:8]  # tells a restarted controller from the one before
-        self.speculation = Speculation(self._affinity_model(), row_bytes=spec.hidden_size * 4)
+        self.speculation = Speculation(self._affinity_model(), row_bytes=spec.hidden_size * self._dtype_bytes())
         self._affinity_saved_at = 0.0
         # Recent sampled routing paths (request ordinal, experts[L, K]): what grouping plans from.
         self._recent_paths: deque[tuple[str, np.ndarray]] = deque(maxlen=config.affinity_max_tokens)
         self._learning = threading.Lock()  # the monitor and a recording both take the replicas' samples
         self._recording: list[RoutingEvent] | None = None  # events kept while an admin records routing
-        self._arrived: deque[tuple[float, np.ndarray]] = deque()  # (time, predicted load[L, E]) of admissions
+        # (from, to, predicted load[L, E]) of the prompts admitted between two rounds, over the rebalance window
+        self._arrived: deque[tuple[float, float, np.ndarray]] = deque()
+        self._prompts_taken_at: float | None = None
         self._shard_node_ids: list[str] = []
         self._replica_node_ids: dict[str, str] = {}
         self.recovered = self._recover()
@@ -318,10 +326,12 @@ class Controller:
         self._commit(placement, names, time.time())
 
     def _placement_from_file(self, path: str) -> Placement:
-        placement, _ = load_placement_file(path)
+        placement, shard_nodes = load_placement_file(path)
         if placement.num_shards != self.config.expert_shards:
             raise ValueError(f"{path}: places experts on {placement.num_shards} shards, expert_shards is "
                              f"{self.config.expert_shards}")
+        if shard_nodes is not None:
+            check_shard_nodes(path, shard_nodes, self.config.engine.shard_resources)
         return on_model_layers(placement, self.moe_layers, self.num_experts, 0, path)
 
     def _serving(self) -> list[str]:
@@ -637,6 +647,7 @@ class Controller:
                 self._retire_replica(rid)
         self._learn_routing(now)
         load = self._collect_load() if self.placement is not None and self.replica_ids else None
+        arriving = self._arriving_load(now) if load is not None and self._predicts_load() else None
         if load is not None:
             if load.sum() > 0:
                 with self.lock:  # a change committed meanwhile resets the samples: not to be overwritten
@@ -651,17 +662,17 @@ class Controller:
                 except ControlUnavailableError as e:
                     log.warning("automatic rebalance waits: %s", e)
             elif rule.enabled and rule.proactive and load.sum() > 0:
-                self._rebalance_ahead(load, now)
+                self._rebalance_ahead(load, now, arriving)
         if self.autoscaler is not None and self.started:  # not before the first replicas and epoch
-            self.autoscaler.round(now, states, load)
+            self.autoscaler.round(now, states, load,
+                                  arriving if arriving is not None and self.speculation.can_plan() else None)
         for rid in list(self.replica_ids):
             self._best_effort(self.store.heartbeat, "replica", rid, {"draining": rid in self.draining}, now,
                               self.config.monitor_interval_s * 10)
 
-    def _coming_load(self, now: float) -> tuple[np.ndarray, np.ndarray, int]:
-        """(seen, coming, coming tokens): the affinity model's predicted load float64[L, E] of the
-        requests admitted over the rebalance window before this round, and of those admitted since
-        the last round, with their prompt tokens."""
+    def _arriving_load(self, now: float) -> ArrivingLoad:
+        """The affinity model's predicted load float64[L, E] of the requests the replicas admitted
+        since the last round, and of those admitted over the rebalance window before it."""
         arrived = []
         for rid in list(self.replica_ids):
             try:
@@ -671,22 +682,29 @@ class Controller:
             arrived.append(tokens)
         tokens = np.concatenate(arrived) if arrived else np.zeros(0, dtype=np.int64)
         coming = self.affinity.expected_load(tokens)
+        since, self._prompts_taken_at = self._prompts_taken_at or now - self.config.monitor_interval_s, now
         window = self.config.auto_rebalance.window_s
-        while self._arrived and self._arrived[0][0] <= now - window:
+        while self._arrived and self._arrived[0][1] <= now - window:
             self._arrived.popleft()
-        seen = sum((load for _, load in self._arrived), np.zeros_like(coming))
-        self._arrived.append((now, coming))
-        return seen, coming, len(tokens)
+        seen = sum((load for _, _, load in self._arrived), np.zeros_like(coming))
+        seen_span_s = sum(end - start for start, end, _ in self._arrived)
+        self._arrived.append((since, now, coming))
+        return ArrivingLoad(seen, seen_span_s, coming, now - since, len(tokens))
 
-    def _rebalance_ahead(self, observed: np.ndarray, now: float) -> None:
+    def _predicts_load(self) -> bool:
+        """Whether anyone reads the arriving requests' predicted load: proactive rebalancing, or an
+        autoscaling policy that sizes shards or copies experts by it."""
+        rule = self.config.auto_rebalance
+        return bool((rule.enabled and rule.proactive) or (self.autoscaler and self.autoscaler.wants_predicted_load()))
+
+    def _rebalance_ahead(self, observed: np.ndarray, now: float, arriving: ArrivingLoad) -> None:
         """Proactive rebalancing: toward the forecast of the coming requests' expert load, before
         their experts turn hot (needs an affinity model that has learned enough)."""
-        seen, coming, coming_tokens = self._coming_load(now)
-        if not coming_tokens or not self.speculation.can_plan():
+        if not arriving.coming_tokens or not self.speculation.can_plan():
             return
         rule = self.config.auto_rebalance
-        ahead = proactive_rebalance(observed, seen, coming, coming_tokens, self.placement, self.moe_layers, now,
-                                    self.policy.last_change_at,
+        ahead = proactive_rebalance(observed, arriving.seen, arriving.coming, arriving.coming_tokens, self.placement,
+                                    self.moe_layers, now, self.policy.last_change_at,
                                     ProactiveSettings(threshold=rule.proactive_threshold, cooldown_s=rule.cooldown_s))
         if ahead.due:
             try:
@@ -708,10 +726,14 @@ class Controller:
     def interval_s(self) -> float:
         return self.config.monitor_interval_s
 
+    def _dtype_bytes(self) -> int:
+        """Bytes of one number as the engines hold weights and send hidden rows."""
+        return TORCH_DTYPES[self.config.engine.dtype].itemsize
+
     def expert_bytes(self) -> int:
-        """Bytes of one expert's weights (what one copy moves): three projections, float32."""
+        """Bytes of one expert's weights (what one copy moves): three projections."""
         spec = self.spec
-        return 3 * spec.hidden_size * spec.moe.intermediate_size * 4
+        return 3 * spec.hidden_size * spec.moe.intermediate_size * self._dtype_bytes()
 
     def expert_load_view(self, load: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None, float]:
         """(load float64[L, E] over the window or None, copies int64[L, E], imbalance) for the

@@ -24,6 +24,19 @@ MIN_OCCURRENCES_TO_PLAN = 512
 
 
 @dataclass(frozen=True)
+class ArrivingLoad:
+    """The affinity model's predicted expert load, float64[L, E], of the prompts the replicas
+    admitted over the last coming_span_s seconds (coming_tokens tokens) and over the seen_span_s
+    seconds before (0: none seen yet): what proactive rebalancing and the autoscaler look ahead by."""
+
+    seen: np.ndarray
+    seen_span_s: float
+    coming: np.ndarray
+    coming_span_s: float
+    coming_tokens: int
+
+
+@dataclass(frozen=True)
 class Topology:
     """Where things run. shard_nodes[s]: node index of shard s (() when the experts live inside each
     replica); replica_nodes: replica id -> node index; node_ids[i]: the Ray node id of index i."""

@@ -33,6 +33,24 @@ def load_placement_file(path: str) -> tuple[Placement, tuple[int, ...] | None]:
     return placement, tuple(nodes)
 
 
+def check_shard_nodes(path: str, shard_nodes: tuple[int, ...], shard_resources: list[dict[str, float]] | None) -> None:
+    """ValueError when the Ray resources that place shard s (shard_resources[s], cycled) do not put
+    the shards together as the plan's shard_nodes does: shards planned on one node must share
+    their resources, shards planned on different nodes must not. Without shard_resources every
+    shard lands wherever Ray puts it, which is the single-node case, so nothing to check."""
+    if not shard_resources:
+        return
+    resources = [shard_resources[s % len(shard_resources)] for s in range(len(shard_nodes))]
+    for s in range(len(shard_nodes)):
+        for t in range(s):
+            planned_together, placed_together = shard_nodes[s] == shard_nodes[t], resources[s] == resources[t]
+            if planned_together != placed_together:
+                raise ValueError(
+                    f"{path} plans shards {t} and {s} on {'one node' if planned_together else 'different nodes'} "
+                    f"(shard_nodes {list(shard_nodes)}), but engine.shard_resources places them on "
+                    f"{resources[t]} and {resources[s]}: give each shard the resources of its planned node")
+
+
 def save_placement_file(path: str, placement: Placement, shard_nodes: tuple[int, ...]) -> None:
     data = placement_to_dict(placement)
     data["shard_nodes"] = list(shard_nodes)

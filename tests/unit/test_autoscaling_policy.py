@@ -339,6 +339,20 @@ def test_predicted_expert_load_sizes_the_shards():
     assert decision.expert_shards == 3
 
 
+def test_arriving_expert_load_reshapes_and_rescales_the_observed_window():
+    from moefleet.autoscaler.predictor import arriving_expert_load
+
+    observed = np.array([[3.0, 1.0], [2.0, 2.0]])  # 4 per layer, 8 in all
+    seen = np.array([[1.0, 1.0], [1.0, 1.0]])  # 4 predicted over 2 s before: 2 per second
+    coming = np.array([[6.0, 0.0], [3.0, 3.0]])  # 12 predicted over the last 1 s: 12 per second, 6x
+    load = arriving_expert_load(observed, seen, 2.0, coming, 1.0)
+    assert load.tolist() == [[24.0, 0.0], [12.0, 12.0]]  # coming's shape, 6 x the observed total
+    assert arriving_expert_load(observed, np.zeros((2, 2)), 0.0, coming, 1.0) is None  # nothing earlier
+    assert arriving_expert_load(observed, seen, 2.0, np.zeros((2, 2)), 1.0) is None  # nothing arriving
+    assert arriving_expert_load(np.zeros((2, 2)), seen, 2.0, coming, 1.0) is None  # nothing observed
+    assert arriving_expert_load(None, seen, 2.0, coming, 1.0) is None
+
+
 # ---------------------------------------------------------------- the queue-length policy
 
 

@@ -252,3 +252,24 @@ def test_the_controller_learns_routing_and_a_restarted_one_keeps_it(deployment, 
                 [a.tolist() for a in first.affinity.predict(tokens, layer)]
     finally:
         server.stop()
+
+
+def test_copy_and_send_sizes_follow_the_engines_dtype(model_dir):
+    """What an expert copy moves (the autoscaler's migration budget) and what a remote send carries
+    (the cross-node bytes gauge) are counted in the engines' dtype, not always float32."""
+    from moefleet.actors.local_groups import local_controller
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
+    from moefleet.cluster.control.state_store import InMemoryStore
+
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        config = ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), dtype=dtype), model_id="m")
+        controller = local_controller(config, InMemoryStore())
+        try:
+            sizes[dtype] = (controller.expert_bytes(), controller.speculation.quality.row_bytes)
+        finally:
+            controller.shutdown()
+    spec = controller.spec
+    assert sizes["float32"] == (3 * spec.hidden_size * spec.moe.intermediate_size * 4, spec.hidden_size * 4)
+    assert sizes["bfloat16"] == (sizes["float32"][0] // 2, sizes["float32"][1] // 2)

@@ -113,6 +113,9 @@ def test_missing_header_fields_are_named():
     ("pools: {replicas: {min: 3, max: 2}}", "spec.pools.replicas: min (3) must not exceed max (2)"),
     ("pools: {replicas: {min: 1, max: 3, initial: 5}}",
      "spec.pools.replicas: initial (5) must lie between min (1) and max (3)"),
+    ("pools: {expert_shards: {max: 4}}",
+     "spec.pools.expert_shards: min (0) must be at least 1 when max (4) is: with no shard the replicas keep their "
+     "experts in process and there is no pool to scale"),
     ("pools: {expert_shards: {min: 2, max: 4, initial: 1}}",
      "spec.pools.expert_shards: initial (1) must lie between min (2) and max (4)"),
     ("pools: {replicas: {min: 1, scale_to_zero: {enabled: true}}}",

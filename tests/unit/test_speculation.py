@@ -170,6 +170,23 @@ def test_serving_starts_from_a_planned_placement_file(model_dir, engines, tmp_pa
     wrong = config.model_copy(update={"expert_shards": 3})
     with pytest.raises(ValueError, match="places experts on 2 shards, expert_shards is 3"):
         local_controller(wrong, InMemoryStore()).start(1)
+    one_node = config.model_copy(update={"engine": config.engine.model_copy(
+        update={"shard_resources": [{"node_a": 0.01}]})})
+    with pytest.raises(ValueError, match="plans shards 0 and 1 on different nodes"):
+        local_controller(one_node, InMemoryStore()).start(1)
+
+
+def test_shard_resources_must_group_shards_as_the_plans_nodes_do():
+    from moefleet.cluster.placement.placement_file import check_shard_nodes
+
+    a, b = {"node_a": 0.01}, {"node_b": 0.01}
+    check_shard_nodes("p.json", (0, 0, 1, 1), [a, a, b, b])
+    check_shard_nodes("p.json", (0, 1, 0, 1), [a, b])  # cycled: shards 0, 2 on a; 1, 3 on b
+    check_shard_nodes("p.json", (0, 0, 1, 1), None)  # one node: nothing to check
+    with pytest.raises(ValueError, match="plans shards 0 and 2 on different nodes"):
+        check_shard_nodes("p.json", (0, 0, 1, 1), [a])
+    with pytest.raises(ValueError, match="plans shards 0 and 1 on one node"):
+        check_shard_nodes("p.json", (0, 0, 1, 1), [a, b])
 
 
 def test_recording_routing_refuses_bad_arguments(two_node_controller):
@@ -220,5 +237,56 @@ def test_proactive_rebalancing_moves_experts_before_the_predicted_load_arrives(m
         for row, layer in enumerate(controller.moe_layers):
             holders = {s for e in hot[row] for s in controller.placement.holders(layer, e)}
             assert holders == {0, 1}
+    finally:
+        controller.shutdown()
+
+
+def test_the_autoscaler_sees_the_arriving_requests_predicted_expert_load(model_dir):
+    """With the predicted_expert_load predictor, each round hands the autoscaler the load window
+    as the requests just admitted will make it: shaped like the affinity model's prediction for
+    their prompts, scaled by their predicted rate against the rounds before."""
+    from moefleet.actors.local_groups import local_controller
+    from moefleet.autoscaler.policy_file import parse_policy
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
+    from moefleet.cluster.control.state_store import InMemoryStore
+
+    policy = parse_policy("""apiVersion: moefleet.io/v1alpha1
+kind: AutoscalingPolicy
+metadata: {name: predicted}
+spec:
+  mode: advisory
+  interval_s: 0.01
+  predictor: {kind: predicted_expert_load}
+  pools:
+    replicas: {min: 1, max: 1}
+    expert_shards: {min: 2, max: 4, targets: {shard_utilization: 0.7}}
+""")
+    config = ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1),
+                              model_id="mixtral-tiny", stage_pace_s=0.0, expert_shards=2, autoscaling=policy)
+    controller = local_controller(config, InMemoryStore())
+    seen = []
+    try:
+        controller.start(1)
+        observe = controller.autoscaler.autoscaling.observe
+        controller.autoscaler.autoscaling.observe = lambda observation: (seen.append(observation),
+                                                                         observe(observation))
+        replica = controller.replica_group.handle("replica-0")
+        controller.affinity.observe(np.full(1000, 5), np.tile(np.array([[1, 6]]), (1000, 4, 1)))
+        one = SamplingParams(temperature=0, max_tokens=1)
+        for prompt in random_prompts(replica.engine.engine.spec.vocab_size, (40, 33, 51), seed=1):
+            asyncio.run(collect_tokens(replica, prompt, one))
+        controller.check(time.time())  # the first admissions: nothing earlier to compare them with
+        assert seen[-1].predicted_expert_load is None and seen[-1].expert_load is not None
+        time.sleep(0.2)
+        for _ in range(2):
+            asyncio.run(collect_tokens(replica, [5] * 400, one))
+        controller.check(time.time())
+        observed, predicted = seen[-1].expert_load, seen[-1].predicted_expert_load
+        assert predicted is not None and predicted.shape == observed.shape
+        # Token 5 goes to experts 1 and 6 at every layer, as the model learned (the router decides otherwise).
+        assert all(set(np.argsort(row)[-2:]) == {1, 6} for row in predicted)
+        # 800 tokens of token 5 just now against 124 random ones in the round before: more is coming.
+        assert predicted.sum() > 2 * observed.sum()
     finally:
         controller.shutdown()
