@@ -108,7 +108,10 @@ class RayReplicaGroup:
         return self._actors[replica_id]
 
     def install(self, replica_ids: list[str], record: EpochRecord, wait: bool) -> dict[str, int | str]:
-        refs = {rid: self._actors[rid].install_epoch.remote(record) for rid in replica_ids}
+        # A replica retired since the caller listed the ids (the monitor retires without the control
+        # lock's help for its actor) has nothing to install: skipped, as the local group skips it.
+        refs = {rid: actor.install_epoch.remote(record) for rid in replica_ids
+                if (actor := self._actors.get(rid)) is not None}
         if not wait:
             return {}
         acks = {}

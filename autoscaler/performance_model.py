@@ -98,6 +98,8 @@ class ShardTable(_Section):
 class StartTimes(_Section):
     cold_s: float = Field(ge=0, description="Seconds from asking for a unit to its serving, from nothing.")
     standby_s: float = Field(ge=0, description="Seconds from asking to serving for a unit kept warm in standby.")
+    cores: float = Field(0.0, ge=0, description="CPU cores a cold start keeps busy while it lasts (importing, "
+                                                "loading weights): taken from serving where the cores are shared.")
 
 
 class PerformanceProfile(_Section):
@@ -119,6 +121,12 @@ class PerformanceProfile(_Section):
                                                    "(sending rows and gathering results).")
     request_overhead_s: float = Field(0.0, ge=0, description="Added to each request's time to first token: the "
                                       "serving path beyond the engine (API, gateway, output channel).")
+    shared_cores: float | None = Field(
+        None, gt=0, description="CPU cores every unit of the deployment shares (all on one machine): replica steps "
+                                "and cold starts beyond them take turns, and each step slows by demand / cores. "
+                                "null: each unit has cores of its own.")
+    step_cores: float = Field(1.0, gt=0, description="Cores one replica's engine step keeps busy (the torch threads "
+                                                     "the step table was measured with).")
     replica_start: StartTimes = Field(description="Start time of a model replica.")
     shard_start: StartTimes = Field(description="Start time of an expert shard (its experts loaded).")
     notes: dict[str, str] = Field(default_factory=dict, description="How each number was measured, by field.")
@@ -131,6 +139,14 @@ class PerformanceProfile(_Section):
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
         return self
+
+    def core_slowdown(self, busy_replicas: int, starting_cores: float) -> float:
+        """How much slower a step runs with `busy_replicas` replicas stepping at once (its own included)
+        and cold starts keeping `starting_cores` cores busy, when the units share `shared_cores`
+        (processor sharing: each gets its share of the cores); 1 when they do not share."""
+        if self.shared_cores is None:
+            return 1.0
+        return max(1.0, (busy_replicas * self.step_cores + starting_cores) / self.shared_cores)
 
     @property
     def measured(self) -> bool:

@@ -328,6 +328,9 @@ class _Simulation:
         context = sum(r.context for r in batch) / len(batch) + 1
         seconds, busy = profile.step_time(tokens, context, self.shards.ready if self.shards_enabled else 0,
                                           self.imbalance, self._slowdown())
+        sharing = profile.core_slowdown(1 + sum(rep.busy for rep in self.replicas if rep is not replica),
+                                        self._starting_cores())
+        seconds, busy = seconds * sharing, busy * sharing
         steps = 1
         if not chunks:
             fits = int((self._horizon() - now) // seconds)
@@ -387,6 +390,13 @@ class _Simulation:
             self._replan()
         else:
             units.warm += 1
+
+    def _starting_cores(self) -> float:
+        """Cores the units starting (and those warming up for standby) keep busy."""
+        profile = self.profile
+        replicas = sum(rep.state == "starting" for rep in self.replicas) + len(self.replica_standby.warming)
+        shards = len(self.shards.starting) + len(self.shards.warming)
+        return replicas * profile.replica_start.cores + shards * profile.shard_start.cores
 
     def _slowdown(self) -> float:
         return 1.0 / (1.0 - min(self.recent_utilization, MAX_UTILIZATION_FOR_SLOWDOWN))

@@ -209,10 +209,13 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
     proc, grpc_address, http_url = start_serve(model, policy_path, os.path.join(workdir, "serve.log"))
     profile_path = os.path.join(workdir, "profile.json")
     try:
-        # The profile: the in-process engine, and the same steps through this deployment (remote_step_s).
+        # The profile: the in-process engine, and the same steps through this deployment (remote_step_s);
+        # every unit of this deployment runs on this machine's cores.
         print("  moefleet profile --address ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "moefleet.cli", "profile", "--model", model, "--out", profile_path,
-                        "--address", grpc_address, "--batch-sizes", "1,4,8"], check=True, capture_output=True,
+                        "--address", grpc_address, "--batch-sizes", "1,4,8",
+                        "--shared-cores", str(len(os.sched_getaffinity(0))), "--admin-token", "bench-admin"],
+                       check=True, capture_output=True,
                        text=True)
         time.sleep(20)  # back to the policy's floor after the profile's load
         model_id = os.path.basename(os.path.normpath(model))
@@ -227,6 +230,9 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
     finally:
         stop_serve(proc)
 
+    with open(os.path.join(workdir, "requests.json"), "w") as f:  # each request's arrival and TTFT, for a look
+        json.dump([{"arrival_s": at, "prompt_len": len(prompt), "max_tokens": n, "ttft_ms": r.get("ttft_ms"),
+                    "error": r.get("error")} for (at, prompt, n), r in zip(requests, results)], f)
     failed = [r["error"] for r in results if "error" in r]
     ttft = np.array([r["ttft_ms"] for r in results if r.get("ttft_ms") is not None])
     same = sum(r.get("text") == e for r, e in zip(results, expected))
@@ -275,9 +281,10 @@ def main() -> None:
             f"1 -> {real['peak_replicas']} -> {real['final_replicas']}, expert shards 1 -> {real['peak_shards']} -> "
             f"{real['final_shards']}; {len(changes)} changes in the history, each with its reason. The profile is "
             "`moefleet profile --address` on the same deployment (its in-process steps plus the per-step and "
-            "per-request overhead measured through the API). What the simulator does not model: the CPU that "
-            "starting replicas and staging shards take from serving on the same 2 cores, and the HTTP client's "
-            "own CPU (the profile measures through gRPC); both fall on the burst's tail latency.")
+            "per-request overhead measured through the API, at the torch threads `moefleet serve` gives a replica), "
+            f"with `--shared-cores {len(os.sched_getaffinity(0))}`: the simulator slows each step by the replicas "
+            "stepping at once and the units starting (their measured CPU) over those cores. Not modelled: the HTTP "
+            "client's own CPU (the profile measures through gRPC) and the shards staging a new placement.")
     print(table + "\n" + note)
     for failure in out["status"]["failures"]:
         print(f"  acting failed: {failure}")

@@ -48,6 +48,15 @@ def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
                                         "remote_step_s (shards in other processes, the output path, the "
                                         "deployment's other processes on the same cores)")
     prof.add_argument("--token", help="inference token for --address (default: MOEFLEET_INFERENCE_TOKEN)")
+    prof.add_argument("--admin-token", help="admin token for --address (default: MOEFLEET_ADMIN_TOKEN): with it the "
+                                            "start times are the deployment's own, timed by asking it for one more "
+                                            "replica and one more expert shard (then back)")
+    prof.add_argument("--threads", type=int, help="torch threads of the profiled steps (default: what moefleet serve "
+                                                  "gives one replica on this machine, for decode and prefill steps)")
+    prof.add_argument("--shared-cores", type=float, help="the deployment's units share this many CPU cores (all on "
+                                                         "one machine, as moefleet serve without --ray-address): the "
+                                                         "simulator then slows steps that share them; omit when "
+                                                         "each unit has cores of its own")
     prof.set_defaults(func=_profile)
 
 
@@ -128,6 +137,7 @@ def _profile(args) -> int:
     import datetime
     import os
     import platform
+    import resource
     import subprocess
     import time
 
@@ -141,6 +151,7 @@ def _profile(args) -> int:
         StepTable,
         save_profile,
     )
+    from moefleet.cluster.config.serve_config import ServeConfig
     from moefleet.cluster.experts.expert_shard import ExpertShard
 
     batch_sizes = _ints(args.batch_sizes, "--batch-sizes")
@@ -150,13 +161,25 @@ def _profile(args) -> int:
     if args.shards < 1 or args.decode_steps < 1:
         raise ValueError(f"--shards ({args.shards}) and --decode-steps ({args.decode_steps}) must be >= 1")
 
-    started = time.perf_counter()
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads ({args.threads}) must be >= 1")
+    if args.threads:
+        threads = {"num_threads": args.threads, "wide_step_threads": args.threads}
+    else:
+        served = ServeConfig().controller_config(args.model, "profile", len(os.sched_getaffinity(0))).engine
+        threads = {"num_threads": served.num_threads, "wide_step_threads": served.wide_step_threads}
+
+    def cpu_s(who: int) -> float:
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
+
+    started, children = time.perf_counter(), cpu_s(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-c", "import torch, moefleet.cluster.engine.llm_engine"], check=True)
-    process_s = time.perf_counter() - started
+    process_s, process_cpu_s = time.perf_counter() - started, cpu_s(resource.RUSAGE_CHILDREN) - children
     LLM(args.model, dtype=args.dtype).shutdown()  # the first build also compiles or loads the CPU kernels
-    started = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype)
-    engine_s = time.perf_counter() - started
+    started, own = time.perf_counter(), time.process_time()
+    llm = LLM(args.model, dtype=args.dtype, **threads)
+    engine_s, engine_cpu_s = time.perf_counter() - started, time.process_time() - own
     engine = llm.engine
     spec, config = engine.spec, engine.config
     rng = torch.Generator().manual_seed(0)
@@ -206,9 +229,9 @@ def _profile(args) -> int:
     per_shard = -(-spec.moe.num_experts // args.shards)
     layers = spec.moe_layer_indices
     held = {layer: tuple(range(per_shard)) for layer in layers}
-    started = time.perf_counter()
+    started, own = time.perf_counter(), time.process_time()
     shard = ExpertShard.from_checkpoint(0, engine.reader, held)
-    load_s = time.perf_counter() - started
+    load_s, load_cpu_s = time.perf_counter() - started, time.process_time() - own
     dtype = engine.reader.dtype
     shard_seconds = []
     for rows in shard_rows:
@@ -243,6 +266,25 @@ def _profile(args) -> int:
                          "minus the modelled prefill step): " + ", ".join(
                              f"{b}: {served[b][1] * 1e3:.1f} ms" for b in batch_sizes))
 
+    replica_start = StartTimes(cold_s=process_s + engine_s, standby_s=0.0,
+                               cores=(process_cpu_s + engine_cpu_s) / (process_s + engine_s))
+    shard_start = StartTimes(cold_s=process_s + load_s, standby_s=load_s,
+                             cores=(process_cpu_s + load_cpu_s) / (process_s + load_s))
+    replica_note = (f"a fresh Python process importing torch and the engine ({process_s:.2f}s) plus building the "
+                    f"in-process engine, kernels already built ({engine_s:.2f}s); excludes Ray's actor start")
+    shard_note = (f"the same process start plus loading {per_shard} experts per MoE layer from the checkpoint "
+                  f"({load_s:.2f}s)")
+    admin_token = args.admin_token or os.environ.get("MOEFLEET_ADMIN_TOKEN")
+    if args.address and admin_token:
+        replica_s, shard_s = _deployment_starts(args.address, admin_token)
+        replica_start = replica_start.model_copy(update={"cold_s": replica_s})
+        replica_note = (f"Admin ScaleReplicas to one more replica of the deployment at {args.address}, from asking "
+                        f"to serving ({replica_s:.2f}s; then back)")
+        if shard_s is not None:
+            shard_start = shard_start.model_copy(update={"cold_s": shard_s})
+            shard_note = (f"Admin ScaleShards to one more expert shard of the deployment, from asking to its placement "
+                          f"epoch serving ({shard_s:.2f}s; then back)")
+
     cores = len(os.sched_getaffinity(0))
     profile = PerformanceProfile(
         source=f"measured by moefleet profile on {platform.node()} ({cores} cores, torch {torch.__version__}, "
@@ -253,8 +295,8 @@ def _profile(args) -> int:
         expert_bytes=shard.nbytes() // (per_shard * len(layers)),
         step=step, shard=ShardTable(rows=shard_rows, seconds=shard_seconds), remote_step_s=remote_step_s,
         request_overhead_s=request_overhead_s,
-        replica_start=StartTimes(cold_s=process_s + engine_s, standby_s=0.0),
-        shard_start=StartTimes(cold_s=process_s + load_s, standby_s=load_s),
+        shared_cores=args.shared_cores, step_cores=threads["num_threads"],
+        replica_start=replica_start, shard_start=shard_start,
         notes={
             "step": f"decode rows: median of {args.decode_steps} engine steps (after one untimed) of a batch of that "
                     "many sequences at that prompt length; prefill rows: one step prefilling one prompt of that "
@@ -263,14 +305,17 @@ def _profile(args) -> int:
                      f"random experts of a shard holding {per_shard} experts per layer",
             "remote_step_s": remote_note,
             "request_overhead_s": overhead_note,
-            "replica_start.cold_s": f"a fresh Python process importing torch and the engine ({process_s:.2f}s) plus "
-                                    f"building the in-process engine, kernels already built ({engine_s:.2f}s); "
-                                    "excludes Ray's actor start",
+            "replica_start.cold_s": replica_note,
             "replica_start.standby_s": "not measured: a warm replica only has to be registered with the gateways; 0",
-            "shard_start.cold_s": f"the same process start plus loading {per_shard} experts per MoE layer from the "
-                                  f"checkpoint ({load_s:.2f}s)",
+            "shard_start.cold_s": shard_note,
             "shard_start.standby_s": "loading the experts only: a standby shard's process is already running",
             "kv_cache_tokens": "the engine's KV blocks × block size",
+            "step_cores": f"the engine's torch threads: {threads['num_threads']} in decode steps, "
+                          f"{threads['wide_step_threads']} in steps that prefill"
+                          + ("" if args.threads else " (what moefleet serve gives one replica on this machine)"),
+            "shared_cores": "--shared-cores" if args.shared_cores else "not given: each unit has cores of its own",
+            "replica_start.cores": "CPU seconds of a process start and an engine build here over their wall time",
+            "shard_start.cores": "CPU seconds of a process start and an expert load here over their wall time",
         })
     save_profile(profile, args.out)
     fastest, slowest = min(map(min, step.seconds)), max(map(max, step.seconds))
@@ -278,6 +323,48 @@ def _profile(args) -> int:
           f"replica start {profile.replica_start.cold_s:.1f}s, shard start {profile.shard_start.cold_s:.1f}s",
           file=sys.stderr)
     return 0
+
+
+def _deployment_starts(address: str, admin_token: str) -> tuple[float, float | None]:
+    """(seconds for the deployment at `address` to serve one more replica, the same for one more
+    expert shard or None where it keeps its experts inside the replicas), each scaled back after.
+    An autoscaler there is made advisory meanwhile (its policy restored after), so that it does not
+    scale the pools under the probe."""
+    import time
+
+    import grpc
+    import yaml
+
+    from moefleet.client import Client
+
+    with Client(address, token=admin_token, timeout=600) as client:
+        try:
+            policy = client.get_autoscaling_policy()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            policy = None  # no autoscaler: nothing else scales the pools, and no shard count to read
+        if policy is not None:
+            advisory = yaml.safe_load(policy)
+            advisory["spec"]["mode"] = "advisory"
+            client.set_autoscaling_policy(yaml.safe_dump(advisory))
+        try:
+            replicas = sum(r.status == "serving" for r in client.cluster_state().replicas)
+            started = time.perf_counter()
+            client.scale_replicas(replicas + 1)
+            replica_s = time.perf_counter() - started
+            client.scale_replicas(replicas)
+            shards = client.autoscaler_status()["actual"]["expert_shards"] if policy is not None else 0
+            shard_s = None
+            if shards:
+                started = time.perf_counter()
+                client.scale_shards(shards + 1)
+                shard_s = time.perf_counter() - started
+                client.scale_shards(shards)
+        finally:
+            if policy is not None:
+                client.set_autoscaling_policy(policy)
+    return replica_s, shard_s
 
 
 def _served_times(address: str, token: str | None, batch_sizes: list[int], context: int,

@@ -425,8 +425,15 @@ class Controller:
                     pass
 
     def replicas(self) -> list[tuple[str, object, bool]]:
-        """(replica id, handle, draining) for gateways."""
-        return [(rid, self.replica_group.handle(rid), rid in self.draining) for rid in list(self.replica_ids)]
+        """(replica id, handle, draining) for gateways. Without the control lock (a placement change
+        holds it for seconds), so a replica retired while this runs is left out: its handle is gone."""
+        found = []
+        for rid in list(self.replica_ids):
+            try:
+                found.append((rid, self.replica_group.handle(rid), rid in self.draining))
+            except KeyError:  # retired or lost since the list was taken
+                continue
+        return found
 
     def scale_replicas(self, count: int) -> str:
         if not isinstance(count, int) or count < 1:

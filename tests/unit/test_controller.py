@@ -273,3 +273,27 @@ def test_copy_and_send_sizes_follow_the_engines_dtype(model_dir):
     spec = controller.spec
     assert sizes["float32"] == (3 * spec.hidden_size * spec.moe.intermediate_size * 4, spec.hidden_size * 4)
     assert sizes["bfloat16"] == (sizes["float32"][0] // 2, sizes["float32"][1] // 2)
+
+
+def test_gateways_listing_replicas_skip_one_retired_meanwhile(deployment):
+    """A gateway's refresh lists the replicas without the control lock; a replica the monitor retires
+    in the middle (its handle gone, its id not yet) is left out instead of failing the refresh (an
+    Admin ScaleReplicas answered INTERNAL KeyError('replica-1') this way)."""
+    controller = deployment()
+    controller.start(2)
+    controller.replica_group.shutdown("replica-1")  # the retire's second half, before the id goes
+    assert [rid for rid, _, _ in controller.replicas()] == ["replica-0"]
+
+
+def test_an_epoch_skips_a_replica_actor_retired_since_the_ids_were_listed(model_dir):
+    """The controller lists its replicas, then installs an epoch on each; the monitor may retire one
+    in between. Its actor is gone from the Ray group: nothing to install, not a KeyError that fails
+    the whole change (an Admin ScaleShards right after a drain answered INTERNAL this way)."""
+    from moefleet.actors.ray_groups import RayReplicaGroup
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
+    from moefleet.cluster.placement.epoch_record import EpochRecord
+
+    group = RayReplicaGroup(ControllerConfig(engine=EngineConfig(model=model_dir("mixtral")), model_id="m"), "ctl")
+    record = EpochRecord.__new__(EpochRecord)  # never sent: there is no live replica to send it to
+    assert group.install(["replica-1"], record, wait=True) == {}

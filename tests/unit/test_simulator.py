@@ -192,6 +192,38 @@ def test_shared_shards_replace_the_experts_share_of_a_step():
     assert profile.step_time(100, 10, shards=2, shard_slowdown=2.0) == pytest.approx((0.014, 0.004))
 
 
+def test_replicas_sharing_cores_slow_each_other():
+    # Two replicas, a request each at t=0. Own cores: both first tokens at 10 ms. Sharing one core: the
+    # second starts its step while the first steps, so at half speed (20 ms); two cores: no slowdown.
+    two = parse_policy(HEADER + "spec: {pools: {replicas: {min: 2, max: 2}}}")
+    requests = [TraceEntry(0.0, 100, 2), TraceEntry(0.0, 100, 2)]
+    assert simulate(two, requests, flat_profile()).ttft_ms.tolist() == pytest.approx([10.0, 10.0])
+    assert simulate(two, requests, flat_profile(shared_cores=1.0)).ttft_ms.tolist() == pytest.approx([10.0, 20.0])
+    assert simulate(two, requests, flat_profile(shared_cores=2.0)).ttft_ms.tolist() == pytest.approx([10.0, 10.0])
+
+
+def test_starting_units_take_their_cores_from_the_steps():
+    profile = flat_profile(shared_cores=2.0, step_cores=1.0)
+    assert profile.core_slowdown(1, 0.0) == 1.0
+    assert profile.core_slowdown(2, 1.0) == pytest.approx(1.5)  # two replicas stepping and one start: 3 on 2
+    assert flat_profile().core_slowdown(4, 3.0) == 1.0  # cores of their own
+    # Two requests of 1,000 tokens on one replica ask for a second (1 running each); while it starts cold
+    # (30 s, keeping a whole core busy), the serving replica's steps share its one core with the start.
+    up = parse_policy(HEADER + "spec: {pools: {replicas: {min: 1, max: 2, targets: {running_requests: 1, "
+                               "waiting_requests: null, kv_cache_usage: null, ttft_slo_fraction: null, "
+                               "itl_slo_fraction: null}}}}")
+    requests = [TraceEntry(0.0, 100, 1000), TraceEntry(0.0, 100, 1000)]
+    light = simulate(up, requests, flat_profile(shared_cores=1.0))  # a start that takes no CPU
+    heavy = simulate(up, requests, flat_profile(shared_cores=1.0, replica_start=StartTimes(cold_s=30.0,
+                                                                                           standby_s=2.0, cores=1.0)))
+    assert max(d.replicas for d in light.decisions) == max(d.replicas for d in heavy.decisions) == 2
+    assert light.itl_ms.tolist() == pytest.approx([10.0, 10.0])
+    # Decoding takes 9.99 s alone; from the scale-up on (the start outlasts the requests) at half speed.
+    began = next(d.at_s for d in heavy.decisions if d.replicas == 2)
+    assert 0 < began < 9.99
+    assert heavy.itl_ms.tolist() == pytest.approx([(began + 2 * (9.99 - began)) / 999 * 1000] * 2, rel=0.01)
+
+
 def test_profiles_round_trip_through_json_and_bad_ones_name_the_key(tmp_path):
     path = tmp_path / "profile.json"
     save_profile(DEFAULT_PROFILE, str(path))
