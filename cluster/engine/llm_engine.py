@@ -258,7 +258,7 @@ class LLMEngine:
         busy gateway on a small machine, decode steps (many short ops) stall on two threads
         whenever the gateway takes a core, so one thread decodes faster; but prompts, long ones
         above all, then queued behind one thread (the Azure conversation trace's first-token
-        times doubled)."""
+        times more than doubled)."""
         prefill = sum(c.num_tokens for c in chunks if c.num_tokens > 1)  # decodes run one token each
         threads = self.wide_step_threads if prefill >= self.config.wide_step_prefill_tokens else self.step_threads
         if torch.get_num_threads() != threads:
