@@ -85,7 +85,7 @@ class DeploymentUsage:
             self._scanned_at = time.monotonic()
         return self._procs
 
-    def _summed(self, read: Callable) -> int:
+    def _summed(self, read: Callable) -> float:
         """read(process) summed over the deployment's processes (one that has just exited counts 0)."""
         total = 0
         for proc in self.processes():
@@ -116,7 +116,7 @@ class DeploymentUsage:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds the deployment's live processes have used so far."""
-        return self._summed(lambda proc: round(sum(proc.cpu_times()[:2]) * 1e6)) / 1e6
+        return self._summed(lambda proc: sum(proc.cpu_times()[:2]))
 
     def close(self) -> None:
         self._stop.set()

@@ -52,15 +52,21 @@ def test_no_gauges_before_a_sample():
     assert set(gauges.values()) == {None}
 
 
+def controller_config(model_dir, **options):
+    """A controller over the tiny Mixtral with a small KV cache, one torch thread and no staging pace."""
+    from moefleet.cluster.config.controller_config import ControllerConfig
+    from moefleet.cluster.config.engine_config import EngineConfig
+
+    return ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1),
+                            model_id="mixtral-tiny", stage_pace_s=0.0, **options)
+
+
 @pytest.fixture
 def two_node_controller(model_dir):
     from moefleet.actors.local_groups import LocalShardGroup, local_controller
-    from moefleet.cluster.config.controller_config import ControllerConfig
-    from moefleet.cluster.config.engine_config import EngineConfig
     from moefleet.cluster.control.state_store import InMemoryStore
 
-    config = ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1),
-                              model_id="mixtral-tiny", stage_pace_s=0.0, expert_shards=4)
+    config = controller_config(model_dir, expert_shards=4)
     controller = local_controller(config, InMemoryStore(), LocalShardGroup(config.engine, ["node-a", "node-b"]))
     yield controller
     controller.shutdown()
@@ -140,8 +146,6 @@ def test_serving_starts_from_a_planned_placement_file(model_dir, engines, tmp_pa
     """`moefleet serve --placement FILE` (the controller's initial_placement): the shards start
     holding the file's experts, keyed by the model's MoE layers, and the tokens are the same."""
     from moefleet.actors.local_groups import local_controller
-    from moefleet.cluster.config.controller_config import ControllerConfig
-    from moefleet.cluster.config.engine_config import EngineConfig
     from moefleet.cluster.control.state_store import InMemoryStore
     from moefleet.cluster.placement.placement_file import save_placement_file
 
@@ -154,8 +158,7 @@ def test_serving_starts_from_a_planned_placement_file(model_dir, engines, tmp_pa
     planned = Placement(epoch=0, num_experts=num_experts, shard_experts=layout)
     path = str(tmp_path / "placement.json")
     save_placement_file(path, planned, (0, 1))
-    config = ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1),
-                              model_id="mixtral-tiny", stage_pace_s=0.0, expert_shards=2, initial_placement=path)
+    config = controller_config(model_dir, expert_shards=2, initial_placement=path)
     controller = local_controller(config, InMemoryStore())
     try:
         controller.start(1)
@@ -205,14 +208,11 @@ def test_proactive_rebalancing_moves_experts_before_the_predicted_load_arrives(m
     above the threshold, and the controller rebalances toward it."""
     from moefleet.actors.local_groups import local_controller
     from moefleet.autoscaler.rebalance_config import AutoRebalance
-    from moefleet.cluster.config.controller_config import ControllerConfig
-    from moefleet.cluster.config.engine_config import EngineConfig
     from moefleet.cluster.control.state_store import InMemoryStore
 
     # threshold 5: the reactive rule never fires here; only the proactive one can.
-    config = ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1),
-                              model_id="mixtral-tiny", stage_pace_s=0.0, expert_shards=2,
-                              auto_rebalance=AutoRebalance(enabled=True, threshold=5.0, cooldown_s=0.0))
+    config = controller_config(model_dir, expert_shards=2,
+                               auto_rebalance=AutoRebalance(enabled=True, threshold=5.0, cooldown_s=0.0))
     controller = local_controller(config, InMemoryStore())
     try:
         controller.start(1)
@@ -247,8 +247,6 @@ def test_the_autoscaler_sees_the_arriving_requests_predicted_expert_load(model_d
     their prompts, scaled by their predicted rate against the rounds before."""
     from moefleet.actors.local_groups import local_controller
     from moefleet.autoscaler.policy_file import parse_policy
-    from moefleet.cluster.config.controller_config import ControllerConfig
-    from moefleet.cluster.config.engine_config import EngineConfig
     from moefleet.cluster.control.state_store import InMemoryStore
 
     policy = parse_policy("""apiVersion: moefleet.io/v1alpha1
@@ -262,8 +260,7 @@ spec:
     replicas: {min: 1, max: 1}
     expert_shards: {min: 2, max: 4, targets: {shard_utilization: 0.7}}
 """)
-    config = ControllerConfig(engine=EngineConfig(model=model_dir("mixtral"), kv_cache_blocks=256, num_threads=1),
-                              model_id="mixtral-tiny", stage_pace_s=0.0, expert_shards=2, autoscaling=policy)
+    config = controller_config(model_dir, expert_shards=2, autoscaling=policy)
     controller = local_controller(config, InMemoryStore())
     seen = []
     try:
