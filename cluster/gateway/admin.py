@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from moefleet.cluster.errors import InvalidRequestError
+from moefleet.cluster.gateway.replica_pool import is_replica_loss
 from moefleet.cluster.messages import ReplicaSnapshot
 from moefleet.cluster.routing.trace import trace_gzip_bytes
 from moefleet.v1 import admin_pb2
@@ -24,8 +25,14 @@ class GatewayAdmin:
         self.gateway = gateway
 
     async def GetClusterState(self, request):  # noqa: N802
-        snapshots: list[ReplicaSnapshot] = await asyncio.gather(
-            *(h.call("state") for h in self.gateway.pool.handles.values()))
+        answers = await asyncio.gather(*(h.call("state") for h in self.gateway.pool.handles.values()),
+                                       return_exceptions=True)
+        # A replica retired (or lost) between the pool's list and its answer is no longer part of the
+        # deployment: the state leaves it out instead of failing the whole call.
+        for answer in answers:
+            if isinstance(answer, BaseException) and not is_replica_loss(answer):
+                raise answer
+        snapshots: list[ReplicaSnapshot] = [a for a in answers if not isinstance(a, BaseException)]
         replicas = [admin_pb2.ReplicaState(
             replica_id=s.state.replica_id, status=s.state.status, running=s.state.running, waiting=s.state.waiting,
             outstanding_tokens=s.state.outstanding_tokens,
