@@ -13,13 +13,17 @@ Traces:
               other; without one, two synthetic mixes with different hot experts.
 Policies:
   moefleet      ours (POLICY below): both pools toward the SLO, standby, trend predictor, expert replication;
-  queue_length  Ray Serve's default policy with its default delays and smoothing, targeting the same requests
-                per replica as ours (its own default of 2 would simply run at max); shards at their initial
-                size;
+                its replica target (12 running requests) is what one replica of the profiled model holds within
+                the TTFT target with long prompts; shards scale on their utilisation;
+  queue_length  Ray Serve's default policy with its default delays and smoothing, shards at their initial size:
+                at the same requests per replica as ours, and swept over --queue-targets (its own default of 2
+                would simply run at max) to show what it attains at each cost;
   static peak   both pools fixed at the largest sizes ours reached on that trace.
+Each trace is drawn from --seeds seeds (the same seeds for every policy): the table gives the mean over seeds
+(attainment also its worst seed); the plot shows the first seed.
 
 Usage: python benchmarks/autoscaling.py [--trace FILE] [--time-scale X] [--routing-trace FILE] [--profile P.json]
-                                        [--seed 0] [--no-docs]
+                                        [--seeds 5] [--queue-targets 8,24,48] [--no-docs]
 Prints the table, draws docs/autoscaling.png and writes benchmarks/results/autoscaling.json with its section
 of docs/benchmarks.md (--no-docs: the table and the plot only).
 """
@@ -43,7 +47,10 @@ from moefleet.cluster.routing.trace import read_trace  # noqa: E402
 from moefleet.cluster.workload.request_trace import TraceEntry, parse_trace  # noqa: E402
 
 HEADER = "apiVersion: moefleet.io/v1alpha1\nkind: AutoscalingPolicy\nmetadata: {name: %s}\n"
-SLO = "slo: {ttft_ms: 2000, itl_ms: 150, percentile: 95, attainment: 0.99, window_s: 30}"
+SLO_TTFT_MS, SLO_ITL_MS, SLO_ATTAINMENT = 2000, 150, 0.99
+SLO = (f"slo: {{ttft_ms: {SLO_TTFT_MS}, itl_ms: {SLO_ITL_MS}, percentile: 95, attainment: {SLO_ATTAINMENT}, "
+       "window_s: 30}")
+REQUESTS_PER_REPLICA = 12
 POLICY = HEADER % "moefleet" + f"""spec:
   interval_s: 5
   {SLO}
@@ -53,15 +60,15 @@ POLICY = HEADER % "moefleet" + f"""spec:
       max: 16
       max_step: 4
       standby: 1
-      targets: {{running_requests: 48, waiting_requests: 8, kv_cache_usage: 0.7, ttft_slo_fraction: 0.5,
-                itl_slo_fraction: 0.8}}
+      targets: {{running_requests: {REQUESTS_PER_REPLICA}, waiting_requests: 8, kv_cache_usage: 0.7,
+                ttft_slo_fraction: 0.5, itl_slo_fraction: 0.8}}
       scale_up: {{stabilization_window_s: 0, cooldown_s: 10}}
       scale_down: {{stabilization_window_s: 180, cooldown_s: 60}}
     expert_shards:
       min: 1
       max: 12
       max_step: 4
-      targets: {{shard_utilization: 0.6, itl_slo_fraction: 0.8}}
+      targets: {{shard_utilization: 0.8}}
       scale_up: {{stabilization_window_s: 0, cooldown_s: 10}}
       scale_down: {{stabilization_window_s: 180, cooldown_s: 60}}
   expert_replication: {{enabled: true, window_s: 30, max_copies: 3, trigger: {{load_ratio: 1.8}},
@@ -72,7 +79,7 @@ QUEUE_LENGTH = HEADER % "queue_length" + f"""spec:
   interval_s: 5
   {SLO}
   policy: queue_length
-  queue_length: {{target_ongoing_requests: 48}}
+  queue_length: {{target_ongoing_requests: %d}}
   pools:
     replicas: {{min: 1, max: 16, initial: 2}}
     expert_shards: {{min: 2, max: 12}}
@@ -151,59 +158,123 @@ def mix_shift_trace(seed: int, routing_trace: str | None) -> tuple[list[TraceEnt
     return entries, mixes, mix_of_request
 
 
+def traces_for(seed: int, args) -> dict:
+    """name -> (entries, expert mixes, mix of each request, time scale) of the three traces drawn from `seed`."""
+    if args.trace:
+        with open(args.trace) as f:
+            production = (parse_trace(args.trace, f.read()), None, None, args.time_scale)
+    else:
+        production = (production_trace(seed), None, None, 1.0)
+    return {"production": production, "burst": (burst_trace(seed), None, None, 1.0),
+            "expert-mix": (*mix_shift_trace(seed, args.routing_trace), 1.0)}
+
+
+def queue_length_label(target: int) -> str:
+    return f"queue_length ({target}{', as ours' if target == REQUESTS_PER_REPLICA else ''})"
+
+
+def summarise(results: list) -> dict:
+    """The mean over seeds of one policy's runs on one trace (attainment also its worst seed)."""
+    summaries = [r.summary() for r in results]
+    attainment = [s["slo_attainment"] for s in summaries]
+    return {"slo_attainment": float(np.mean(attainment)), "slo_attainment_worst": float(min(attainment)),
+            "ttft_p95_ms": float(np.mean([s["ttft_ms"]["p95"] for s in summaries])),
+            "itl_p95_ms": float(np.mean([s["itl_ms"]["p95"] for s in summaries])),
+            "replica_seconds": float(np.mean([r.replica_seconds for r in results])),
+            "shard_seconds": float(np.mean([r.shard_seconds for r in results])),
+            "unit_seconds": float(np.mean([r.replica_seconds + r.shard_seconds for r in results])),
+            "decisions": float(np.mean([s["decisions"] for s in summaries])), "per_seed": summaries}
+
+
+def findings(data: dict) -> str:
+    """Per trace: ours against the SLO, static peak and every queue-length target that spends as much or more."""
+    lines = []
+    for trace, policies in data.items():
+        ours, static = policies["moefleet"], policies["static_peak"]
+        queue = {name: p for name, p in policies.items() if name.startswith("queue_length")}
+        costlier = [p for p in queue.values() if p["unit_seconds"] >= ours["unit_seconds"]]
+        best = max((p["slo_attainment"] for p in costlier), default=None)
+        meeting = [(p["unit_seconds"], name) for name, p in queue.items()
+                   if p["slo_attainment_worst"] >= SLO_ATTAINMENT]
+        lines.append(
+            f"{trace}: ours {ours['slo_attainment']:.4f} (worst seed {ours['slo_attainment_worst']:.4f}) at "
+            f"{1 - ours['unit_seconds'] / static['unit_seconds']:.0%} fewer unit-seconds than static peak; "
+            + (f"the queue-length targets spending as much or more attain at best {best:.4f}" if costlier
+               else "no queue-length target spends as much")
+            + "; " + (f"the cheapest one holding {SLO_ATTAINMENT} on every seed: {min(meeting)[1]} at "
+                      f"{min(meeting)[0] / ours['unit_seconds']:.2f}x ours' unit-seconds" if meeting
+                      else f"none holds {SLO_ATTAINMENT} on every seed") + ".")
+    return " ".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", help="production trace: Azure .csv or Mooncake .jsonl (default: synthetic)")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies the production trace's times")
     parser.add_argument("--routing-trace", help="routing trace for the expert-mix shift (default: synthetic mixes)")
     parser.add_argument("--profile", help="performance profile JSON (default: the placeholder profile)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=5, help="draws of each synthetic trace (default 5)")
+    parser.add_argument("--queue-targets", default="8,24,48",
+                        help="target_ongoing_requests of the queue-length policy, besides ours' requests per replica")
     parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "autoscaling.png"))
     parser.add_argument("--no-docs", action="store_true", help="print only: no results JSON, no docs section")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     profile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
+    targets = sorted({REQUESTS_PER_REPLICA, *(int(t) for t in args.queue_targets.split(",") if t.strip())})
+    policies = {"moefleet": parse_policy(POLICY),
+                **{queue_length_label(t): parse_policy(QUEUE_LENGTH % t) for t in targets}}
 
-    if args.trace:
-        with open(args.trace) as f:
-            production = (parse_trace(args.trace, f.read()), None, None, args.time_scale)
-    else:
-        production = (production_trace(args.seed), None, None, 1.0)
-    traces = {"production": production, "burst": (burst_trace(args.seed), None, None, 1.0),
-              "expert-mix": (*mix_shift_trace(args.seed, args.routing_trace), 1.0)}
-    ours, queue_length = parse_policy(POLICY), parse_policy(QUEUE_LENGTH)
+    results, runs, started = {}, {}, time.perf_counter()
+    for seed in range(args.seeds):
+        for name, (entries, mixes, mix_of_request, scale) in traces_for(seed, args).items():
+            if name == "production" and args.trace and seed:
+                continue  # a trace file is the same on every seed
 
-    rows, data, runs, started = [], {}, {}, time.perf_counter()
-    for name, (entries, mixes, mix_of_request, scale) in traces.items():
-        def run(policy):
-            return simulate(policy, entries, profile, time_scale=scale, expert_mixes=mixes,
-                            mix_of_request=mix_of_request)
+            def run(policy):
+                return simulate(policy, entries, profile, time_scale=scale, expert_mixes=mixes,
+                                mix_of_request=mix_of_request)
 
-        results = {"moefleet": run(ours), "queue_length": run(queue_length)}
-        peak = results["moefleet"].summary()
-        static = parse_policy(STATIC % (SLO, peak["peak_replicas"], peak["peak_replicas"],
-                                        peak["peak_expert_shards"], peak["peak_expert_shards"]))
-        results["static_peak"] = run(static)
-        static_cost = results["static_peak"].replica_seconds + results["static_peak"].shard_seconds
-        runs[f"{name} ({len(entries)} requests)"] = results
-        for policy, result in results.items():
-            summary = result.summary()
-            cost = result.replica_seconds + result.shard_seconds
-            rows.append([name, policy, f"{summary['slo_attainment']:.4f}", summary["ttft_ms"]["p95"],
-                         summary["itl_ms"]["p95"], f"{result.replica_seconds:.0f}", f"{result.shard_seconds:.0f}",
-                         f"{cost:.0f}", f"{1 - cost / static_cost:+.1%}", summary["decisions"]])
-            data.setdefault(name, {})[policy] = summary
-    header = ["trace", "policy", "SLO attainment", "TTFT p95 ms", "ITL p95 ms", "replica-s", "shard-s", "unit-s",
-              "savings vs static", "decisions"]
+            seed_results = {label: run(policy) for label, policy in policies.items()}
+            peak = seed_results["moefleet"].summary()
+            seed_results["static_peak"] = run(parse_policy(STATIC % (
+                SLO, peak["peak_replicas"], peak["peak_replicas"], peak["peak_expert_shards"],
+                peak["peak_expert_shards"])))
+            for label, result in seed_results.items():
+                results.setdefault(name, {}).setdefault(label, []).append(result)
+            if seed == 0:
+                shown = ("moefleet", queue_length_label(REQUESTS_PER_REPLICA), "static_peak")
+                runs[f"{name} ({len(entries)} requests)"] = {label: seed_results[label] for label in shown}
+            print(f"  seed {seed} {name}: done", file=sys.stderr, flush=True)
+
+    data, rows = {}, []
+    for name, by_policy in results.items():
+        data[name] = {label: summarise(runs_of) for label, runs_of in by_policy.items()}
+        static_cost = data[name]["static_peak"]["unit_seconds"]
+        for label, s in data[name].items():
+            rows.append([name, label, f"{s['slo_attainment']:.4f} ({s['slo_attainment_worst']:.4f})",
+                         f"{s['ttft_p95_ms']:.0f}", f"{s['itl_p95_ms']:.1f}", f"{s['replica_seconds']:.0f}",
+                         f"{s['shard_seconds']:.0f}", f"{s['unit_seconds']:.0f}",
+                         f"{1 - s['unit_seconds'] / static_cost:+.1%}", f"{s['decisions']:.0f}"])
+    header = ["trace", "policy", "SLO attainment (worst seed)", "TTFT p95 ms", "ITL p95 ms", "replica-s", "shard-s",
+              "unit-s", "savings vs static", "decisions"]
     table = markdown_table(header, rows)
+    found = findings(data)
     print(table)
+    print(found)
     print(f"profile: {profile.source}; simulated in {time.perf_counter() - started:.1f}s")
     plot_runs(runs, args.plot)
     print(f"plot: {args.plot}")
-    note = (f"Simulated, not measured on a cluster: profile `{profile.source}`. SLO: TTFT 2 s and ITL 100 ms at "
-            "p95, attainment 0.99. Static peak holds both pools at the largest sizes `moefleet` reached on the "
-            "trace. Plot: docs/autoscaling.png.")
+    seeds = "one production trace file" if args.trace else f"{args.seeds} seeds of each trace"
+    note = (f"Simulated, not measured on a cluster: profile `{profile.source}` (kept in "
+            f"benchmarks/results/autoscaling.json). SLO: TTFT {SLO_TTFT_MS / 1000:g} s and ITL {SLO_ITL_MS} ms at "
+            f"p95, attainment {SLO_ATTAINMENT}. Means over {seeds}; TTFT and ITL: the mean of each seed's p95. "
+            "Static peak holds both pools at the largest sizes `moefleet` reached on the trace. queue_length (N): "
+            "Ray Serve's queue-length policy at target_ongoing_requests N. Plot (first seed): docs/autoscaling.png."
+            f"\n\nFindings. {found}")
     record("autoscaling", "Autoscaling policies (simulated)", table, note,
-           {"profile": profile.source, "results": data}, write=not args.no_docs)
+           {"profile": profile.model_dump(), "seeds": args.seeds, "results": data}, write=not args.no_docs)
 
 
 if __name__ == "__main__":
