@@ -8,10 +8,14 @@ separate processes cannot show a 5% change; two copies of one build alternating 
 agreed within ~1%.
 
 Usage: python benchmarks/kernel_ab.py --against REV_OR_DIR --op OP [--size tiny|small]
-       [--batch-sizes 16,64] [--rounds 5] [--dtype float32|bfloat16]
+       [--batch-sizes 16,64] [--rounds 5] [--dtype float32|bfloat16] [--prompt-len 32] [--max-tokens 64]
   e.g. python benchmarks/kernel_ab.py --against HEAD~1 --op paged_decode_attention
-Prints one row per batch size: A's and B's median output tokens/s, B / A, and whether both gave
-the same tokens (greedy decoding). Nothing is written to docs/.
+  prefill-bound (one new token per prompt, so tok/s is prompts/s):
+       python benchmarks/kernel_ab.py --against HEAD~1 --op paged_prefill_attention --batch-sizes 1,8 \
+           --prompt-len 1900 --max-tokens 1
+Prints one row per batch size: A's and B's median output tokens/s, B / A, the median of the
+rounds' own B / A, and whether both gave the same tokens (greedy decoding). Nothing is written to
+docs/.
 """
 
 import argparse
@@ -27,6 +31,12 @@ from benchmarks.engine_throughput import prompts_for  # noqa: E402
 from benchmarks.report import machine, markdown_table  # noqa: E402
 
 NAMESPACE = "moefleet_ab"
+
+
+def rate(x: float) -> str:
+    """tokens/s as printed: whole numbers, but 3 significant digits where a prefill-bound run makes
+    them single digits (rounded to whole tokens, 6 and 8 tok/s read as 1.33x)."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def sources_of(against: str) -> dict[str, str]:
@@ -88,11 +98,13 @@ def route_kernel_calls_through(proxy) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--against", required=True, help="a git revision (e.g. HEAD~1) or a directory of kernel sources")
+    parser.add_argument("--against", required=True,
+                        help="a git revision (e.g. HEAD~1) or a directory of kernel sources")
     parser.add_argument("--op", required=True, help="the torch.ops.moefleet op to swap, e.g. grouped_swiglu")
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--batch-sizes", default="16,64")
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per version and batch size, A and B in turns")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed calls per version and batch size, A and B in turns")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -133,11 +145,16 @@ def main() -> None:
                 speeds[use_other].append(batch * args.max_tokens / (time.perf_counter() - start))
                 tokens[use_other] = [o.outputs[0].token_ids for o in outputs]
         a, b = (sorted(speeds[v])[len(speeds[v]) // 2] for v in (True, False))
-        rows.append([batch, f"{a:.0f}", f"{b:.0f}", f"{b / a:.3f}", "yes" if tokens[True] == tokens[False] else "NO"])
-        print(f"  batch {batch}: A {' '.join(f'{s:.0f}' for s in speeds[True])} | B {' '.join(f'{s:.0f}' for s in speeds[False])}",
-              flush=True)
-    print(f"\n{args.op}: A = {args.against}, B = working tree; mixtral-{args.size} {args.dtype}, {machine()}\n")
-    print(markdown_table(["batch", "A tok/s", "B tok/s", "B / A", "same tokens"], rows))
+        # Each round's A and B ran back to back: their ratio is blind to the VM drifting between
+        # rounds (2-3x over hours, also within a run of long prefills).
+        by_round = sorted(sb / sa for sa, sb in zip(speeds[True], speeds[False]))[len(speeds[True]) // 2]
+        rows.append([batch, rate(a), rate(b), f"{b / a:.3f}", f"{by_round:.3f}",
+                     "yes" if tokens[True] == tokens[False] else "NO"])
+        a_rounds, b_rounds = (" ".join(rate(s) for s in speeds[v]) for v in (True, False))
+        print(f"  batch {batch}: A {a_rounds} | B {b_rounds}", flush=True)
+    print(f"\n{args.op}: A = {args.against}, B = working tree; mixtral-{args.size} {args.dtype}, prompts of "
+          f"{args.prompt_len} tokens, {args.max_tokens} new, {machine()}\n")
+    print(markdown_table(["batch", "A tok/s", "B tok/s", "B / A", "B / A by round", "same tokens"], rows))
 
 
 if __name__ == "__main__":

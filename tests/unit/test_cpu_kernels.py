@@ -13,12 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from moefleet.kernels.attention import AttentionBatch, _decode_reference, rotate_and_write_kv, write_kv
-from moefleet.kernels.rotary import apply_rotary
 from moefleet.kernels.cpu_extension import _cpu_flags, cpu_ops, unavailable_reason
 from moefleet.kernels.expert_ffn import expert_weight_lists, grouped_swiglu, swiglu, swiglu_linears
 from moefleet.kernels.linear import Linear
-from moefleet.kernels.panel_linear import GateUpPanels, pack_gate_up_panels, pack_panels, unpack_gate_up_panels, unpack_panels
 from moefleet.kernels.norms import add_rms_norm, rms_norm, rms_norm_reference
+from moefleet.kernels.panel_linear import (
+    GateUpPanels,
+    pack_gate_up_panels,
+    pack_panels,
+    unpack_gate_up_panels,
+    unpack_panels,
+)
+from moefleet.kernels.rotary import apply_rotary
 from moefleet.kernels.routing import softmax_topk
 
 
@@ -35,7 +41,8 @@ def _router_case(num_tokens, num_experts, hidden, seed):
 
 # Routers of E x D up to 64K weights run in the kernel's own loop, larger ones through ATen's GEMM:
 # (60, 2048) is the second; hidden sizes that are not a multiple of 16 take the tail loop.
-@pytest.mark.parametrize("num_experts,top_k,hidden", [(8, 2, 256), (60, 4, 64), (4, 4, 37), (16, 1, 100), (60, 4, 2048)])
+@pytest.mark.parametrize("num_experts,top_k,hidden",
+                         [(8, 2, 256), (60, 4, 64), (4, 4, 37), (16, 1, 100), (60, 4, 2048)])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_router_softmax_topk_matches_the_reference(num_experts, top_k, hidden, renormalize):
     ops = cpu_ops()
@@ -92,7 +99,8 @@ def _paged_case(num_seqs, num_heads, num_kv_heads, dk, dv, block_size, lens, dty
     gen = torch.Generator().manual_seed(seed)
     num_blocks = 64
     keys = torch.randn(num_blocks * block_size, num_kv_heads, dk, generator=gen).to(dtype)
-    values = keys[..., :dv] if values_in_keys else torch.randn(num_blocks * block_size, num_kv_heads, dv, generator=gen).to(dtype)
+    values = (keys[..., :dv] if values_in_keys
+              else torch.randn(num_blocks * block_size, num_kv_heads, dv, generator=gen).to(dtype))
     width = max(-(-n // block_size) for n in lens)
     # Each sequence gets distinct, shuffled blocks, as the block manager hands them out.
     order = torch.randperm(num_blocks, generator=gen)[: num_seqs * width].view(num_seqs, width)
@@ -156,17 +164,36 @@ def test_paged_prefill_attention_matches_the_reference(num_heads, num_kv_heads, 
                                                        torch_threads):
     """Every chunk's rows equal SDPA over its gathered context under the causal (and window)
     mask; rows before the chunks (a step's decode rows) are left as they were."""
+    _check_prefill_attention(_PREFILL_LAYOUT, num_heads, num_kv_heads, dk, dv, values_in_keys, window, dtype)
+
+
+# Spans of several 64-key tiles: a whole prompt of 150, a chunk of 70 after 130 cached positions
+# (its blocks start mid-tile), one of 33 rows (a block's last lane-vector partly idle), a single
+# token after 129, and 65 rows (query vectors not a multiple of a 64-vector block).
+_LONG_PREFILL_LAYOUT = [(150, 150), (70, 200), (33, 97), (1, 130), (65, 65)]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,dk", [(8, 4, 32), (6, 2, 64), (3, 1, 80), (2, 2, 128)])
+@pytest.mark.parametrize("window", [None, 5, 50, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_prefill_attention_over_long_spans_matches_the_reference(num_heads, num_kv_heads, dk, window, dtype):
+    """Causal spans that cross key tiles, with windows shorter than a block's rows, shorter than
+    a tile and longer than one."""
+    _check_prefill_attention(_LONG_PREFILL_LAYOUT, num_heads, num_kv_heads, dk, dk, False, window, dtype)
+
+
+def _check_prefill_attention(layout, num_heads, num_kv_heads, dk, dv, values_in_keys, window, dtype):
     from moefleet.kernels.attention import PrefillChunk, causal_mask
 
     ops = cpu_ops()
     assert ops is not None, unavailable_reason()
     gen = torch.Generator().manual_seed(num_heads * dk)
-    num_slots, num_decodes = 256, 3
+    num_slots, num_decodes = max(256, sum(context_len for _, context_len in layout) + 16), 3
     keys = torch.randn(num_slots, num_kv_heads, dk, generator=gen).to(dtype)
     values = keys[..., :dv] if values_in_keys else torch.randn(num_slots, num_kv_heads, dv, generator=gen).to(dtype)
     order = torch.randperm(num_slots, generator=gen)  # contexts scattered over the cache
     chunks, q_start, used = [], num_decodes, 0
-    for q_len, context_len in _PREFILL_LAYOUT:
+    for q_len, context_len in layout:
         chunks.append(PrefillChunk(q_start, q_len, context_len, order[used:used + context_len]))
         q_start, used = q_start + q_len, used + context_len
     q = torch.randn(q_start, num_heads, dk, generator=gen).to(dtype)
@@ -194,7 +221,8 @@ def test_paged_prefill_attention_rejects_bad_chunks_with_a_message():
     with pytest.raises(RuntimeError, match=r"rows \[4, 10\) with context 6 do not fit 6 rows"):
         ops.paged_prefill_attention(q, keys, keys, torch.tensor([[4, 6, 6]]), slots, 1.0, 0, out)
     with pytest.raises(RuntimeError, match="cache slot 99 outside"):
-        ops.paged_prefill_attention(q, keys, keys, torch.tensor([[0, 6, 6]]), torch.tensor([0, 1, 2, 3, 4, 99]), 1.0, 0, out)
+        ops.paged_prefill_attention(q, keys, keys, torch.tensor([[0, 6, 6]]), torch.tensor([0, 1, 2, 3, 4, 99]), 1.0, 0,
+                                    out)
     with pytest.raises(RuntimeError, match="slots hold 7 entries, the chunks' contexts 6"):
         ops.paged_prefill_attention(q, keys, keys, torch.tensor([[0, 6, 6]]), torch.arange(7), 1.0, 0, out)
     with pytest.raises(RuntimeError, match="not a multiple of kv heads"):
@@ -228,8 +256,8 @@ def test_grouped_swiglu_matches_the_reference(dtype, num_pairs, torch_threads):
     assert cpu_ops() is not None, unavailable_reason()
     gen = torch.Generator().manual_seed(num_pairs)
     d, inter, num_slots, num_rows = 16, 24, 5, 9
-    dense = [((torch.randn(2 * inter, d, generator=gen) * 0.2).to(dtype), (torch.randn(d, inter, generator=gen) * 0.2).to(dtype))
-             for _ in range(num_slots)]
+    dense = [((torch.randn(2 * inter, d, generator=gen) * 0.2).to(dtype),
+              (torch.randn(d, inter, generator=gen) * 0.2).to(dtype)) for _ in range(num_slots)]
     experts = [swiglu_linears(*w13.chunk(2), w2) for w13, w2 in dense]
     hidden = torch.randn(num_rows, d, generator=gen).to(dtype)
     rows = torch.randint(0, num_rows, (num_pairs,), generator=gen)
@@ -485,7 +513,8 @@ def test_bfloat16_brgemm_path_agrees_with_the_register_path(rows, set_bf16_brgem
     for min_rows in (0, 4):
         set_min_rows(min_rows)
         assert set_min_rows(-1) == min_rows
-        results.append((Linear(weight)(x), grouped_swiglu(x, pair_rows, slots, weights, experts, rows, expert_weight_lists(experts))))
+        results.append((Linear(weight)(x),
+                        grouped_swiglu(x, pair_rows, slots, weights, experts, rows, expert_weight_lists(experts))))
     (linear_regs, experts_regs), (linear_brgemm, experts_brgemm) = results
     assert_close_to(linear_brgemm, linear_regs.float(), torch.bfloat16)
     torch.testing.assert_close(experts_brgemm.float(), experts_regs.float(), atol=2e-2, rtol=2.0**-7)
