@@ -37,6 +37,16 @@ def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
     return ys[i] + slope * (x - xs[i])
 
 
+def bilinear(x: float, y: float, xs: list[float], ys: list[float], table: list[list[float]]) -> float:
+    """table[i][j] (at xs[i], ys[j]) at (x, y): linear along y in the two rows around x, then along x; outside
+    the points, along the edge segments (`interpolate`)."""
+    if len(xs) == 1:
+        return interpolate(y, ys, table[0])
+    i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    low, high = (interpolate(y, ys, table[row]) for row in (i, i + 1))
+    return interpolate(x, xs[i:i + 2], [low, high])
+
+
 class StepTable(_Section):
     """Seconds of one engine step of a replica (its experts in process) by tokens in the step (decodes plus
     prefill chunks) and mean context length of its sequences: seconds[i][j] for tokens[i], context[j]."""
@@ -62,11 +72,7 @@ class StepTable(_Section):
     def time(self, tokens: float, context: float) -> float:
         """Seconds for a step of `tokens` with mean `context`: bilinear inside the table, along the edge
         segments outside; never below the fastest measured step's tenth (a step has a fixed cost)."""
-        if len(self.tokens) == 1:
-            return max(self._floor, interpolate(context, self.context, self.seconds[0]))
-        i = min(max(bisect_right(self.tokens, tokens) - 1, 0), len(self.tokens) - 2)
-        low, high = (interpolate(context, self.context, self.seconds[row]) for row in (i, i + 1))
-        return max(self._floor, interpolate(tokens, self.tokens[i:i + 2], [low, high]))
+        return max(self._floor, bilinear(tokens, context, self.tokens, self.context, self.seconds))
 
     @cached_property
     def _floor(self) -> float:
@@ -95,6 +101,45 @@ class ShardTable(_Section):
         return max(0.1 * min(self.seconds), interpolate(rows, self.rows, self.seconds))
 
 
+class RemoteTable(_Section):
+    """Seconds one step of a replica takes in the deployment beyond the modelled step (its dense part plus the
+    hottest shard's compute), by the expert shards serving and the tokens in the step: sending rows and
+    gathering results, the output path, and the deployment's other processes on the same cores.
+    seconds[i][j] for shards[i], tokens[j]."""
+
+    shards: list[int] = Field(min_length=1, description="Expert shards serving, ascending, each >= 1.")
+    tokens: list[int] = Field(min_length=1, description="Tokens per step (concurrent streams), ascending, each >= 1.")
+    seconds: list[list[float]] = Field(description="Seconds beyond the modelled step, one row per shards value, "
+                                                   "one column per tokens value, each >= 0.")
+    compute_scale: list[float] | None = Field(
+        None, description="At each shards value, how much longer the shards report computing than the shard "
+                          "table says for the same rows (more shards on shared cores: longer); null: the "
+                          "profile's shard_compute_scale at every count.")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        _ascending(self.shards, "shards")
+        _ascending(self.tokens, "tokens")
+        if min(self.shards) < 1 or min(self.tokens) < 1:
+            raise ValueError(f"shards and tokens must be >= 1, got {self.shards} and {self.tokens}")
+        if len(self.seconds) != len(self.shards) or any(len(row) != len(self.tokens) for row in self.seconds):
+            raise ValueError(f"seconds must be {len(self.shards)} rows of {len(self.tokens)} values, got "
+                             f"{[len(row) for row in self.seconds]}")
+        if any(s < 0 for row in self.seconds for s in row):
+            raise ValueError("seconds must all be >= 0")
+        if self.compute_scale is not None and (len(self.compute_scale) != len(self.shards)
+                                               or min(self.compute_scale) <= 0):
+            raise ValueError(f"compute_scale must be {len(self.shards)} values > 0, got {self.compute_scale}")
+        return self
+
+    def time(self, shards: float, tokens: float) -> float:
+        """Bilinear in (shards, tokens), never below 0. Beyond the measured shard counts along the edge
+        segments (each shard process more costs more); tokens are held within the measured range: the cost is
+        per round trip and per stream, and a long prefill step is not many streams."""
+        tokens = min(max(tokens, self.tokens[0]), self.tokens[-1])
+        return max(0.0, bilinear(shards, tokens, self.shards, self.tokens, self.seconds))
+
+
 class StartTimes(_Section):
     cold_s: float = Field(ge=0, description="Seconds from asking for a unit to its serving, from nothing.")
     standby_s: float = Field(ge=0, description="Seconds from asking to serving for a unit kept warm in standby.")
@@ -118,7 +163,13 @@ class PerformanceProfile(_Section):
     step: StepTable = Field(description="Engine step time by tokens and context.")
     shard: ShardTable = Field(description="Expert shard compute by token rows.")
     remote_step_s: float = Field(ge=0, description="Added to each step when the experts live on shared shards "
-                                                   "(sending rows and gathering results).")
+                                                   "(sending rows and gathering results), where `remote` is null.")
+    remote: RemoteTable | None = Field(None, description="The same by shards serving and tokens per step, measured "
+                                                         "through the deployment; null: remote_step_s throughout.")
+    shard_compute_scale: float = Field(1.0, gt=0, description="How much longer the deployment's shards report "
+                                       "computing than the shard table says for the same rows (their threads, "
+                                       "cores shared with other processes): scales the shard utilisation the "
+                                       "simulator shows the policy.")
     request_overhead_s: float = Field(0.0, ge=0, description="Added to each request's time to first token: the "
                                       "serving path beyond the engine (API, gateway, output channel).")
     shared_cores: float | None = Field(
@@ -154,18 +205,22 @@ class PerformanceProfile(_Section):
 
     def step_time(self, tokens: int, context: float, shards: int = 0, imbalance: float = 1.0,
                   shard_slowdown: float = 1.0) -> tuple[float, float]:
-        """(step seconds, seconds the mean shard is busy) for `tokens` with mean `context`. shards 0: the experts in
-        the replica's own process (the step table as measured). Otherwise the experts' share of the measured
+        """(step seconds, seconds the mean shard reports busy) for `tokens` with mean `context`. shards 0: the
+        experts in the replica's own process (the step table as measured). Otherwise the experts' share of the measured
         step is replaced by the hottest shard's: tokens × top_k rows spread over `shards`, × `imbalance`
         (max / mean shard load), × `shard_slowdown` (waiting behind other replicas' rows), plus the remote
-        overhead."""
+        overhead (from `remote` at this many shards and tokens where it was measured)."""
         measured = self.step.time(tokens, context)
         if shards <= 0:
             return measured, 0.0
         rows = tokens * self.top_k
         dense = max(0.1 * measured, measured - self.shard.time(rows))
         hottest = self.shard.time(rows * imbalance / shards)
-        return dense + hottest * shard_slowdown + self.remote_step_s, self.shard.time(rows / shards)
+        remote = self.remote.time(shards, tokens) if self.remote is not None else self.remote_step_s
+        scale = self.shard_compute_scale
+        if self.remote is not None and self.remote.compute_scale is not None:
+            scale = max(0.0, interpolate(shards, self.remote.shards, self.remote.compute_scale))
+        return dense + hottest * shard_slowdown + remote, self.shard.time(rows / shards) * scale
 
 
 # PLACEHOLDER numbers (not measured): a round-number profile of a mid-size MoE on one accelerator per unit,

@@ -116,7 +116,8 @@ def stop_serve(proc: subprocess.Popen) -> None:
 
 
 class SizePoller:
-    """Polls the autoscaler's status every `every_s`: (time, replicas, shards) samples."""
+    """Polls the autoscaler's status and the cluster state every `every_s`: (time, replicas, shards, placement
+    epoch, running requests, waiting requests) samples, to read slow requests against."""
 
     def __init__(self, address: str, every_s: float = 0.5):
         from moefleet.client import Client
@@ -130,7 +131,10 @@ class SizePoller:
         while not self._stop.is_set():
             try:
                 actual = self.client.autoscaler_status()["actual"]
-                self.samples.append((time.monotonic() - self.started, actual["replicas"], actual["expert_shards"]))
+                cluster = self.client.cluster_state()
+                self.samples.append((time.monotonic() - self.started, actual["replicas"], actual["expert_shards"],
+                                     cluster.placement_epoch, sum(r.running for r in cluster.replicas),
+                                     sum(r.waiting for r in cluster.replicas)))
             except Exception as e:  # a slow answer under load: the next poll
                 print(f"  status poll: {e}", file=sys.stderr)
             self._stop.wait(self.every_s)
@@ -143,7 +147,7 @@ class SizePoller:
         self._stop.set()
         self.thread.join()
         self.client.close()
-        return np.array(self.samples, dtype=float).reshape(-1, 3)
+        return np.array(self.samples, dtype=float).reshape(-1, 6)
 
 
 async def replay(base_url: str, model_id: str, requests: list[tuple[float, list[int], int]]) -> list[dict]:
@@ -167,7 +171,8 @@ async def replay(base_url: str, model_id: str, requests: list[tuple[float, list[
         except Exception as e:
             return {"error": f"{type(e).__name__}: {e}"[:200]}
         gaps = np.diff(times) * 1e3 if len(times) > 1 else np.zeros(0)
-        return {"ttft_ms": (times[0] - sent) * 1e3 if times else None, "itl_ms": gaps.tolist(), "text": "".join(text)}
+        return {"ttft_ms": (times[0] - sent) * 1e3 if times else None, "itl_ms": gaps.tolist(),
+                "e2e_ms": (times[-1] - sent) * 1e3 if times else None, "text": "".join(text)}
 
     results = await asyncio.gather(*(one(at, prompt, n) for at, prompt, n in requests))
     await client.close()
@@ -183,7 +188,7 @@ def autoscaler_report(address: str) -> tuple[list[dict], dict]:
 
 
 def unit_seconds(samples: np.ndarray, column: int, start: float, end: float) -> float:
-    """Integral of a pool's size from `start` to `end` (samples: time, replicas, shards; a step function)."""
+    """Integral of a pool's size from `start` to `end` (samples: SizePoller's rows; a step function)."""
     inside = samples[(samples[:, 0] >= start) & (samples[:, 0] <= end)]
     if len(inside) < 2:
         return 0.0
@@ -230,9 +235,12 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
     finally:
         stop_serve(proc)
 
-    with open(os.path.join(workdir, "requests.json"), "w") as f:  # each request's arrival and TTFT, for a look
-        json.dump([{"arrival_s": at, "prompt_len": len(prompt), "max_tokens": n, "ttft_ms": r.get("ttft_ms"),
-                    "error": r.get("error")} for (at, prompt, n), r in zip(requests, results)], f)
+    # Each request's arrival (on the size samples' clock) and TTFT, to read slow requests against the sizes.
+    with open(os.path.join(workdir, "requests.json"), "w") as f:
+        json.dump({"sizes": samples.tolist(), "requests": [
+            {"arrival_s": replay_from + at, "prompt_len": len(prompt), "max_tokens": n, "ttft_ms": r.get("ttft_ms"),
+             "e2e_ms": r.get("e2e_ms"), "error": r.get("error")}
+            for (at, prompt, n), r in zip(requests, results)]}, f)
     failed = [r["error"] for r in results if "error" in r]
     ttft = np.array([r["ttft_ms"] for r in results if r.get("ttft_ms") is not None])
     same = sum(r.get("text") == e for r, e in zip(results, expected))
@@ -280,11 +288,15 @@ def main() -> None:
             f"{real['greedy_equal']}/{real['requests']} greedy outputs equal to the in-process engine's; replicas "
             f"1 -> {real['peak_replicas']} -> {real['final_replicas']}, expert shards 1 -> {real['peak_shards']} -> "
             f"{real['final_shards']}; {len(changes)} changes in the history, each with its reason. The profile is "
-            "`moefleet profile --address` on the same deployment (its in-process steps plus the per-step and "
-            "per-request overhead measured through the API, at the torch threads `moefleet serve` gives a replica), "
-            f"with `--shared-cores {len(os.sched_getaffinity(0))}`: the simulator slows each step by the replicas "
-            "stepping at once and the units starting (their measured CPU) over those cores. Not modelled: the HTTP "
-            "client's own CPU (the profile measures through gRPC) and the shards staging a new placement.")
+            "`moefleet profile --address --admin-token` on the same deployment: its in-process steps (at the torch "
+            "threads `moefleet serve` gives a replica), plus what a step and a first token take through the API "
+            "beyond them, measured with the deployment at 1, 2 and 3 expert shards (the `remote` table), and how "
+            "much longer the shards report computing than in process (`compute_scale`, which scales the shard "
+            f"utilisation the policy sees), with `--shared-cores {len(os.sched_getaffinity(0))}`: the simulator "
+            "slows each step by the replicas stepping at once and the units starting (their measured CPU) over "
+            "those cores. Not modelled: the HTTP client's own CPU on the same cores (the profile measures through "
+            "gRPC), two replicas' shard calls contending (the probe runs one replica), and the shards staging a "
+            "new placement.")
     print(table + "\n" + note)
     for failure in out["status"]["failures"]:
         print(f"  acting failed: {failure}")

@@ -4,7 +4,9 @@ in-process engine. Errors leave as one line per problem on stderr with exit code
 prints ValueErrors so)."""
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 
@@ -51,6 +53,11 @@ def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
     prof.add_argument("--admin-token", help="admin token for --address (default: MOEFLEET_ADMIN_TOKEN): with it the "
                                             "start times are the deployment's own, timed by asking it for one more "
                                             "replica and one more expert shard (then back)")
+    prof.add_argument("--remote-shards", default="1,2,3",
+                      help="with --address and an admin token: the expert-shard counts the deployment is measured "
+                           "at (scaled there over the Admin API, then back), so the simulator knows what a step "
+                           "costs beyond the modelled one at each (default 1,2,3; a deployment keeping its experts "
+                           "in its replicas is measured as it is)")
     prof.add_argument("--threads", type=int, help="torch threads of the profiled steps (default: what moefleet serve "
                                                   "gives one replica on this machine, for decode and prefill steps)")
     prof.add_argument("--shared-cores", type=float, help="the deployment's units share this many CPU cores (all on "
@@ -135,7 +142,6 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def _profile(args) -> int:
     import datetime
-    import os
     import platform
     import resource
     import subprocess
@@ -247,25 +253,6 @@ def _profile(args) -> int:
         shard_seconds.append(sorted(times)[1])
     kv_tokens = engine.blocks.num_blocks * config.block_size
     llm.shutdown()
-    remote_step_s, remote_note = 0.0, "not measured (no --address; the in-process engine has no remote shards): 0"
-    request_overhead_s, overhead_note = 0.0, "not measured (no --address): 0"
-    if args.address:
-        context = contexts[0]
-        served = _served_times(args.address, args.token or os.environ.get("MOEFLEET_INFERENCE_TOKEN"),
-                               batch_sizes, context, spec.vocab_size)
-        extra = [max(0.0, served[b][0] - decode[b, context]) for b in batch_sizes]
-        remote_step_s = sorted(extra)[len(extra) // 2]
-        remote_note = (f"median over batches {batch_sizes} of (median inter-token gap of that many concurrent "
-                       f"streams through the deployment at {args.address}, minus the in-process step at context "
-                       f"{context}): " + ", ".join(f"{b}: {served[b][0] * 1e3:.1f} vs {decode[b, context] * 1e3:.1f} "
-                                                  "ms" for b in batch_sizes))
-        # The first token also waits for one prefill step of the batch and its remote overhead.
-        overheads = [max(0.0, served[b][1] - step.time(b * context, context) - remote_step_s) for b in batch_sizes]
-        request_overhead_s = sorted(overheads)[len(overheads) // 2]
-        overhead_note = (f"median over batches {batch_sizes} of (median time to first token through the deployment "
-                         "minus the modelled prefill step): " + ", ".join(
-                             f"{b}: {served[b][1] * 1e3:.1f} ms" for b in batch_sizes))
-
     replica_start = StartTimes(cold_s=process_s + engine_s, standby_s=0.0,
                                cores=(process_cpu_s + engine_cpu_s) / (process_s + engine_s))
     shard_start = StartTimes(cold_s=process_s + load_s, standby_s=load_s,
@@ -293,8 +280,7 @@ def _profile(args) -> int:
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         num_experts=spec.moe.num_experts, num_moe_layers=len(layers), top_k=spec.moe.top_k,
         expert_bytes=shard.nbytes() // (per_shard * len(layers)),
-        step=step, shard=ShardTable(rows=shard_rows, seconds=shard_seconds), remote_step_s=remote_step_s,
-        request_overhead_s=request_overhead_s,
+        step=step, shard=ShardTable(rows=shard_rows, seconds=shard_seconds), remote_step_s=0.0,
         shared_cores=args.shared_cores, step_cores=threads["num_threads"],
         replica_start=replica_start, shard_start=shard_start,
         notes={
@@ -303,8 +289,8 @@ def _profile(args) -> int:
                     "length, the same for every context column (its context effect is not measured)",
             "shard": f"median of 3 runs of ExpertShard.compute over all {len(layers)} MoE layers, rows routed to "
                      f"random experts of a shard holding {per_shard} experts per layer",
-            "remote_step_s": remote_note,
-            "request_overhead_s": overhead_note,
+            "remote_step_s": "not measured (no --address; the in-process engine has no remote shards): 0",
+            "request_overhead_s": "not measured (no --address): 0",
             "replica_start.cold_s": replica_note,
             "replica_start.standby_s": "not measured: a warm replica only has to be registered with the gateways; 0",
             "shard_start.cold_s": shard_note,
@@ -317,6 +303,8 @@ def _profile(args) -> int:
             "replica_start.cores": "CPU seconds of a process start and an engine build here over their wall time",
             "shard_start.cores": "CPU seconds of a process start and an expert load here over their wall time",
         })
+    if args.address:
+        profile = _with_deployment_steps(profile, args, contexts[0], batch_sizes, admin_token, spec.vocab_size)
     save_profile(profile, args.out)
     fastest, slowest = min(map(min, step.seconds)), max(map(max, step.seconds))
     print(f"wrote {args.out}: step {fastest * 1000:.1f}-{slowest * 1000:.1f} ms, "
@@ -325,53 +313,84 @@ def _profile(args) -> int:
     return 0
 
 
-def _deployment_starts(address: str, admin_token: str) -> tuple[float, float | None]:
-    """(seconds for the deployment at `address` to serve one more replica, the same for one more
-    expert shard or None where it keeps its experts inside the replicas), each scaled back after.
-    An autoscaler there is made advisory meanwhile (its policy restored after), so that it does not
-    scale the pools under the probe."""
-    import time
-
+@contextlib.contextmanager
+def _autoscaler_held(client):
+    """An autoscaler at the deployment is made advisory meanwhile (its policy restored after), so that it does
+    not scale the pools under a probe. Yields whether one runs there."""
     import grpc
     import yaml
 
+    try:
+        policy = client.get_autoscaling_policy()
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        policy = None  # no autoscaler: nothing else scales the pools
+    if policy is not None:
+        advisory = yaml.safe_load(policy)
+        advisory["spec"]["mode"] = "advisory"
+        client.set_autoscaling_policy(yaml.safe_dump(advisory))
+    try:
+        yield policy is not None
+    finally:
+        if policy is not None:
+            client.set_autoscaling_policy(policy)
+
+
+def _remote_shards(client) -> int:
+    """Expert shards the deployment's replicas use outside their own process (0: experts inside them)."""
+    replicas = client.cluster_state().replicas
+    return sum(shard.node_id != "local" for shard in replicas[0].shards) if replicas else 0
+
+
+def _shard_compute_s(client) -> float:
+    """Expert compute inside the remote shards so far, summed over the replicas and shards."""
+    return sum(shard.compute_seconds for replica in client.cluster_state().replicas for shard in replica.shards)
+
+
+def _deployment_starts(address: str, admin_token: str) -> tuple[float, float | None]:
+    """(seconds for the deployment at `address` to serve one more replica, the same for one more
+    expert shard or None where it keeps its experts inside the replicas), each scaled back after,
+    with its autoscaler held."""
+    import time
+
     from moefleet.client import Client
 
-    with Client(address, token=admin_token, timeout=600) as client:
-        try:
-            policy = client.get_autoscaling_policy()
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            policy = None  # no autoscaler: nothing else scales the pools, and no shard count to read
-        if policy is not None:
-            advisory = yaml.safe_load(policy)
-            advisory["spec"]["mode"] = "advisory"
-            client.set_autoscaling_policy(yaml.safe_dump(advisory))
-        try:
-            replicas = sum(r.status == "serving" for r in client.cluster_state().replicas)
+    with Client(address, token=admin_token, timeout=600) as client, _autoscaler_held(client):
+        replicas = sum(r.status == "serving" for r in client.cluster_state().replicas)
+        started = time.perf_counter()
+        client.scale_replicas(replicas + 1)
+        replica_s = time.perf_counter() - started
+        client.scale_replicas(replicas)
+        shards, shard_s = _remote_shards(client), None
+        if shards:
             started = time.perf_counter()
-            client.scale_replicas(replicas + 1)
-            replica_s = time.perf_counter() - started
-            client.scale_replicas(replicas)
-            shards = client.autoscaler_status()["actual"]["expert_shards"] if policy is not None else 0
-            shard_s = None
-            if shards:
-                started = time.perf_counter()
-                client.scale_shards(shards + 1)
-                shard_s = time.perf_counter() - started
-                client.scale_shards(shards)
-        finally:
-            if policy is not None:
-                client.set_autoscaling_policy(policy)
+            client.scale_shards(shards + 1)
+            shard_s = time.perf_counter() - started
+            client.scale_shards(shards)
     return replica_s, shard_s
 
 
-def _served_times(address: str, token: str | None, batch_sizes: list[int], context: int,
-                  vocab_size: int) -> dict[int, tuple[float, float]]:
-    """batch -> (median seconds between tokens, median seconds to the first token) of `batch`
-    concurrent greedy streams (prompts of `context` random tokens, 48 tokens each) through a
-    deployment's gRPC API."""
+def _machine_busy_s() -> float:
+    """CPU seconds this machine's cores have been busy since boot (/proc/stat; 0 where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle and iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal; guests are inside user
+
+
+STREAM_TOKENS = 48  # tokens each probe stream generates: one prefill step, then STREAM_TOKENS - 1 decode steps
+
+
+def _served_times(address: str, token: str | None, batch_sizes: list[int], context: int, vocab_size: int,
+                  admin=None) -> dict[int, tuple[float, float, float | None, float]]:
+    """batch -> (median seconds between tokens, median seconds to the first token, expert compute the remote
+    shards reported meanwhile or None without `admin`, a Client with the admin token, and the cores this
+    machine kept busy meanwhile) of `batch` concurrent greedy streams (prompts of `context` random tokens,
+    STREAM_TOKENS tokens each) through a deployment's gRPC API."""
     import asyncio
     import random
     import time
@@ -384,7 +403,8 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
             async def one(seed: int):
                 prompt = [random.Random(seed).randrange(10, vocab_size) for _ in range(context)]
                 last = sent = time.perf_counter()
-                async for message in client.generate_stream(prompt, max_tokens=48, temperature=0, ignore_eos=True):
+                async for message in client.generate_stream(prompt, max_tokens=STREAM_TOKENS, temperature=0,
+                                                            ignore_eos=True):
                     now = time.perf_counter()
                     if not message.token_ids:
                         continue
@@ -397,4 +417,97 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
             await asyncio.gather(*(one(batch * 1000 + i) for i in range(batch)))
         return sorted(gaps)[len(gaps) // 2], sorted(firsts)[len(firsts) // 2]
 
-    return {batch: asyncio.run(measure(batch)) for batch in batch_sizes}
+    served = {}
+    for batch in batch_sizes:
+        before = _shard_compute_s(admin) if admin is not None else None
+        busy, started = _machine_busy_s(), time.perf_counter()
+        gap, first = asyncio.run(measure(batch))
+        cores = (_machine_busy_s() - busy) / (time.perf_counter() - started)
+        served[batch] = (gap, first, None if admin is None else _shard_compute_s(admin) - before, cores)
+    return served
+
+
+def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], admin_token: str | None,
+                           vocab: int):
+    """The profile with what a step and a first token take through the running deployment at args.address
+    beyond the in-process model: remote_step_s and request_overhead_s; with an admin token also `remote` at
+    each of --remote-shards shard counts (the deployment scaled there, then back, its autoscaler held) and
+    shard_compute_scale from the compute its shards report."""
+    from moefleet.autoscaler.performance_model import RemoteTable
+    from moefleet.client import Client
+
+    token = args.token or os.environ.get("MOEFLEET_INFERENCE_TOKEN")
+    by_shards, shards_at = {}, None
+    if admin_token:
+        with Client(args.address, token=admin_token, timeout=600) as admin, _autoscaler_held(admin):
+            shards_at = _remote_shards(admin)
+            counts = _ints(args.remote_shards, "--remote-shards") if shards_at else [0]
+            try:
+                for count in counts:
+                    if count and count != _remote_shards(admin):
+                        admin.scale_shards(count)
+                    by_shards[count] = _served_times(args.address, token, batch_sizes, context, vocab, admin)
+            finally:
+                if shards_at and _remote_shards(admin) != shards_at:
+                    admin.scale_shards(shards_at)
+    else:
+        by_shards[None] = _served_times(args.address, token, batch_sizes, context, vocab)
+
+    def beyond(count, batch) -> float:  # a step's time there beyond the modelled step without remote overhead
+        return max(0.0, by_shards[count][batch][0] - profile.step_time(batch, context, count or 0)[0])
+
+    here = shards_at  # the deployment's own shard count (None: not known without the admin token)
+    remote_step_s = sorted(beyond(here, b) for b in batch_sizes)[len(batch_sizes) // 2]
+    served_at = by_shards[here]
+    update = {"remote_step_s": remote_step_s}
+    notes = dict(profile.notes)
+    notes["remote_step_s"] = (
+        f"median over batches {batch_sizes} of (median inter-token gap of that many concurrent streams through the "
+        f"deployment at {args.address}, at its {here if here is not None else 'current'} expert shards, minus the "
+        f"modelled step at context {context}): " + ", ".join(
+            f"{b}: {served_at[b][0] * 1e3:.1f} ms" for b in batch_sizes))
+    if shards_at:
+        counts = sorted(by_shards)
+
+        def compute_scale(n: int) -> float | None:
+            """Median over the batches of (expert compute the shards reported over the streams) / (the shard
+            table's time for the same rows: one prefill step and STREAM_TOKENS - 1 decode steps)."""
+            ratios = []
+            for b in batch_sizes:
+                modelled = n * (profile.shard.time(b * context * profile.top_k / n)
+                                + (STREAM_TOKENS - 1) * profile.shard.time(b * profile.top_k / n))
+                if by_shards[n][b][2] and modelled > 0:
+                    ratios.append(by_shards[n][b][2] / modelled)
+            return sorted(ratios)[len(ratios) // 2] if ratios else None
+
+        scales = [compute_scale(n) for n in counts]
+        update["remote"] = RemoteTable(shards=counts, tokens=batch_sizes,
+                                       seconds=[[beyond(n, b) for b in batch_sizes] for n in counts],
+                                       compute_scale=scales if None not in scales else None)
+        notes["remote"] = (f"the same at {counts} expert shards (the deployment scaled there over the Admin API, "
+                           f"then back to {shards_at}); compute_scale: at each count, the median over the batches "
+                           "of (expert compute the deployment's shards reported over the streams) / (the shard "
+                           f"table's time for the same rows: one prefill step and {STREAM_TOKENS - 1} decode steps)")
+        if shards_at in counts and scales[counts.index(shards_at)] is not None:
+            update["shard_compute_scale"] = scales[counts.index(shards_at)]
+            notes["shard_compute_scale"] = f"remote.compute_scale at the deployment's own {shards_at} expert shards"
+    if args.shared_cores:
+        # What one busy replica costs the shared cores is more than its torch threads: its shards, the gateway
+        # and the client's streams too. Measured as the cores this machine kept busy while the probe ran.
+        cores = sorted(served_at[b][3] for b in batch_sizes)[len(batch_sizes) // 2]
+        if cores > 0:
+            update["step_cores"] = cores
+            notes["step_cores"] = (
+                f"median over batches {batch_sizes} of the cores this machine kept busy while the deployment served "
+                f"that many streams at its {here if here is not None else 'current'} expert shards (the replica, "
+                "its shards, the gateway and the probe's own client): " + ", ".join(
+                    f"{b}: {served_at[b][3]:.2f}" for b in batch_sizes))
+    with_remote = profile.model_copy(update=update)
+    overheads = [max(0.0, served_at[b][1] - with_remote.step_time(b * context, context, here or 0)[0])
+                 for b in batch_sizes]
+    update["request_overhead_s"] = sorted(overheads)[len(overheads) // 2]
+    notes["request_overhead_s"] = (f"median over batches {batch_sizes} of (median time to first token through the "
+                                   "deployment minus the modelled prefill step): "
+                                   + ", ".join(f"{b}: {served_at[b][1] * 1e3:.1f} ms" for b in batch_sizes))
+    update["notes"] = notes
+    return profile.model_copy(update=update)

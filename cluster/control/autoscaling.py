@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moefleet.autoscaler.counter_total import CounterTotal
 from moefleet.autoscaler.latency_window import LatencyWindow
 from moefleet.autoscaler.policy import Decision, PolicyState, decide
 from moefleet.autoscaler.policy_file import AutoscalingPolicy, dump_policy, parse_policy
@@ -55,7 +56,8 @@ class Autoscaling:
         keep_s = self.policy.spec.slo.window_s * 2
         self.ttft = LatencyWindow(TIME_TO_FIRST_TOKEN_BUCKETS, keep_s)
         self.itl = LatencyWindow(INTER_TOKEN_LATENCY_BUCKETS, keep_s)
-        self._compute: deque[tuple[float, float]] = deque()  # (time, summed shard compute seconds)
+        self._compute: deque[tuple[float, float]] = deque()  # (time, total shard compute seconds)
+        self._compute_total = CounterTotal()  # across the replicas' counter restarts at placement changes
         self._decided_at: float | None = None
 
     def set_policy(self, policy: AutoscalingPolicy) -> None:
@@ -69,7 +71,8 @@ class Autoscaling:
         """Every monitoring round: the latency and compute windows move on."""
         self.ttft.add(seen.now_s, _summed([r.ttft_counts for r in seen.replicas], len(TIME_TO_FIRST_TOKEN_BUCKETS) + 1))
         self.itl.add(seen.now_s, _summed([r.itl_counts for r in seen.replicas], len(INTER_TOKEN_LATENCY_BUCKETS) + 1))
-        self._compute.append((seen.now_s, sum(sum(r.shard_compute_s) for r in seen.replicas)))
+        self._compute.append((seen.now_s, self._compute_total.add(
+            {r.replica_id: sum(r.shard_compute_s) for r in seen.replicas})))
         while len(self._compute) > 2 and self._compute[1][0] <= seen.now_s - self.policy.spec.slo.window_s:
             self._compute.popleft()
 

@@ -14,6 +14,12 @@ from moefleet.v1 import admin_pb2
 DEFAULT_MAX_RECORDED_EVENTS = 1_000_000  # about 10 MB of gzip'd trace: under gRPC's default message limits
 
 
+def _compute_s(snapshot: ReplicaSnapshot, shard: int) -> float:
+    """Expert compute inside remote shard `shard` for this replica's rows (0 where its experts are local)."""
+    compute = snapshot.state.shard_compute_s
+    return compute[shard] if shard < len(compute) else 0.0
+
+
 class GatewayAdmin:
     """The Admin API's operations. Replica and shard scaling and rebalancing go to the controller
     (one control path, whether it owns the expert shards or each replica keeps its experts in
@@ -36,7 +42,8 @@ class GatewayAdmin:
         replicas = [admin_pb2.ReplicaState(
             replica_id=s.state.replica_id, status=s.state.status, running=s.state.running, waiting=s.state.waiting,
             outstanding_tokens=s.state.outstanding_tokens,
-            shards=[admin_pb2.ShardState(**dataclasses.asdict(shard)) for shard in s.shards],
+            shards=[admin_pb2.ShardState(**dataclasses.asdict(shard), compute_seconds=_compute_s(s, shard.shard))
+                    for shard in s.shards],
             expert_load=[admin_pb2.ExpertLoad(**dataclasses.asdict(load)) for load in s.expert_load])
             for s in snapshots]
         epoch = max((s.placement_epoch for s in snapshots), default=0)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moefleet/v1/admin.proto\x12\x0bmoefleet.v1\"\x18\n\x16GetClusterStateRequest\"+\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"U\n\nShardState\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x11\n\ttransport\x18\x04 \x01(\t\"\xc7\x01\n\x0cReplicaState\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x1a\n\x12outstanding_tokens\x18\x05 \x01(\x05\x12\'\n\x06shards\x18\x06 \x03(\x0b\x32\x17.moefleet.v1.ShardState\x12,\n\x0b\x65xpert_load\x18\x07 \x03(\x0b\x32\x17.moefleet.v1.ExpertLoad\"u\n\x0c\x43lusterState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\x02 \x01(\x03\x12+\n\x08replicas\x18\x03 \x03(\x0b\x32\x19.moefleet.v1.ReplicaState\x12\x10\n\x08gateways\x18\x04 \x01(\x05\"$\n\x12ScaleShardsRequest\x12\x0e\n\x06shards\x18\x01 \x01(\x05\"(\n\x14ScaleReplicasRequest\x12\x10\n\x08replicas\x18\x01 \x01(\x05\"\x12\n\x10RebalanceRequest\"\"\n\x0c\x44rainRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"4\n\x0fOperationResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1d\n\x1bGetAutoscalingPolicyRequest\"!\n\x11\x41utoscalingPolicy\x12\x0c\n\x04yaml\x18\x01 \x01(\t\"S\n\x14RecordRoutingRequest\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x01\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12\x12\n\nmax_events\x18\x03 \x01(\x03\"C\n\x0cRoutingTrace\x12\x10\n\x08jsonl_gz\x18\x01 \x01(\x0c\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x03\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"<\n\x1aGetAutoscalerStatusRequest\x12\x0f\n\x07history\x18\x01 \x01(\x08\x12\r\n\x05limit\x18\x02 \x01(\x05\" \n\x10\x41utoscalerStatus\x12\x0c\n\x04json\x18\x01 \x01(\t2\xec\x05\n\x05\x41\x64min\x12Q\n\x0fGetClusterState\x12#.moefleet.v1.GetClusterStateRequest\x1a\x19.moefleet.v1.ClusterState\x12L\n\x0bScaleShards\x12\x1f.moefleet.v1.ScaleShardsRequest\x1a\x1c.moefleet.v1.OperationResult\x12P\n\rScaleReplicas\x12!.moefleet.v1.ScaleReplicasRequest\x1a\x1c.moefleet.v1.OperationResult\x12H\n\tRebalance\x12\x1d.moefleet.v1.RebalanceRequest\x1a\x1c.moefleet.v1.OperationResult\x12@\n\x05\x44rain\x12\x19.moefleet.v1.DrainRequest\x1a\x1c.moefleet.v1.OperationResult\x12`\n\x14GetAutoscalingPolicy\x12(.moefleet.v1.GetAutoscalingPolicyRequest\x1a\x1e.moefleet.v1.AutoscalingPolicy\x12T\n\x14SetAutoscalingPolicy\x12\x1e.moefleet.v1.AutoscalingPolicy\x1a\x1c.moefleet.v1.OperationResult\x12M\n\rRecordRouting\x12!.moefleet.v1.RecordRoutingRequest\x1a\x19.moefleet.v1.RoutingTrace\x12]\n\x13GetAutoscalerStatus\x12\'.moefleet.v1.GetAutoscalerStatusRequest\x1a\x1d.moefleet.v1.AutoscalerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moefleet/v1/admin.proto\x12\x0bmoefleet.v1\"\x18\n\x16GetClusterStateRequest\"+\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"n\n\nShardState\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"\xc7\x01\n\x0cReplicaState\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x1a\n\x12outstanding_tokens\x18\x05 \x01(\x05\x12\'\n\x06shards\x18\x06 \x03(\x0b\x32\x17.moefleet.v1.ShardState\x12,\n\x0b\x65xpert_load\x18\x07 \x03(\x0b\x32\x17.moefleet.v1.ExpertLoad\"u\n\x0c\x43lusterState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\x02 \x01(\x03\x12+\n\x08replicas\x18\x03 \x03(\x0b\x32\x19.moefleet.v1.ReplicaState\x12\x10\n\x08gateways\x18\x04 \x01(\x05\"$\n\x12ScaleShardsRequest\x12\x0e\n\x06shards\x18\x01 \x01(\x05\"(\n\x14ScaleReplicasRequest\x12\x10\n\x08replicas\x18\x01 \x01(\x05\"\x12\n\x10RebalanceRequest\"\"\n\x0c\x44rainRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"4\n\x0fOperationResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1d\n\x1bGetAutoscalingPolicyRequest\"!\n\x11\x41utoscalingPolicy\x12\x0c\n\x04yaml\x18\x01 \x01(\t\"S\n\x14RecordRoutingRequest\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x01\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12\x12\n\nmax_events\x18\x03 \x01(\x03\"C\n\x0cRoutingTrace\x12\x10\n\x08jsonl_gz\x18\x01 \x01(\x0c\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x03\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"<\n\x1aGetAutoscalerStatusRequest\x12\x0f\n\x07history\x18\x01 \x01(\x08\x12\r\n\x05limit\x18\x02 \x01(\x05\" \n\x10\x41utoscalerStatus\x12\x0c\n\x04json\x18\x01 \x01(\t2\xec\x05\n\x05\x41\x64min\x12Q\n\x0fGetClusterState\x12#.moefleet.v1.GetClusterStateRequest\x1a\x19.moefleet.v1.ClusterState\x12L\n\x0bScaleShards\x12\x1f.moefleet.v1.ScaleShardsRequest\x1a\x1c.moefleet.v1.OperationResult\x12P\n\rScaleReplicas\x12!.moefleet.v1.ScaleReplicasRequest\x1a\x1c.moefleet.v1.OperationResult\x12H\n\tRebalance\x12\x1d.moefleet.v1.RebalanceRequest\x1a\x1c.moefleet.v1.OperationResult\x12@\n\x05\x44rain\x12\x19.moefleet.v1.DrainRequest\x1a\x1c.moefleet.v1.OperationResult\x12`\n\x14GetAutoscalingPolicy\x12(.moefleet.v1.GetAutoscalingPolicyRequest\x1a\x1e.moefleet.v1.AutoscalingPolicy\x12T\n\x14SetAutoscalingPolicy\x12\x1e.moefleet.v1.AutoscalingPolicy\x1a\x1c.moefleet.v1.OperationResult\x12M\n\rRecordRouting\x12!.moefleet.v1.RecordRoutingRequest\x1a\x19.moefleet.v1.RoutingTrace\x12]\n\x13GetAutoscalerStatus\x12\'.moefleet.v1.GetAutoscalerStatusRequest\x1a\x1d.moefleet.v1.AutoscalerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTLOAD']._serialized_start=66
   _globals['_EXPERTLOAD']._serialized_end=109
   _globals['_SHARDSTATE']._serialized_start=111
-  _globals['_SHARDSTATE']._serialized_end=196
-  _globals['_REPLICASTATE']._serialized_start=199
-  _globals['_REPLICASTATE']._serialized_end=398
-  _globals['_CLUSTERSTATE']._serialized_start=400
-  _globals['_CLUSTERSTATE']._serialized_end=517
-  _globals['_SCALESHARDSREQUEST']._serialized_start=519
-  _globals['_SCALESHARDSREQUEST']._serialized_end=555
-  _globals['_SCALEREPLICASREQUEST']._serialized_start=557
-  _globals['_SCALEREPLICASREQUEST']._serialized_end=597
-  _globals['_REBALANCEREQUEST']._serialized_start=599
-  _globals['_REBALANCEREQUEST']._serialized_end=617
-  _globals['_DRAINREQUEST']._serialized_start=619
-  _globals['_DRAINREQUEST']._serialized_end=653
-  _globals['_OPERATIONRESULT']._serialized_start=655
-  _globals['_OPERATIONRESULT']._serialized_end=707
-  _globals['_GETAUTOSCALINGPOLICYREQUEST']._serialized_start=709
-  _globals['_GETAUTOSCALINGPOLICYREQUEST']._serialized_end=738
-  _globals['_AUTOSCALINGPOLICY']._serialized_start=740
-  _globals['_AUTOSCALINGPOLICY']._serialized_end=773
-  _globals['_RECORDROUTINGREQUEST']._serialized_start=775
-  _globals['_RECORDROUTINGREQUEST']._serialized_end=858
-  _globals['_ROUTINGTRACE']._serialized_start=860
-  _globals['_ROUTINGTRACE']._serialized_end=927
-  _globals['_GETAUTOSCALERSTATUSREQUEST']._serialized_start=929
-  _globals['_GETAUTOSCALERSTATUSREQUEST']._serialized_end=989
-  _globals['_AUTOSCALERSTATUS']._serialized_start=991
-  _globals['_AUTOSCALERSTATUS']._serialized_end=1023
-  _globals['_ADMIN']._serialized_start=1026
-  _globals['_ADMIN']._serialized_end=1774
+  _globals['_SHARDSTATE']._serialized_end=221
+  _globals['_REPLICASTATE']._serialized_start=224
+  _globals['_REPLICASTATE']._serialized_end=423
+  _globals['_CLUSTERSTATE']._serialized_start=425
+  _globals['_CLUSTERSTATE']._serialized_end=542
+  _globals['_SCALESHARDSREQUEST']._serialized_start=544
+  _globals['_SCALESHARDSREQUEST']._serialized_end=580
+  _globals['_SCALEREPLICASREQUEST']._serialized_start=582
+  _globals['_SCALEREPLICASREQUEST']._serialized_end=622
+  _globals['_REBALANCEREQUEST']._serialized_start=624
+  _globals['_REBALANCEREQUEST']._serialized_end=642
+  _globals['_DRAINREQUEST']._serialized_start=644
+  _globals['_DRAINREQUEST']._serialized_end=678
+  _globals['_OPERATIONRESULT']._serialized_start=680
+  _globals['_OPERATIONRESULT']._serialized_end=732
+  _globals['_GETAUTOSCALINGPOLICYREQUEST']._serialized_start=734
+  _globals['_GETAUTOSCALINGPOLICYREQUEST']._serialized_end=763
+  _globals['_AUTOSCALINGPOLICY']._serialized_start=765
+  _globals['_AUTOSCALINGPOLICY']._serialized_end=798
+  _globals['_RECORDROUTINGREQUEST']._serialized_start=800
+  _globals['_RECORDROUTINGREQUEST']._serialized_end=883
+  _globals['_ROUTINGTRACE']._serialized_start=885
+  _globals['_ROUTINGTRACE']._serialized_end=952
+  _globals['_GETAUTOSCALERSTATUSREQUEST']._serialized_start=954
+  _globals['_GETAUTOSCALERSTATUSREQUEST']._serialized_end=1014
+  _globals['_AUTOSCALERSTATUS']._serialized_start=1016
+  _globals['_AUTOSCALERSTATUS']._serialized_end=1048
+  _globals['_ADMIN']._serialized_start=1051
+  _globals['_ADMIN']._serialized_end=1799
 # @@protoc_insertion_point(module_scope)

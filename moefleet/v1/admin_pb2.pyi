@@ -19,16 +19,18 @@ class ExpertLoad(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardState(_message.Message):
-    __slots__ = ("shard", "node_id", "weight_bytes", "transport")
+    __slots__ = ("shard", "node_id", "weight_bytes", "transport", "compute_seconds")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     shard: int
     node_id: str
     weight_bytes: int
     transport: str
-    def __init__(self, shard: _Optional[int] = ..., node_id: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
+    compute_seconds: float
+    def __init__(self, shard: _Optional[int] = ..., node_id: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class ReplicaState(_message.Message):
     __slots__ = ("replica_id", "status", "running", "waiting", "outstanding_tokens", "shards", "expert_load")

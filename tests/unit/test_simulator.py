@@ -10,6 +10,7 @@ import pytest
 from moefleet.autoscaler.performance_model import (
     DEFAULT_PROFILE,
     PerformanceProfile,
+    RemoteTable,
     ShardTable,
     StartTimes,
     StepTable,
@@ -190,6 +191,36 @@ def test_shared_shards_replace_the_experts_share_of_a_step():
     profile = flat_profile()
     assert profile.step_time(100, 10) == (0.01, 0.0)
     assert profile.step_time(100, 10, shards=2, shard_slowdown=2.0) == pytest.approx((0.014, 0.004))
+
+
+def test_a_measured_remote_table_replaces_the_constant_overhead_by_shards_and_tokens():
+    # Beyond the modelled step: 2 ms at 1 shard and 1 token, 12 ms at 3 shards and 9 tokens (more processes
+    # on the same cores); bilinear between, along the edges outside, never negative.
+    remote = RemoteTable(shards=[1, 3], tokens=[1, 9], seconds=[[0.002, 0.004], [0.006, 0.012]])
+    assert remote.time(2, 5) == pytest.approx((0.003 + 0.009) / 2)
+    assert remote.time(5, 1) == pytest.approx(0.010)  # along the shards edge: +2 ms per shard
+    assert remote.time(1, 500) == remote.time(1, 9) == pytest.approx(0.004)  # tokens held to the measured range
+    assert RemoteTable(shards=[1, 2], tokens=[1], seconds=[[0.004], [0.001]]).time(9, 1) == 0.0
+    profile = flat_profile(remote_step_s=0.5, remote=remote)
+    # The flat profile's step with shards: 10 ms measured - 4 ms in-process experts + 4 ms hottest shard.
+    assert profile.step_time(1, 10, shards=1)[0] == pytest.approx(0.010 + 0.002)
+    assert profile.step_time(9, 10, shards=3)[0] == pytest.approx(0.010 + 0.012)
+    assert flat_profile(remote_step_s=0.5).step_time(9, 10, shards=3)[0] == pytest.approx(0.510)
+    with pytest.raises(ValueError, match="seconds must be 2 rows of 2 values"):
+        RemoteTable(shards=[1, 2], tokens=[1, 4], seconds=[[0.1, 0.2]])
+
+
+def test_the_shards_reported_compute_scales_the_utilisation_the_policy_sees():
+    assert flat_profile().step_time(100, 10, shards=2)[1] == pytest.approx(0.004)
+    assert flat_profile(shard_compute_scale=3.0).step_time(100, 10, shards=2)[1] == pytest.approx(0.012)
+    # ... and the step itself is unchanged (what a step takes there is the remote table's to say).
+    assert flat_profile(shard_compute_scale=3.0).step_time(100, 10, shards=2)[0] == pytest.approx(0.010)
+    # Measured at each shard count: it follows the count (linear between, along the edge beyond).
+    remote = RemoteTable(shards=[1, 3], tokens=[1], seconds=[[0.0], [0.0]], compute_scale=[2.0, 4.0])
+    by_count = flat_profile(shard_compute_scale=3.0, remote=remote)
+    assert [by_count.step_time(100, 10, shards=n)[1] for n in (1, 2, 4)] == pytest.approx([0.008, 0.012, 0.020])
+    with pytest.raises(ValueError, match="compute_scale must be 2 values > 0"):
+        RemoteTable(shards=[1, 3], tokens=[1], seconds=[[0.0], [0.0]], compute_scale=[2.0])
 
 
 def test_replicas_sharing_cores_slow_each_other():
