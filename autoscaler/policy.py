@@ -424,7 +424,11 @@ def _replicate(spec: AutoscalingSpec, ctx: AutoscalingContext, state: PolicyStat
     mean = load.mean(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(mean > 0, load / copies / mean, 0.0)
-    hot = (ratio > settings.trigger.load_ratio) & (copies < settings.max_copies)
+    # A shard holds at most one copy of an expert: with fewer shards than max_copies, the shards are the cap
+    # (one shard: nothing to copy to), so no copy is asked for that no placement could hold.
+    shards = ctx.expert_shards.ready
+    most = min(settings.max_copies, shards) if shards >= 1 else settings.max_copies
+    hot = (ratio > settings.trigger.load_ratio) & (copies < most)
     since = {(layer, expert): t for layer, expert, t in state.hot_since}
     hot_since = {(int(la), int(e)): since.get((int(la), int(e)), ctx.now_s) for la, e in zip(*np.nonzero(hot))}
     due = sorted((key for key, t in hot_since.items() if ctx.now_s - t >= settings.window_s),

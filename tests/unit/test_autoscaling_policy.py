@@ -2,6 +2,7 @@
 beside it: every expected size is worked out by hand in the comments from the policy's rule
 (units a signal needs = total load / target per unit, HPA-style, the largest wins)."""
 
+import dataclasses
 import json
 import random
 
@@ -258,6 +259,19 @@ def test_an_expert_hot_for_the_whole_window_is_copied_hottest_first():
     assert [(c.layer, c.expert, c.load_ratio, c.copies) for c in copies] == [(1, 2, 3.0, 2), (0, 0, 2.5, 2)]
     assert decisions[2].changes[0].reason == ("layer 1 expert 2: observed load per copy 3x its layer's mean "
                                               "for 10s (trigger 2x)")
+
+
+def test_no_copy_is_asked_that_the_shards_could_not_hold():
+    load = [[10, 2, 2, 2], [1, 1, 9, 1]]
+    # One shard: a second copy of an expert has nowhere to go; nothing turns hot, nothing spends the budget.
+    one = [dataclasses.replace(replication_ctx(t, load), expert_shards=PoolSignals(ready=1)) for t in (0, 10)]
+    decisions = run(replication_policy(), one)
+    assert [d.replications for d in decisions] == [(), ()]
+    assert [c for d in decisions for c in d.changes + d.held if c.action == "replicate"] == []
+    # Two shards, expert 2 of layer 1 already on both: only layer 0's expert 0 gets a copy.
+    two = [dataclasses.replace(replication_ctx(t, load), expert_copies=np.array([[1, 1, 1, 1], [1, 1, 2, 1]]))
+           for t in (0, 10)]
+    assert [(c.layer, c.expert) for c in run(replication_policy(), two)[1].replications] == [(0, 0)]
 
 
 def test_the_migration_budget_limits_copies():
