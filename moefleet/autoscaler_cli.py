@@ -262,15 +262,17 @@ def _profile(args) -> int:
     shard_note = (f"the same process start plus loading {per_shard} experts per MoE layer from the checkpoint "
                   f"({load_s:.2f}s)")
     admin_token = args.admin_token or os.environ.get("MOEFLEET_ADMIN_TOKEN")
-    if args.address and admin_token:
-        replica_s, shard_s = _deployment_starts(args.address, admin_token)
-        replica_start = replica_start.model_copy(update={"cold_s": replica_s})
+    starts_there = bool(args.address and admin_token)
+    shard_there, cores_note = None, "the cores this machine kept busy over that start (the deployment idle otherwise)"
+    if starts_there:
+        (replica_s, replica_cores), shard_there = _deployment_starts(args.address, admin_token)
+        replica_start = replica_start.model_copy(update={"cold_s": replica_s, "cores": replica_cores})
         replica_note = (f"Admin ScaleReplicas to one more replica of the deployment at {args.address}, from asking "
                         f"to serving ({replica_s:.2f}s; then back)")
-        if shard_s is not None:
-            shard_start = shard_start.model_copy(update={"cold_s": shard_s})
+        if shard_there is not None:
+            shard_start = shard_start.model_copy(update={"cold_s": shard_there[0], "cores": shard_there[1]})
             shard_note = (f"Admin ScaleShards to one more expert shard of the deployment, from asking to its placement "
-                          f"epoch serving ({shard_s:.2f}s; then back)")
+                          f"epoch serving ({shard_there[0]:.2f}s; then back)")
 
     cores = len(os.sched_getaffinity(0))
     profile = PerformanceProfile(
@@ -300,8 +302,10 @@ def _profile(args) -> int:
                           f"{threads['wide_step_threads']} in steps that prefill"
                           + ("" if args.threads else " (what moefleet serve gives one replica on this machine)"),
             "shared_cores": "--shared-cores" if args.shared_cores else "not given: each unit has cores of its own",
-            "replica_start.cores": "CPU seconds of a process start and an engine build here over their wall time",
-            "shard_start.cores": "CPU seconds of a process start and an expert load here over their wall time",
+            "replica_start.cores": cores_note if starts_there else
+            "CPU seconds of a process start and an engine build here over their wall time",
+            "shard_start.cores": cores_note if shard_there is not None else
+            "CPU seconds of a process start and an expert load here over their wall time",
         })
     if args.address:
         profile = _with_deployment_steps(profile, args, contexts[0], batch_sizes, admin_token, spec.vocab_size)
@@ -348,27 +352,30 @@ def _shard_compute_s(client) -> float:
     return sum(shard.compute_seconds for replica in client.cluster_state().replicas for shard in replica.shards)
 
 
-def _deployment_starts(address: str, admin_token: str) -> tuple[float, float | None]:
-    """(seconds for the deployment at `address` to serve one more replica, the same for one more
-    expert shard or None where it keeps its experts inside the replicas), each scaled back after,
-    with its autoscaler held."""
+def _deployment_starts(address: str, admin_token: str) -> tuple[tuple[float, float], tuple[float, float] | None]:
+    """((seconds, cores) for the deployment at `address` to serve one more replica, the same for one more
+    expert shard or None where it keeps its experts inside the replicas), each scaled back after, with its
+    autoscaler held. cores: what this machine kept busy meanwhile (the new unit's process, Ray starting it,
+    the controller's epoch), for a deployment on this machine's cores."""
     import time
 
     from moefleet.client import Client
 
+    def timed(scale) -> tuple[float, float]:
+        busy, started = _machine_busy_s(), time.perf_counter()
+        scale()
+        seconds = time.perf_counter() - started
+        return seconds, (_machine_busy_s() - busy) / seconds
+
     with Client(address, token=admin_token, timeout=600) as client, _autoscaler_held(client):
         replicas = sum(r.status == "serving" for r in client.cluster_state().replicas)
-        started = time.perf_counter()
-        client.scale_replicas(replicas + 1)
-        replica_s = time.perf_counter() - started
+        replica = timed(lambda: client.scale_replicas(replicas + 1))
         client.scale_replicas(replicas)
-        shards, shard_s = _remote_shards(client), None
+        shards, shard = _remote_shards(client), None
         if shards:
-            started = time.perf_counter()
-            client.scale_shards(shards + 1)
-            shard_s = time.perf_counter() - started
+            shard = timed(lambda: client.scale_shards(shards + 1))
             client.scale_shards(shards)
-    return replica_s, shard_s
+    return replica, shard
 
 
 def _machine_busy_s() -> float:
