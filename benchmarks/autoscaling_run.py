@@ -150,6 +150,76 @@ class SizePoller:
         return np.array(self.samples, dtype=float).reshape(-1, 6)
 
 
+class ServerTtft:
+    """The deployment's own time to first token (from a request reaching a replica to its first token: the
+    replicas' vllm:time_to_first_token_seconds histograms in the gateway's /metrics), scraped every `every_s`
+    so that the counts of replicas retired during the run are kept: per replica, the last counts seen minus
+    the first (zero for a replica that appeared after the first scrape)."""
+
+    def __init__(self, http_url: str, every_s: float = 1.0):
+        self.url = http_url.rsplit("/v1", 1)[0] + "/metrics"
+        self.every_s, self._stop = every_s, threading.Event()
+        self.first: dict[str, list[float]] = {}
+        self.last: dict[str, list[float]] = {}
+        self.scrapes = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _counts(self) -> dict[str, list[float]]:
+        """replica -> cumulative count per bucket bound (in TIME_TO_FIRST_TOKEN_BUCKETS order, then +Inf)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from moefleet.cluster.engine.serving_stats import TIME_TO_FIRST_TOKEN_BUCKETS
+
+        bounds = [*TIME_TO_FIRST_TOKEN_BUCKETS, float("inf")]
+        text = urllib.request.urlopen(self.url, timeout=10).read().decode()
+        counts: dict[str, list[float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name != "vllm:time_to_first_token_seconds":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    row = counts.setdefault(sample.labels["replica"], [0.0] * len(bounds))
+                    row[bounds.index(float(sample.labels["le"]))] += sample.value
+        return counts
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                counts = self._counts()
+            except Exception as e:  # a slow answer under load: the next scrape
+                print(f"  metrics scrape: {e}", file=sys.stderr)
+            else:
+                for replica, row in counts.items():
+                    self.first.setdefault(replica, row if not self.scrapes else [0.0] * len(row))
+                    self.last[replica] = row
+                self.scrapes += 1
+            self._stop.wait(self.every_s)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop_p95_ms(self) -> float | None:
+        """The p95 over everything the replicas counted meanwhile (interpolated inside its bucket)."""
+        from moefleet.autoscaler.latency_window import LatencyWindow
+        from moefleet.cluster.engine.serving_stats import TIME_TO_FIRST_TOKEN_BUCKETS
+
+        self._stop.set()
+        self.thread.join()
+        if not self.last:
+            return None
+        total = [sum(self.last[r][i] - self.first[r][i] for r in self.last) for i in range(len(next(iter(
+            self.last.values()))))]
+        per_bucket = [int(round(b - a)) for a, b in zip([0.0, *total[:-1]], total)]  # cumulative -> per bucket
+        window = LatencyWindow(TIME_TO_FIRST_TOKEN_BUCKETS, keep_s=1.0)
+        window.add(0.0, tuple([0] * len(per_bucket)))
+        window.add(1.0, tuple(per_bucket))
+        p95 = window.quantile(0.95, 1.0, 1.0)
+        return None if p95 is None else p95 * 1e3
+
+
 async def replay(base_url: str, model_id: str, requests: list[tuple[float, list[int], int]]) -> list[dict]:
     """Open-loop: request i is sent at its arrival time, streamed; its TTFT, token gaps and text."""
     from openai import AsyncOpenAI
@@ -224,11 +294,12 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
                        text=True)
         time.sleep(20)  # back to the policy's floor after the profile's load
         model_id = os.path.basename(os.path.normpath(model))
-        poller = SizePoller(grpc_address).start()
+        poller, server_ttft = SizePoller(grpc_address).start(), ServerTtft(http_url).start()
         print(f"  replaying {len(requests)} requests over {phases[-1][1]} s ...", file=sys.stderr, flush=True)
         replay_from = time.monotonic() - poller.started
         results = asyncio.run(replay(http_url, model_id, requests))
         replay_to = time.monotonic() - poller.started
+        server_p95 = server_ttft.stop_p95_ms()
         time.sleep(30)  # the low phase's scale-down: windows and cooldowns
         samples = poller.stop()
         history, status = autoscaler_report(grpc_address)
@@ -248,6 +319,7 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
             "replica_seconds": unit_seconds(samples, 1, replay_from, replay_to),
             "shard_seconds": unit_seconds(samples, 2, replay_from, replay_to), "replay_s": replay_to - replay_from,
             "ttft_p95_ms": float(np.percentile(ttft, 95)) if len(ttft) else None,
+            "server_ttft_p95_ms": server_p95,
             "peak_replicas": int(samples[:, 1].max()) if len(samples) else 0,
             "peak_shards": int(samples[:, 2].max()) if len(samples) else 0,
             "final_replicas": int(samples[-1, 1]) if len(samples) else 0,
@@ -276,9 +348,15 @@ def main() -> None:
     out = run(model, args.workdir or tempfile.mkdtemp(prefix="autoscaling-run-"), args.seed)
     real, sim = out["real"], out["simulated"]
     rows = []
+    with open(os.path.join(out["workdir"], "profile.json")) as f:
+        overhead_ms = json.load(f)["request_overhead_s"] * 1e3  # the simulator adds it to every first token
     for name, real_value, sim_value in (("replica-seconds", real["replica_seconds"], sim["replica_seconds"]),
                                         ("shard-seconds", real["shard_seconds"], sim["shard_seconds"]),
-                                        ("p95 TTFT (ms)", real["ttft_p95_ms"], sim["ttft_ms"]["p95"])):
+                                        ("p95 TTFT (ms)", real["ttft_p95_ms"], sim["ttft_ms"]["p95"]),
+                                        ("p95 TTFT at the replicas (ms)", real["server_ttft_p95_ms"],
+                                         sim["ttft_ms"]["p95"] - overhead_ms)):
+        if real_value is None:
+            continue
         error = abs(sim_value - real_value) / real_value if real_value else None
         rows.append([name, f"{real_value:.1f}", f"{sim_value:.1f}",
                      f"{100 * error:.0f}%" if error is not None else "-"])
@@ -296,7 +374,9 @@ def main() -> None:
             "slows each step by the replicas stepping at once and the units starting (their measured CPU) over "
             "those cores. Not modelled: the HTTP client's own CPU on the same cores (the profile measures through "
             "gRPC), two replicas' shard calls contending (the probe runs one replica), and the shards staging a "
-            "new placement.")
+            "new placement. TTFT at the replicas: from a request reaching a replica to its first token, the p95 of "
+            "the replicas' own histograms (vllm:time_to_first_token_seconds, scraped from /metrics every second, "
+            "interpolated inside its bucket), against the simulated p95 less the profile's request overhead.")
     print(table + "\n" + note)
     for failure in out["status"]["failures"]:
         print(f"  acting failed: {failure}")

@@ -263,14 +263,17 @@ def _profile(args) -> int:
                   f"({load_s:.2f}s)")
     admin_token = args.admin_token or os.environ.get("MOEFLEET_ADMIN_TOKEN")
     starts_there = bool(args.address and admin_token)
-    shard_there, cores_note = None, "the cores this machine kept busy over that start (the deployment idle otherwise)"
+    shard_there, replica_cores = None, None
+    cores_note = "the cores this machine kept busy over that start (the deployment idle otherwise)"
     if starts_there:
         (replica_s, replica_cores), shard_there = _deployment_starts(args.address, admin_token)
-        replica_start = replica_start.model_copy(update={"cold_s": replica_s, "cores": replica_cores})
+        replica_start = replica_start.model_copy(update={"cold_s": replica_s, "cores": replica_cores}
+                                                 if replica_cores is not None else {"cold_s": replica_s})
         replica_note = (f"Admin ScaleReplicas to one more replica of the deployment at {args.address}, from asking "
                         f"to serving ({replica_s:.2f}s; then back)")
         if shard_there is not None:
-            shard_start = shard_start.model_copy(update={"cold_s": shard_there[0], "cores": shard_there[1]})
+            shard_start = shard_start.model_copy(update={"cold_s": shard_there[0], "cores": shard_there[1]}
+                                                 if shard_there[1] is not None else {"cold_s": shard_there[0]})
             shard_note = (f"Admin ScaleShards to one more expert shard of the deployment, from asking to its placement "
                           f"epoch serving ({shard_there[0]:.2f}s; then back)")
 
@@ -302,9 +305,9 @@ def _profile(args) -> int:
                           f"{threads['wide_step_threads']} in steps that prefill"
                           + ("" if args.threads else " (what moefleet serve gives one replica on this machine)"),
             "shared_cores": "--shared-cores" if args.shared_cores else "not given: each unit has cores of its own",
-            "replica_start.cores": cores_note if starts_there else
+            "replica_start.cores": cores_note if replica_cores is not None else
             "CPU seconds of a process start and an engine build here over their wall time",
-            "shard_start.cores": cores_note if shard_there is not None else
+            "shard_start.cores": cores_note if shard_there is not None and shard_there[1] is not None else
             "CPU seconds of a process start and an expert load here over their wall time",
         })
     if args.address:
@@ -352,20 +355,30 @@ def _shard_compute_s(client) -> float:
     return sum(shard.compute_seconds for replica in client.cluster_state().replicas for shard in replica.shards)
 
 
-def _deployment_starts(address: str, admin_token: str) -> tuple[tuple[float, float], tuple[float, float] | None]:
+def _timed_on_cores(run) -> tuple[object, float, float | None]:
+    """(run()'s result, its wall seconds, the cores this machine kept busy meanwhile or None where the
+    machine's busy time cannot be read)."""
+    import time
+
+    from moefleet.cluster.engine.spare_cores import machine_busy_s
+
+    busy, started = machine_busy_s(), time.perf_counter()
+    result = run()
+    seconds, after = time.perf_counter() - started, machine_busy_s()
+    return result, seconds, None if busy is None or after is None else (after - busy) / seconds
+
+
+def _deployment_starts(address: str, admin_token: str) -> tuple[tuple[float, float | None],
+                                                                tuple[float, float | None] | None]:
     """((seconds, cores) for the deployment at `address` to serve one more replica, the same for one more
     expert shard or None where it keeps its experts inside the replicas), each scaled back after, with its
     autoscaler held. cores: what this machine kept busy meanwhile (the new unit's process, Ray starting it,
     the controller's epoch), for a deployment on this machine's cores."""
-    import time
-
     from moefleet.client import Client
 
-    def timed(scale) -> tuple[float, float]:
-        busy, started = _machine_busy_s(), time.perf_counter()
-        scale()
-        seconds = time.perf_counter() - started
-        return seconds, (_machine_busy_s() - busy) / seconds
+    def timed(scale) -> tuple[float, float | None]:
+        _, seconds, cores = _timed_on_cores(scale)
+        return seconds, cores
 
     with Client(address, token=admin_token, timeout=600) as client, _autoscaler_held(client):
         replicas = sum(r.status == "serving" for r in client.cluster_state().replicas)
@@ -376,17 +389,6 @@ def _deployment_starts(address: str, admin_token: str) -> tuple[tuple[float, flo
             shard = timed(lambda: client.scale_shards(shards + 1))
             client.scale_shards(shards)
     return replica, shard
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds this machine's cores have been busy since boot (/proc/stat; 0 where there is none)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle and iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal; guests are inside user
 
 
 STREAM_TOKENS = 48  # tokens each probe stream generates: one prefill step, then STREAM_TOKENS - 1 decode steps
@@ -427,9 +429,7 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
     served = {}
     for batch in batch_sizes:
         before = _shard_compute_s(admin) if admin is not None else None
-        busy, started = _machine_busy_s(), time.perf_counter()
-        gap, first = asyncio.run(measure(batch))
-        cores = (_machine_busy_s() - busy) / (time.perf_counter() - started)
+        (gap, first), _, cores = _timed_on_cores(lambda: asyncio.run(measure(batch)))
         served[batch] = (gap, first, None if admin is None else _shard_compute_s(admin) - before, cores)
     return served
 
@@ -501,7 +501,8 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
     if args.shared_cores:
         # What one busy replica costs the shared cores is more than its torch threads: its shards, the gateway
         # and the client's streams too. Measured as the cores this machine kept busy while the probe ran.
-        cores = sorted(served_at[b][3] for b in batch_sizes)[len(batch_sizes) // 2]
+        measured = [served_at[b][3] for b in batch_sizes if served_at[b][3] is not None]
+        cores = sorted(measured)[len(measured) // 2] if len(measured) == len(batch_sizes) else 0.0
         if cores > 0:
             update["step_cores"] = cores
             notes["step_cores"] = (

@@ -54,6 +54,10 @@ class EngineOptions(BaseModel):
                                 "moment); default: num_threads (moefleet serve: every core its replicas share).")
     wide_step_prefill_tokens: int = Field(64, gt=0, description="Prompt tokens run in one step from which it runs on "
                                                                 "wide_step_threads.")
+    wide_step_spare_only: bool = Field(
+        False, description="Widen a prefill step only onto cores this machine's other processes leave spare (Linux "
+                           "/proc/stat): for units sharing one machine's cores, as on moefleet serve's local cluster, "
+                           "where two replicas' wide steps stalled on each other's threads.")
     malloc_keep_mib: int = Field(
         256, ge=0, description="glibc only: allocations under 32 MiB come from the heap and up to this much freed memory "
                                "stays with the process (replica and shard actors), so each step reuses its activation "

@@ -74,8 +74,9 @@ class ServeConfig(ControllerOptions):
         chosen = self.engine.model_dump(exclude_unset=True)
         # Prefill-heavy steps take the gateways' cores too: few outputs then keep a gateway busy.
         wide = chosen.get("num_threads") or max(threads, cores // self.replicas)
+        # On the local cluster every unit shares this machine's cores: a prefill widens only onto spare ones.
         engine = EngineConfig(**{"num_threads": threads, "wide_step_threads": wide, "ray_address": self.ray_address,
-                                 **chosen, "model": model})
+                                 "wide_step_spare_only": self.ray_address is None, **chosen, "model": model})
         shared = {name: getattr(self, name) for name in ControllerOptions.model_fields}
         autoscaling = load_policy(self.autoscaling_policy) if self.autoscaling_policy else None
         if autoscaling is not None and autoscaling.spec.pools.expert_shards.enabled:

@@ -20,6 +20,7 @@ from moefleet.cluster.engine.routing_recorder import RoutingRecorder
 from moefleet.cluster.engine.sampler import sample
 from moefleet.cluster.engine.scheduler import ScheduledChunk, Scheduler
 from moefleet.cluster.engine.sequence import Sequence
+from moefleet.cluster.engine.spare_cores import SpareCores
 from moefleet.cluster.engine.tokenizer import Tokenizer
 from moefleet.cluster.errors import InvalidRequestError
 from moefleet.cluster.experts.backend import ExpertBackend, ExpertSource, InProcessExperts, uses_remote_shards
@@ -61,6 +62,7 @@ class LLMEngine:
         cores = len(os.sched_getaffinity(0))
         self.step_threads = config.num_threads or max(1, cores - self.experts.threads_used_on_this_node())
         self.wide_step_threads = config.wide_step_threads or self.step_threads
+        self.spare_cores = SpareCores(cores) if config.wide_step_spare_only else None
         torch.set_num_threads(self.step_threads)
         self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
         self.dispatcher = Dispatcher(self.placement, self.experts.transport)
@@ -258,9 +260,12 @@ class LLMEngine:
         busy gateway on a small machine, decode steps (many short ops) stall on two threads
         whenever the gateway takes a core, so one thread decodes faster; but prompts, long ones
         above all, then queued behind one thread (the Azure conversation trace's first-token
-        times more than doubled)."""
+        times more than doubled). With wide_step_spare_only, only onto cores the machine's other
+        processes leave spare (another replica stepping beside this one keeps one)."""
         prefill = sum(c.num_tokens for c in chunks if c.num_tokens > 1)  # decodes run one token each
         threads = self.wide_step_threads if prefill >= self.config.wide_step_prefill_tokens else self.step_threads
+        if threads > self.step_threads and self.spare_cores is not None:
+            threads = max(self.step_threads, min(threads, self.spare_cores()))
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 

@@ -89,9 +89,12 @@ def test_a_good_file_becomes_one_typed_tree(tmp_path):
     assert (controller.model_id, controller.max_waiting, controller.expert_shards, controller.standby_shards) == \
         ("tiny", 64, 2, 1)
     assert controller.auto_rebalance == config.auto_rebalance and controller.auto_rebalance.threshold == 1.2
-    # The engine: the file's options, the served model, and the cores shared among the replicas.
+    # The engine: the file's options, the served model, and the cores shared among the replicas; on the
+    # local cluster (no ray_address) a prefill widens only onto cores the machine's other processes leave.
     assert controller.engine == EngineConfig(model="/models/tiny", kv_cache_gib=0.5, replicate_experts={1: [0, 3]},
-                                             num_threads=2, wide_step_threads=2)
+                                             num_threads=2, wide_step_threads=2, wide_step_spare_only=True)
+    joined = config.model_copy(update={"ray_address": "ray://head:10001"}).controller_config("/m", "m", cores=8)
+    assert not joined.engine.wide_step_spare_only  # a Ray cluster's nodes: each unit's own cores
 
 
 def test_the_engine_section_may_set_the_threads_itself():
