@@ -49,7 +49,8 @@ class LocalDeployment:
         cores = len(os.sched_getaffinity(0))
         controller_config = config.controller_config(model, self.model_id, cores)
         self.num_gateways, engine = config.gateway_count(cores), controller_config.engine
-        self.engine_threads = (engine.num_threads, engine.wide_step_threads, engine.wide_step_prefill_tokens)
+        self.engine_threads = (engine.num_threads, engine.wide_step_threads, engine.wide_step_prefill_tokens,
+                               engine.wide_step_spare_only)
         self.controller = remote_controller_class().options(name=CONTROLLER_NAME).remote(controller_config)
         self.initial_replicas = config.initial_replicas(controller_config.autoscaling)
         ray.get(self.controller.start.remote(self.initial_replicas))
@@ -100,9 +101,11 @@ def run_serve(config: ServeConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     host, grpc_port, http_port = deployment.addresses
     scheme = "https" if config.tls_cert else "http"
-    threads, wide, wide_tokens = deployment.engine_threads
+    threads, wide, wide_tokens, spare_only = deployment.engine_threads
+    spare = " on cores left spare" if spare_only else ""
     print(f"moefleet: serving model {deployment.model_id!r} with {deployment.initial_replicas} replica(s) of "
-          f"{threads} torch thread(s) ({wide} in steps prefilling {wide_tokens}+ tokens) and {deployment.num_gateways} "
+          f"{threads} torch thread(s) ({wide} in steps prefilling {wide_tokens}+ tokens{spare}) and "
+          f"{deployment.num_gateways} "
           f"gateway(s) (for {len(os.sched_getaffinity(0))} cores; --replicas, --gateways and engine.num_threads, "
           f"engine.wide_step_threads override)\n"
           f"  gRPC:  {host}:{grpc_port}   (moefleet generate --address {host}:{grpc_port} \"Hello\")\n"
