@@ -40,16 +40,23 @@ class LatencyWindow:
         if len(self.snapshots) < 2:
             return None
         start = next((s for s in reversed(self.snapshots) if s.at_s <= now_s - window_s), self.snapshots[0])
-        delta = [new - old for new, old in zip(self.snapshots[-1].counts, start.counts)]
-        total = sum(delta)
-        if total == 0:
-            return None
-        rank, seen = q * total, 0
-        for i, count in enumerate(delta):
-            if count and seen + count >= rank:
-                if i == len(self.bounds):
-                    return self.bounds[-1]
-                low = self.bounds[i - 1] if i else 0.0
-                return low + (self.bounds[i] - low) * (rank - seen) / count
-            seen += count
-        return self.bounds[-1]
+        return histogram_quantile(q, self.bounds, [new - old for new, old in zip(self.snapshots[-1].counts,
+                                                                                 start.counts)])
+
+
+def histogram_quantile(q: float, bounds: tuple[float, ...], counts: list[float]) -> float | None:
+    """The q-quantile of observations counted per bucket (`counts`: one per bound, then one above the last),
+    interpolated linearly inside its bucket; above the last bound it answers the last bound; None when
+    nothing was counted."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank, seen = q * total, 0
+    for i, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if i == len(bounds):
+                return bounds[-1]
+            low = bounds[i - 1] if i else 0.0
+            return low + (bounds[i] - low) * (rank - seen) / count
+        seen += count
+    return bounds[-1]

@@ -28,6 +28,17 @@ def _ascending(values: list, name: str) -> None:
         raise ValueError(f"{name} must be strictly ascending, got {values}")
 
 
+def _grid(row_name: str, rows: list[int], column_name: str, columns: list[int], seconds: list[list[float]]) -> None:
+    """A table's axes ascending and >= 1, and `seconds` one row per rows value of one value per columns value."""
+    _ascending(rows, row_name)
+    _ascending(columns, column_name)
+    if min(rows) < 1 or min(columns) < 1:
+        raise ValueError(f"{row_name} and {column_name} must be >= 1, got {rows} and {columns}")
+    if len(seconds) != len(rows) or any(len(row) != len(columns) for row in seconds):
+        raise ValueError(f"seconds must be {len(rows)} rows of {len(columns)} values, got "
+                         f"{[len(row) for row in seconds]}")
+
+
 def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
     """ys at x, linear between points and along the first / last segment outside them (one point: flat)."""
     if len(xs) == 1:
@@ -58,13 +69,7 @@ class StepTable(_Section):
 
     @model_validator(mode="after")
     def _shape(self):
-        _ascending(self.tokens, "tokens")
-        _ascending(self.context, "context")
-        if min(self.tokens) < 1 or min(self.context) < 1:
-            raise ValueError(f"tokens and context must be >= 1, got {self.tokens} and {self.context}")
-        if len(self.seconds) != len(self.tokens) or any(len(row) != len(self.context) for row in self.seconds):
-            raise ValueError(f"seconds must be {len(self.tokens)} rows of {len(self.context)} values, got "
-                             f"{[len(row) for row in self.seconds]}")
+        _grid("tokens", self.tokens, "context", self.context, self.seconds)
         if any(s <= 0 for row in self.seconds for s in row):
             raise ValueError("seconds must all be > 0")
         return self
@@ -118,13 +123,7 @@ class RemoteTable(_Section):
 
     @model_validator(mode="after")
     def _shape(self):
-        _ascending(self.shards, "shards")
-        _ascending(self.tokens, "tokens")
-        if min(self.shards) < 1 or min(self.tokens) < 1:
-            raise ValueError(f"shards and tokens must be >= 1, got {self.shards} and {self.tokens}")
-        if len(self.seconds) != len(self.shards) or any(len(row) != len(self.tokens) for row in self.seconds):
-            raise ValueError(f"seconds must be {len(self.shards)} rows of {len(self.tokens)} values, got "
-                             f"{[len(row) for row in self.seconds]}")
+        _grid("shards", self.shards, "tokens", self.tokens, self.seconds)
         if any(s < 0 for row in self.seconds for s in row):
             raise ValueError("seconds must all be >= 0")
         if self.compute_scale is not None and (len(self.compute_scale) != len(self.shards)

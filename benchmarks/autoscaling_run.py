@@ -203,20 +203,15 @@ class ServerTtft:
 
     def stop_p95_ms(self) -> float | None:
         """The p95 over everything the replicas counted meanwhile (interpolated inside its bucket)."""
-        from moefleet.autoscaler.latency_window import LatencyWindow
+        from moefleet.autoscaler.latency_window import histogram_quantile
         from moefleet.cluster.engine.serving_stats import TIME_TO_FIRST_TOKEN_BUCKETS
 
         self._stop.set()
         self.thread.join()
         if not self.last:
             return None
-        total = [sum(self.last[r][i] - self.first[r][i] for r in self.last) for i in range(len(next(iter(
-            self.last.values()))))]
-        per_bucket = [int(round(b - a)) for a, b in zip([0.0, *total[:-1]], total)]  # cumulative -> per bucket
-        window = LatencyWindow(TIME_TO_FIRST_TOKEN_BUCKETS, keep_s=1.0)
-        window.add(0.0, tuple([0] * len(per_bucket)))
-        window.add(1.0, tuple(per_bucket))
-        p95 = window.quantile(0.95, 1.0, 1.0)
+        cumulative = np.sum([np.subtract(self.last[r], self.first[r]) for r in self.last], axis=0)
+        p95 = histogram_quantile(0.95, TIME_TO_FIRST_TOKEN_BUCKETS, np.diff(cumulative, prepend=0.0).tolist())
         return None if p95 is None else p95 * 1e3
 
 

@@ -130,6 +130,11 @@ def plot_runs(runs: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _median(values) -> float:
+    """The middle value (of an even count, the higher of the two middle ones: a measured value, not a mean)."""
+    return sorted(values)[len(values) // 2]
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
@@ -158,6 +163,7 @@ def _profile(args) -> int:
         save_profile,
     )
     from moefleet.cluster.config.serve_config import ServeConfig
+    from moefleet.cluster.engine.spare_cores import own_cpu_s
     from moefleet.cluster.experts.expert_shard import ExpertShard
 
     batch_sizes = _ints(args.batch_sizes, "--batch-sizes")
@@ -175,13 +181,9 @@ def _profile(args) -> int:
         served = ServeConfig().controller_config(args.model, "profile", len(os.sched_getaffinity(0))).engine
         threads = {"num_threads": served.num_threads, "wide_step_threads": served.wide_step_threads}
 
-    def cpu_s(who: int) -> float:
-        usage = resource.getrusage(who)
-        return usage.ru_utime + usage.ru_stime
-
-    started, children = time.perf_counter(), cpu_s(resource.RUSAGE_CHILDREN)
+    started, children = time.perf_counter(), own_cpu_s(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-c", "import torch, moefleet.cluster.engine.llm_engine"], check=True)
-    process_s, process_cpu_s = time.perf_counter() - started, cpu_s(resource.RUSAGE_CHILDREN) - children
+    process_s, process_cpu_s = time.perf_counter() - started, own_cpu_s(resource.RUSAGE_CHILDREN) - children
     LLM(args.model, dtype=args.dtype).shutdown()  # the first build also compiles or loads the CPU kernels
     started, own = time.perf_counter(), time.process_time()
     llm = LLM(args.model, dtype=args.dtype, **threads)
@@ -201,7 +203,7 @@ def _profile(args) -> int:
             started = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2]
+        return _median(times)
 
     def finish(seqs) -> None:
         for seq in seqs:
@@ -424,7 +426,7 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
                     last = now
 
             await asyncio.gather(*(one(batch * 1000 + i) for i in range(batch)))
-        return sorted(gaps)[len(gaps) // 2], sorted(firsts)[len(firsts) // 2]
+        return _median(gaps), _median(firsts)
 
     served = {}
     for batch in batch_sizes:
@@ -464,7 +466,7 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
         return max(0.0, by_shards[count][batch][0] - profile.step_time(batch, context, count or 0)[0])
 
     here = shards_at  # the deployment's own shard count (None: not known without the admin token)
-    remote_step_s = sorted(beyond(here, b) for b in batch_sizes)[len(batch_sizes) // 2]
+    remote_step_s = _median([beyond(here, b) for b in batch_sizes])
     served_at = by_shards[here]
     update = {"remote_step_s": remote_step_s}
     notes = dict(profile.notes)
@@ -485,7 +487,7 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
                                 + (STREAM_TOKENS - 1) * profile.shard.time(b * profile.top_k / n))
                 if by_shards[n][b][2] and modelled > 0:
                     ratios.append(by_shards[n][b][2] / modelled)
-            return sorted(ratios)[len(ratios) // 2] if ratios else None
+            return _median(ratios) if ratios else None
 
         scales = [compute_scale(n) for n in counts]
         update["remote"] = RemoteTable(shards=counts, tokens=batch_sizes,
@@ -502,7 +504,7 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
         # What one busy replica costs the shared cores is more than its torch threads: its shards, the gateway
         # and the client's streams too. Measured as the cores this machine kept busy while the probe ran.
         measured = [served_at[b][3] for b in batch_sizes if served_at[b][3] is not None]
-        cores = sorted(measured)[len(measured) // 2] if len(measured) == len(batch_sizes) else 0.0
+        cores = _median(measured) if len(measured) == len(batch_sizes) else 0.0
         if cores > 0:
             update["step_cores"] = cores
             notes["step_cores"] = (
@@ -513,7 +515,7 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
     with_remote = profile.model_copy(update=update)
     overheads = [max(0.0, served_at[b][1] - with_remote.step_time(b * context, context, here or 0)[0])
                  for b in batch_sizes]
-    update["request_overhead_s"] = sorted(overheads)[len(overheads) // 2]
+    update["request_overhead_s"] = _median(overheads)
     notes["request_overhead_s"] = (f"median over batches {batch_sizes} of (median time to first token through the "
                                    "deployment minus the modelled prefill step): "
                                    + ", ".join(f"{b}: {served_at[b][1] * 1e3:.1f} ms" for b in batch_sizes))

@@ -20,8 +20,9 @@ def machine_busy_s() -> float | None:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal (guest time is inside user)
 
 
-def own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+def own_cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds of this process (RUSAGE_CHILDREN: of its waited-for children)."""
+    usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
 
