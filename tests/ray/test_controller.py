@@ -2,6 +2,7 @@
 replica changes and failures while 200 requests are in flight, and control with Redis down."""
 
 import asyncio
+import math
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from tests.conftest import random_prompts
 from tests.redis_server import RedisServer
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
+TIE_LOGPROB = 1e-3  # top-two logprobs closer than this are a float tie: batch shapes may pick either
 
 
 @pytest.fixture
@@ -98,12 +100,15 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     """200 requests over 2 replicas while shards go 2 -> 4 -> 3, two rebalances, a replica is
     added and one drained, a shard and a replica are killed and the controller is killed and
     restarted: no request fails, none loses or repeats a token, every greedy output equals a
-    static single-process run, and the restarted controller recovers its epoch from Redis."""
+    static single-process run (up to a float tie between its top two tokens), and the restarted
+    controller recovers its epoch from Redis."""
     static = engines("mixtral")
     prompts = random_prompts(static.engine.spec.vocab_size, [5 + (i * 7) % 40 for i in range(200)], seed=71)
     max_tokens = [160 + (i * 13) % 192 for i in range(200)]  # long enough to outlast every operation below
-    expected = [o.outputs[0].token_ids for o in static.generate(
-        [{"prompt_token_ids": p} for p in prompts], [SamplingParams(**GREEDY, max_tokens=m) for m in max_tokens])]
+    reference = [o.outputs[0] for o in static.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        [SamplingParams(**GREEDY, max_tokens=m, logprobs=2) for m in max_tokens])]
+    expected = [r.token_ids for r in reference]
 
     ctrl = controller(replicas=2, expert_shards=2, standby_shards=2)
     pool, refresh = _pool_following(ctrl)
@@ -160,8 +165,16 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     print("soak operations (name, seconds, tokens produced by then):", log)
     failures = [(i, repr(r)) for i, r in enumerate(results) if isinstance(r, BaseException)]
     assert failures == [], failures[:5]
-    mismatched = [i for i, (got, want) in enumerate(zip(results, expected)) if got != want]
-    assert mismatched == [], f"{len(mismatched)} outputs differ, e.g. request {mismatched[:5]}; ops {log}"
+    # A resumed request re-prefills its tokens, and batches differ from the static run's, so float32 sums
+    # round differently: where the static run's top two tokens were within rounding, the other one may be
+    # picked, and the output goes on from there. Anything else (a lost, repeated or wrong token) fails.
+    differing = [(i, *_divergence(got, ref)) for i, (got, ref) in enumerate(zip(results, reference))
+                 if got != ref.token_ids]
+    print("outputs that took the other side of a float tie (request, position, logprob gap):", differing)
+    assert all(len(results[i]) == len(expected[i]) and gap < TIE_LOGPROB for i, _, gap in differing), (
+        f"outputs differ beyond a float tie (request, first differing position, logprob gap): {differing[:5]}; "
+        f"ops {log}")
+    assert len(differing) <= 2, differing
     # Every operation ran while requests were still producing tokens.
     total = sum(map(len, expected))
     assert all(at < total for _, _, at in log), log
@@ -170,6 +183,17 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     # scale, rebalance — the restarted controller carried the generation on from Redis
     assert state["shards"] == 3 and state["generation"] == 6, state["events"]
     assert any("recovered" in e for e in state["events"]) or state["recovered"]
+
+
+def _divergence(got: list[int], reference) -> tuple[int, float]:
+    """Where `got` first leaves the reference output, and how far apart the reference's logprobs of its
+    token and of got's were there (inf: got's was not among its top two, or got ended early or ran long)."""
+    want = reference.token_ids
+    at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    if at == len(got) or at == len(want):
+        return at, math.inf
+    top = reference.logprobs[at]
+    return at, abs(top[want[at]] - top[got[at]]) if got[at] in top else math.inf
 
 
 def _gateway_health(controller_actor):
