@@ -4,12 +4,16 @@ experts on one node, at balanced shard load (pure: numpy and the standard librar
 plan_affinity_placement(stats, current, shard_nodes, limits, objective) -> Placement
 
 What it maximises, per plan (every term counted over the routing in `stats`):
-    pairs                       pairs of experts chosen by one token-layer that share a shard
-                                (each saves a send: fewer distinct shards per token-layer)
+  - sends                       what the token-layers' sends cost, counted token by token on the
+                                stats' token sample (sampled_sends.py): 1 per distinct shard a
+                                token sends to on its own node, cross_node_weight per one on
+                                another, a token as likely on any node (request shuffling comes
+                                from the plan, so it is not known yet)
   + (cross_node_weight - 1) x   node co-use: sum over nodes of ||sum of co_use_factors of the
                                 (layer, expert) items the node holds||^2, which approximates the
-                                activations each request finds on one node (routing_stats.py);
-                                a send kept on the node saves the extra cost of a cross-node one
+                                activations each request finds on one node (routing_stats.py):
+                                what request shuffling can add to the sends above, where requests
+                                differ in the experts they use
   - move_cost x (mean activations per expert of the layer) per expert copy loaded that `current`
                                 did not hold (and per extra copy, without one)
 subject to: slot limits (never exceeded), every expert held, at most max_copies copies, and per
@@ -38,13 +42,15 @@ steps:
    (`plan_placement` from this layout) relieves it with few changes.
 3. A local search polishes the whole objective, layer by layer: every change of one expert copy
    (move it to a shard with a free slot, swap it with a copy on another shard, add a copy in a
-   spare slot, drop it) is scored at once in numpy, each copy's best is applied best first if it
-   still gains when rescored, and rounds repeat until no change gains more than it costs. Swaps
-   keep every shard's count, so they regroup experts even when all slots are full; the search
-   adds copies where they save sends and drops those that do not pay for their slot, always
-   within the balance cap.
-Measured on 58 x 256 top-8, 32 shards on 4 nodes, one core: a plan in about 12 s, from a
-load-only placement about 31 s (tests/unit/test_affinity_planner.py, the timing test).
+   spare slot, drop it) is scored at once in numpy (the sends of a change to one expert's copies
+   exactly, from per-layer tables of the sample; a swap's as its two moves' less the tokens that
+   chose both), each copy's best is applied best first if it still gains when rescored exactly
+   (the sends on the sampled tokens it touches), and rounds repeat until no change gains more
+   than it costs. Swaps keep every shard's count, so they regroup experts even when all slots
+   are full; the search adds copies where they save sends and drops those that do not pay for
+   their slot, always within the balance cap.
+Measured on 58 x 256 top-8, 32 shards on 4 nodes, on 2 shared cores: a plan in about 35 s
+(tests/unit/test_affinity_planner.py, the timing test).
 
 Moves against `current`: the plan is the better, by the objective with its move cost, of two
 searches that both pay move_cost for each copy loaded, so an expert stays unless moving it
@@ -56,7 +62,8 @@ again from it would: the fresh plan renamed to it and polished against it replac
 that gains more than its own moves cost (which makes it better against `current` too). So a
 plan given back as `current` with the same stats comes back unchanged: nothing pays any more.
 
-Deterministic throughout: ties go to the lower index, the sketch's random test matrix is seeded.
+Deterministic throughout: ties go to the lower index, the sketch's random test matrix and the
+token sample are seeded.
 """
 
 from dataclasses import dataclass, replace
@@ -66,6 +73,7 @@ import numpy as np
 from moefleet.cluster.placement.placement import Placement
 from moefleet.cluster.placement.planner import PlacementLimits, pack_layer, plan_placement
 from moefleet.cluster.placement.routing_stats import RoutingStats
+from moefleet.cluster.placement.sampled_sends import SampledSends
 
 _NODE_ROUNDS = 12  # rounds of the node k-means at most (it settles in about five)
 _SEARCH_SWEEPS = 60  # local-search sweeps over all layers at most (it settles in under ten)
@@ -158,6 +166,8 @@ class _Problem:
         self.node_tolerance = objective.balance_tolerance / 2  # room left for packing each node's shards
         self.node_weight = objective.cross_node_weight - 1
         self.move_cost = objective.move_cost * totals / max(1, stats.num_experts)  # [L]
+        self.sends = SampledSends(stats.sample, stats.tokens_per_sample, self.node_of_shard,
+                                  objective.cross_node_weight, stats.num_experts)
         self.tiny = 1e-9 * max(1.0, float(totals.sum()))
 
     @property
@@ -399,7 +409,7 @@ class _Search:
         self.shard_load = np.stack([self._shard_load(layer) for layer in range(layers)])  # [L, S]
         self.node_count = self.held.astype(np.int64) @ problem.node_onehot  # [L, E, M]
         self.node_sum = np.einsum("lem,led->md", self.node_count > 0, problem.factors)  # [M, D]
-        self.affinity = problem.coactivation @ self.held  # [L, E, S]: co-chosen events with each shard's experts
+        self.server = problem.sends.servers(self.held)  # [L, E, M]: which copy serves a token on each node
         # Never above the target, nor above a start that could not meet it.
         self.cap = np.maximum(problem.target, self.shard_load.max(axis=1, initial=0.0)) + problem.tiny
 
@@ -410,10 +420,10 @@ class _Search:
     def score(self) -> float:
         """The objective (module docstring) of this layout against its reference."""
         problem = self.problem
-        pairs = 0.5 * float(np.einsum("les,les->", self.held, self.affinity))
+        sends = sum(problem.sends.cost(layer, self.server[layer]) for layer in range(problem.shape[0]))
         co_use = float(np.einsum("md,md->", self.node_sum, self.node_sum))
         loads = float(np.einsum("les,l->", self.held & self.costly, problem.move_cost))
-        return pairs + problem.node_weight * co_use - loads
+        return -sends + problem.node_weight * co_use - loads
 
     def descend(self) -> None:
         """Rounds over every layer until one changes nothing (or the sweep cap): then no single
@@ -445,7 +455,7 @@ class _Search:
         problem = self.problem
         load, coactivation = problem.load[layer], problem.coactivation[layer]
         factors, norms, node = problem.factors[layer], problem.norms[layer], problem.node_of_shard
-        held, affinity, count = self.held[layer], self.affinity[layer], self.node_count[layer]
+        held, count, sends = self.held[layer], self.node_count[layer], problem.sends
         copies, costly = self.copies[layer], self.costly[layer].astype(np.float64)
         shard_load, cap = self.shard_load[layer], self.cap[layer]
         cost, weight = problem.move_cost[layer], problem.node_weight
@@ -456,26 +466,35 @@ class _Search:
         lose = np.where(loses, norms[ci] - 2 * match[ci, na], 0.0)  # [C]: node term when it leaves the node
         join = np.where(count[:, node] == 0, 2 * match[:, node] + norms[:, None], 0.0)  # [E, S]: joining b's node
         room = self.used[layer] < problem.slots
-        own_affinity, own_costly = affinity[ci, ca], costly[ci, ca]
+        own_costly = costly[ci, ca]
         options = []  # (gain per copy [C], what per copy)
+        # Sends saved by each change of one expert's copies (sampled_sends.py), with what is left
+        # of each copy's expert without it: bool[C, S].
+        tables = sends.tables(layer, self.server[layer])
+        rows, shards = np.arange(len(ci)), np.eye(len(problem.slots), dtype=bool)
+        without = held[ci]
+        without[rows, ca] = False
 
         # Moves [C, S]: copy c to shard b.
         ok = ~held[ci] & room[None] & (shard_load[None] + per_copy[:, None] <= cap)
         node_gain = np.where(node[None] != na[:, None], join[ci] + lose[:, None], 0.0)
-        gain = affinity[ci] - own_affinity[:, None] + weight * node_gain - cost * (costly[ci] - own_costly[:, None])
+        saved = sends.change_gain(tables, ci[:, None], sends.servers(without[:, None] | shards[None]))
+        gain = saved + weight * node_gain - cost * (costly[ci] - own_costly[:, None])
         gain = np.where(ok, gain, -np.inf)
-        b, rows = np.argmax(gain, axis=1), np.arange(len(ci))
+        b = np.argmax(gain, axis=1)
         options.append((gain[rows, b], [(((i, a),), ((i, s),)) for i, a, s in zip(ci, ca, b)]))
 
-        # Swaps [C, C]: copy c1 = (i, a) with copy c2 = (j, b); symmetric.
-        toward = affinity[ci][:, ca] - own_affinity[:, None]  # [c1, c2]: i's co-choices on b less those on a
+        # Swaps [C, C]: copy c1 = (i, a) with copy c2 = (j, b); symmetric. Its sends: the two
+        # moves' less, at most, a send each for the tokens that chose both (neither shard frees).
+        toward = saved[:, ca]  # [c1, c2]: i's move to b
         loading = costly[ci][:, ca] - own_costly[:, None]
         gains_j = (count[ci][:, na] == 0).T  # [c1, c2]: j is not on a's node yet
         together = factors[ci] @ factors[ci].T  # [c1, c2]: co-use of the two experts
         at_a = gains_j * (2 * match[ci][:, na].T + norms[ci][None, :] - 2 * loses[:, None] * together) \
             + lose[:, None]  # [c1, c2]: node term change at a's node
         node_gain = np.where(na[:, None] != na[None, :], at_a + at_a.T, 0.0)
-        gain = toward + toward.T - 2 * coactivation[ci][:, ci] + weight * node_gain - cost * (loading + loading.T)
+        gain = toward + toward.T - 2 * sends.mean_send_cost * coactivation[ci][:, ci] + weight * node_gain \
+            - cost * (loading + loading.T)
         free_for_i = ~held[ci][:, ca]  # [c1, c2]: b does not hold i
         shift = per_copy[None, :] - per_copy[:, None]  # [c1, c2]: what a gains
         fits = (shard_load[ca][:, None] + shift <= cap) | (shift <= 0)
@@ -490,13 +509,15 @@ class _Search:
         taken = load[ci] / np.maximum(copies[ci] - 1, 1) - per_copy  # [C]: what each other holder takes on
         after = np.where(others, shard_load[None] + taken[:, None], -np.inf)
         ok = (copies[ci] > 1) & (after.max(axis=1, initial=-np.inf) <= cap)
-        options.append((np.where(ok, -own_affinity + weight * lose + cost * own_costly, -np.inf),
+        dropped = sends.change_gain(tables, ci, sends.servers(without))
+        options.append((np.where(ok, dropped + weight * lose + cost * own_costly, -np.inf),
                         [(((i, a),), ()) for i, a in zip(ci, ca)]))
 
         # Added copies [E, S], offered through each expert's first copy.
         ok = (copies < problem.max_copies)[:, None] & ~held & room[None] \
             & (shard_load[None] + (load / (copies + 1))[:, None] <= cap)
-        gain = np.where(ok, affinity + weight * join - cost * costly, -np.inf)
+        added = sends.change_gain(tables, np.arange(len(load))[:, None], sends.servers(held[:, None] | shards[None]))
+        gain = np.where(ok, added + weight * join - cost * costly, -np.inf)
         b = np.argmax(gain, axis=1)
         first = np.r_[True, ci[1:] != ci[:-1]]
         options.append((np.where(first, gain[ci, b[ci]], -np.inf), [((), ((i, b[i]),)) for i in ci]))
@@ -528,16 +549,19 @@ class _Search:
         if any(self.used[layer, s] + n > problem.slots[s] for s, n in filled.items()) \
                 or any(d > 0 and self.shard_load[layer, s] + d > self.cap[layer] for s, d in rise.items()):
             return -np.inf
-        # Pairs on each shard: its copies h lose r and gain a; with C zero on the diagonal,
-        # (h - r + a)C(h - r + a)/2 - hCh/2 = aCh - rCh - aCr + rCr/2 + aCa/2.
-        affinity, coactivation = self.affinity[layer], problem.coactivation[layer]
-        pairs = sum(affinity[e, s] for e, s in adds) - sum(affinity[e, s] for e, s in removes)
-        pairs -= sum(coactivation[x, y] for x, s in adds for y, t in removes if s == t)
-        pairs += sum(coactivation[x, y] for x, s in removes for y, t in removes if s == t) / 2
-        pairs += sum(coactivation[x, y] for x, s in adds for y, t in adds if s == t) / 2
+        # Sends, counted on the sampled tokens that chose an expert the change touches.
+        tokens = problem.sends.tokens_of(layer, experts)
+        after_held = held.copy()
+        for e, s in removes:
+            after_held[e, s] = False
+        for e, s in adds:
+            after_held[e, s] = True
+        after_server = self.server[layer].copy()
+        after_server[experts] = problem.sends.servers(after_held[experts])
+        saved = problem.sends.cost(layer, self.server[layer], tokens) - problem.sends.cost(layer, after_server, tokens)
         costly = self.costly[layer]
         loads = sum(costly[e, s] for e, s in adds) - sum(costly[e, s] for e, s in removes)
-        return pairs + problem.node_weight * self._node_gain(layer, removes, adds) - problem.move_cost[layer] * loads
+        return saved + problem.node_weight * self._node_gain(layer, removes, adds) - problem.move_cost[layer] * loads
 
     def _joined(self, layer: int, removes: tuple, adds: tuple) -> tuple[list[int], np.ndarray]:
         """The experts a change touches, and int[those, M]: +1 where one joins a node, -1 where
@@ -562,11 +586,10 @@ class _Search:
         changed, joined = self._joined(layer, removes, adds)
         for e, s in removes:
             self.held[layer, e, s] = False
-            self.affinity[layer, :, s] -= problem.coactivation[layer, :, e]
         for e, s in adds:
             self.held[layer, e, s] = True
-            self.affinity[layer, :, s] += problem.coactivation[layer, :, e]
         self.copies[layer, changed] = self.held[layer, changed].sum(axis=1)
+        self.server[layer, changed] = problem.sends.servers(self.held[layer, changed])
         self.used[layer] = self.held[layer].sum(axis=0)
         self.shard_load[layer] = self._shard_load(layer)
         self.node_count[layer, changed] = self.held[layer, changed].astype(np.int64) @ problem.node_onehot

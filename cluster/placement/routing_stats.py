@@ -4,12 +4,16 @@ numpy and the standard library).
 Shapes: P token occurrences, L MoE layers, K experts chosen per token and layer, E experts per
 layer, D the rank of the co-use sketch (at most `CO_USE_RANK`, and at most L * E).
 
-Three tables, each bounded by the model's shape, never by the trace's length:
+Four tables, each bounded by the model's shape, never by the trace's length:
 - load: float64[L, E], activations per expert;
 - coactivation: float64[L, E, E], token-layer events that chose both experts (symmetric, zero
   diagonal): what groups experts onto a shard;
 - co_use_factors: float64[L, E, D], a low-rank sketch of how the same requests use experts across
-  all layers: what groups experts onto a node.
+  all layers: what groups experts onto a node;
+- sample: int32[N, L, K], the chosen experts of N token occurrences drawn at random (seeded) from
+  the trace, at most SAMPLE_ENTRIES entries (every occurrence of a short trace): on it the planner
+  counts the sends a layout costs exactly, token by token (sampled_sends.py), which no table of
+  pairs can (three experts on one shard save two sends, not three).
 
 Why a sketch for the node grouping. The exact table would be the request co-use matrix
 U = S^T S over the L*E (layer, expert) items, where S[r, i] counts request r's activations of
@@ -32,6 +36,9 @@ import numpy as np
 CO_USE_RANK = 48
 # Dense request x item counts built per chunk of requests, at most this many entries (32 MB).
 _CHUNK_ENTRIES = 1 << 22
+# Entries (tokens x layers x top-k) of the token sample, at most: 8 MB; 4,369 tokens of a 60-layer top-8
+# model, where each of 256 experts is still chosen by about 136 sampled tokens per layer.
+SAMPLE_ENTRIES = 1 << 21
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,11 +49,15 @@ class RoutingStats:
     coactivation: float64[L, E, E] token-layer events that chose both experts (symmetric, zero
         diagonal).
     co_use_factors: float64[L, E, D] the request co-use sketch: for items i = (l, e), j = (l', e'),
-        factors[i] . factors[j] ~ sum over requests r of S[r, i] S[r, j] / (activations of r)."""
+        factors[i] . factors[j] ~ sum over requests r of S[r, i] S[r, j] / (activations of r).
+    sample: int32[N, L, K] sampled token occurrences' chosen experts (-1 = none).
+    tokens_per_sample: the token occurrences of the routing each sampled one stands for (>= 1)."""
 
     load: np.ndarray
     coactivation: np.ndarray
     co_use_factors: np.ndarray
+    sample: np.ndarray
+    tokens_per_sample: float
 
     def __post_init__(self) -> None:
         if self.load.ndim != 2 or not np.all(np.isfinite(self.load)) or np.any(self.load < 0):
@@ -60,6 +71,13 @@ class RoutingStats:
         if self.co_use_factors.ndim != 3 or self.co_use_factors.shape[:2] != (layers, experts):
             raise ValueError(f"co_use_factors must have shape ({layers}, {experts}, D), "
                              f"got {self.co_use_factors.shape}")
+        if self.sample.ndim != 3 or self.sample.shape[1] != layers or not np.issubdtype(self.sample.dtype, np.integer):
+            raise ValueError(f"sample must be an integer array [N, {layers}, K], got {self.sample.dtype} "
+                             f"{self.sample.shape}")
+        if self.sample.size and (self.sample.min() < -1 or self.sample.max() >= experts):
+            raise ValueError(f"sample holds ids outside -1..{experts - 1}")
+        if not self.tokens_per_sample >= 1:
+            raise ValueError(f"tokens_per_sample must be >= 1, got {self.tokens_per_sample}")
 
     @property
     def num_layers(self) -> int:
@@ -88,7 +106,19 @@ class RoutingStats:
         coactivation = np.array([_pair_counts(experts[:, layer, :], num_experts) for layer in layers]) \
             .reshape(-1, num_experts, num_experts)
         factors = _co_use_factors(seq, experts, num_experts)
-        return cls(load=load, coactivation=coactivation, co_use_factors=factors)
+        kept = _sampled(len(seq), experts.shape[1] * experts.shape[2])
+        return cls(load=load, coactivation=coactivation, co_use_factors=factors,
+                   sample=experts[kept].astype(np.int32), tokens_per_sample=max(1.0, len(seq) / max(1, len(kept))))
+
+
+def _sampled(num_tokens: int, entries_per_token: int) -> np.ndarray:
+    """int64[N]: ascending indices of the token occurrences kept, at most SAMPLE_ENTRIES entries'
+    worth, drawn at random (seeded: deterministic); not every n-th, which could keep only one
+    position of requests of equal length."""
+    room = max(1, SAMPLE_ENTRIES // max(1, entries_per_token))
+    if num_tokens <= room:
+        return np.arange(num_tokens)
+    return np.sort(np.random.default_rng(0).choice(num_tokens, room, replace=False))
 
 
 def _counts(chosen: np.ndarray, num_experts: int) -> np.ndarray:

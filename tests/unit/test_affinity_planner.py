@@ -95,6 +95,8 @@ def test_routing_stats_golden():
     # 3 items <= the sketch's rank, the sketch is exact.
     factors = stats.co_use_factors[0]
     np.testing.assert_allclose(factors @ factors.T, [[1.25, 0.5, 0.25], [0.5, 1, 0.5], [0.25, 0.5, 0.25]], atol=1e-9)
+    # A trace this short is kept whole as the token sample, each token standing for itself.
+    assert stats.sample.tolist() == [[[0, 1]], [[1, 2]], [[0, -1]]] and stats.tokens_per_sample == 1.0
 
 
 def test_routing_stats_sketch_approximates_co_use_across_layers():
@@ -119,7 +121,10 @@ def test_routing_stats_refuses_bad_input():
     with pytest.raises(ValueError, match="seq must be"):
         RoutingStats.from_paths(np.zeros(2, dtype=np.int64), np.array([[[1]]]), 4)
     with pytest.raises(ValueError, match="symmetric"):
-        RoutingStats(np.ones((1, 2)), np.array([[[0.0, 1.0], [0.0, 0.0]]]), np.zeros((1, 2, 2)))
+        RoutingStats(np.ones((1, 2)), np.array([[[0.0, 1.0], [0.0, 0.0]]]), np.zeros((1, 2, 2)),
+                     np.zeros((0, 1, 1), dtype=np.int32), 1.0)
+    with pytest.raises(ValueError, match="sample holds ids"):
+        RoutingStats(np.ones((1, 2)), np.zeros((1, 2, 2)), np.zeros((1, 2, 2)), np.array([[[2]]], dtype=np.int32), 1.0)
 
 
 # Golden cases
