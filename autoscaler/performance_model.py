@@ -108,8 +108,8 @@ class ShardTable(_Section):
 
 class RemoteTable(_Section):
     """Seconds one step of a replica takes in the deployment beyond the modelled step (its dense part plus the
-    hottest shard's compute), by the expert shards serving and the tokens in the step: sending rows and
-    gathering results, the output path, and the deployment's other processes on the same cores.
+    hottest shard's compute, scaled by compute_scale), by the expert shards serving and the tokens in the step:
+    sending rows and gathering results, the output path, and the deployment's other processes on the same cores.
     seconds[i][j] for shards[i], tokens[j]."""
 
     shards: list[int] = Field(min_length=1, description="Expert shards serving, ascending, each >= 1.")
@@ -167,14 +167,18 @@ class PerformanceProfile(_Section):
                                                          "through the deployment; null: remote_step_s throughout.")
     shard_compute_scale: float = Field(1.0, gt=0, description="How much longer the deployment's shards report "
                                        "computing than the shard table says for the same rows (their threads, "
-                                       "cores shared with other processes): scales the shard utilisation the "
-                                       "simulator shows the policy.")
+                                       "cores shared with other processes): scales the hottest shard's share of a "
+                                       "step and the shard utilisation the simulator shows the policy.")
     request_overhead_s: float = Field(0.0, ge=0, description="Added to each request's time to first token: the "
                                       "serving path beyond the engine (API, gateway, output channel).")
     shared_cores: float | None = Field(
         None, gt=0, description="CPU cores every unit of the deployment shares (all on one machine): replica steps "
                                 "and cold starts beyond them take turns, and each step slows by demand / cores. "
                                 "null: each unit has cores of its own.")
+    step_spread: float = Field(0.0, ge=0, description="Spread of a step's time in the deployment: the standard "
+                               "deviation of its logarithm. The simulator draws each step as the modelled time x "
+                               "exp(step_spread x z), z standard normal, so the tails of TTFT and ITL come from "
+                               "slow steps as they do there; 0: every step as modelled.")
     step_cores: float = Field(1.0, gt=0, description="Cores one replica's engine step keeps busy (the torch threads "
                                                      "the step table was measured with).")
     replica_start: StartTimes = Field(description="Start time of a model replica.")
@@ -202,23 +206,28 @@ class PerformanceProfile(_Section):
     def measured(self) -> bool:
         return self.source != PLACEHOLDER
 
+    def compute_scale(self, shards: float) -> float:
+        """How much longer the deployment's shards compute than the shard table says, at `shards` shards."""
+        if self.remote is not None and self.remote.compute_scale is not None:
+            return max(0.0, interpolate(shards, self.remote.shards, self.remote.compute_scale))
+        return self.shard_compute_scale
+
     def step_time(self, tokens: int, context: float, shards: int = 0, imbalance: float = 1.0,
                   shard_slowdown: float = 1.0) -> tuple[float, float]:
         """(step seconds, seconds the mean shard reports busy) for `tokens` with mean `context`. shards 0: the
         experts in the replica's own process (the step table as measured). Otherwise the experts' share of the measured
         step is replaced by the hottest shard's: tokens × top_k rows spread over `shards`, × `imbalance`
-        (max / mean shard load), × `shard_slowdown` (waiting behind other replicas' rows), plus the remote
-        overhead (from `remote` at this many shards and tokens where it was measured)."""
+        (max / mean shard load), × the shards' compute scale there, × `shard_slowdown` (waiting behind other
+        replicas' rows), plus the remote overhead (from `remote` at this many shards and tokens where it was
+        measured). The compute scale grows with the rows, as a prefill's do; the remote overhead is per round trip
+        and stream, which the remote table holds to the decode batches it measured."""
         measured = self.step.time(tokens, context)
         if shards <= 0:
             return measured, 0.0
-        rows = tokens * self.top_k
+        rows, scale = tokens * self.top_k, self.compute_scale(shards)
         dense = max(0.1 * measured, measured - self.shard.time(rows))
-        hottest = self.shard.time(rows * imbalance / shards)
+        hottest = self.shard.time(rows * imbalance / shards) * scale
         remote = self.remote.time(shards, tokens) if self.remote is not None else self.remote_step_s
-        scale = self.shard_compute_scale
-        if self.remote is not None and self.remote.compute_scale is not None:
-            scale = max(0.0, interpolate(shards, self.remote.shards, self.remote.compute_scale))
         return dense + hottest * shard_slowdown + remote, self.shard.time(rows / shards) * scale
 
 

@@ -7,9 +7,9 @@ What is modelled:
     while there is none (scale-from-zero: it waits, never fails);
   - each replica batches continuously: it admits waiting requests while a sequence slot is free and the
     KV cache can hold the request's prompt and output, then runs steps of one decode token per running
-    sequence plus prefill chunks up to the token budget; a step's time comes from the profile; a run
-    of pure-decode steps with nothing arriving in between is computed at once (same result, fewer
-    events);
+    sequence plus prefill chunks up to the token budget; a step's time comes from the profile (drawn
+    around it with the profile's step_spread, seeded); a run of pure-decode steps with nothing arriving
+    in between is computed at once (the same result without the spread, fewer events);
   - expert shards (when the policy scales a shard pool): the experts' share of a step becomes the hottest
     shard's, its rows spread over the ready shards × the expert-load imbalance of the current placement
     (planned by the placement planner from the expert load when the shards or the copies change), slowed
@@ -149,18 +149,21 @@ class _Pool:
 
 def simulate(policy: AutoscalingPolicy, entries: list[TraceEntry], profile: PerformanceProfile,
              time_scale: float = 1.0, expert_mixes: np.ndarray | None = None,
-             mix_of_request: np.ndarray | None = None, max_duration_s: float | None = None) -> SimulationResult:
+             mix_of_request: np.ndarray | None = None, max_duration_s: float | None = None,
+             seed: int = 0) -> SimulationResult:
     """Replay `entries` (arrivals × time_scale) through `policy` against `profile`.
 
     expert_mixes: float64[M, L, E], each request's share of routed rows per expert (rows of a layer sum to 1;
       L and E need not match the profile's); mix_of_request: int64[R] (default: request i gets mix i % M).
     max_duration_s: stop then, counting unfinished requests as missing the SLO (default: the last arrival
-      plus an hour)."""
+      plus an hour).
+    seed: of the step times drawn from the profile's step_spread (the same seed, the same replay)."""
     if time_scale <= 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale}")
     if not entries:
         raise ValueError("entries: the trace has no requests")
-    return _Simulation(policy, entries, profile, time_scale, expert_mixes, mix_of_request, max_duration_s).run()
+    return _Simulation(policy, entries, profile, time_scale, expert_mixes, mix_of_request, max_duration_s,
+                       seed).run()
 
 
 def expert_mixes_from_routing(trace: RoutingTrace) -> np.ndarray:
@@ -174,8 +177,9 @@ def expert_mixes_from_routing(trace: RoutingTrace) -> np.ndarray:
 
 
 class _Simulation:
-    def __init__(self, policy, entries, profile, time_scale, expert_mixes, mix_of_request, max_duration_s):
+    def __init__(self, policy, entries, profile, time_scale, expert_mixes, mix_of_request, max_duration_s, seed):
         self.policy, self.profile, self.spec = policy, profile, policy.spec
+        self.rng = np.random.default_rng(seed)
         self.requests, self.clipped = [], 0
         mixes = (np.full((1, profile.num_moe_layers, profile.num_experts), 1.0 / profile.num_experts)
                  if expert_mixes is None else np.asarray(expert_mixes, dtype=np.float64))
@@ -335,6 +339,8 @@ class _Simulation:
         if not chunks:
             fits = int((self._horizon() - now) // seconds)
             steps = max(1, min(min(r.output_len - r.generated for r in decodes), fits))
+        if profile.step_spread > 0:  # a run of steps: their mean's spread (the log-normal's, roughly)
+            seconds *= math.exp(profile.step_spread * self.rng.standard_normal() / math.sqrt(steps))
         pending = self.pending_tokens
         for request in decodes:
             pending[request.mix] += steps

@@ -234,7 +234,7 @@ def main() -> None:
 
             def run(policy):
                 return simulate(policy, entries, profile, time_scale=scale, expert_mixes=mixes,
-                                mix_of_request=mix_of_request)
+                                mix_of_request=mix_of_request, seed=seed)
 
             seed_results = {label: run(policy) for label, policy in policies.items()}
             peak = seed_results["moefleet"].summary()

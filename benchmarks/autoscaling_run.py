@@ -24,6 +24,7 @@ import threading
 import time
 
 import numpy as np
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,9 +38,9 @@ spec:
   pools:
     replicas:
       min: 1
-      max: 3
-      max_step: 2
-      targets: {running_requests: 4, waiting_requests: 2, kv_cache_usage: null, ttft_slo_fraction: null,
+      max: 2
+      max_step: 1
+      targets: {running_requests: 2, waiting_requests: 2, kv_cache_usage: null, ttft_slo_fraction: null,
                 itl_slo_fraction: null}
       scale_up: {stabilization_window_s: 0, cooldown_s: 2}
       scale_down: {stabilization_window_s: 10, cooldown_s: 5}
@@ -216,28 +217,32 @@ class ServerTtft:
 
 
 async def replay(base_url: str, model_id: str, requests: list[tuple[float, list[int], int]]) -> list[dict]:
-    """Open-loop: request i is sent at its arrival time, streamed; its TTFT, token gaps and text."""
+    """Open-loop: request i is sent at its arrival time, streamed, and timed as vLLM's client (and
+    benchmarks/serving.py) times it: TTFT at the first chunk with a choice, whose text may still be empty
+    (an incomplete UTF-8 character is held back until the next token), a gap per later chunk; and its text."""
     from openai import AsyncOpenAI
+
+    from benchmarks.serving_client_metrics import StreamClock
 
     client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
     start = time.monotonic()
 
     async def one(at: float, prompt: list[int], max_tokens: int) -> dict:
         await asyncio.sleep(max(0.0, at - (time.monotonic() - start)))
-        sent = time.monotonic()
-        times, text = [], []
+        clock, text = StreamClock(), []
         try:
             stream = await client.completions.create(model=model_id, prompt=prompt, max_tokens=max_tokens,
                                                      temperature=0, stream=True)
             async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    times.append(time.monotonic())
+                if chunk.choices:
+                    clock.chunk()
                     text.append(chunk.choices[0].text)
         except Exception as e:
             return {"error": f"{type(e).__name__}: {e}"[:200]}
-        gaps = np.diff(times) * 1e3 if len(times) > 1 else np.zeros(0)
-        return {"ttft_ms": (times[0] - sent) * 1e3 if times else None, "itl_ms": gaps.tolist(),
-                "e2e_ms": (times[-1] - sent) * 1e3 if times else None, "text": "".join(text)}
+        if clock.first is None:
+            return {"error": "the stream ended without a token"}
+        return {"ttft_ms": (clock.first - clock.start) * 1e3, "itl_ms": [gap * 1e3 for gap in clock.gaps],
+                "e2e_ms": (clock.last - clock.start) * 1e3, "text": "".join(text)}
 
     results = await asyncio.gather(*(one(at, prompt, n) for at, prompt, n in requests))
     await client.close()
@@ -284,9 +289,9 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
         print("  moefleet profile --address ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "moefleet.cli", "profile", "--model", model, "--out", profile_path,
                         "--address", grpc_address, "--batch-sizes", "1,4,8",
-                        "--shared-cores", str(len(os.sched_getaffinity(0))), "--admin-token", "bench-admin"],
-                       check=True, capture_output=True,
-                       text=True)
+                        "--shared-cores", str(len(os.sched_getaffinity(0))), "--admin-token", "bench-admin",
+                        "--autoscaling-policy", policy_path, "--openai-url", http_url],
+                       check=True, capture_output=True, text=True)
         time.sleep(20)  # back to the policy's floor after the profile's load
         model_id = os.path.basename(os.path.normpath(model))
         poller, server_ttft = SizePoller(grpc_address).start(), ServerTtft(http_url).start()
@@ -357,19 +362,30 @@ def main() -> None:
                      f"{100 * error:.0f}%" if error is not None else "-"])
     table = markdown_table(["figure", "real run", "moefleet simulate", "simulator error"], rows)
     changes = [c for d in out["history"] for c in d["changes"]]
+    pools = yaml.safe_load(POLICY % {"shard_utilization": 0})["spec"]["pools"]
     note = (f"{real['requests']} requests (low 0.4/s, burst 4/s for 30 s, low 0.3/s), {real['failed']} failed, "
             f"{real['greedy_equal']}/{real['requests']} greedy outputs equal to the in-process engine's; replicas "
             f"1 -> {real['peak_replicas']} -> {real['final_replicas']}, expert shards 1 -> {real['peak_shards']} -> "
             f"{real['final_shards']}; {len(changes)} changes in the history, each with its reason. The profile is "
-            "`moefleet profile --address --admin-token` on the same deployment: its in-process steps (at the torch "
-            "threads `moefleet serve` gives a replica), plus what a step and a first token take through the API "
-            "beyond them, measured with the deployment at 1, 2 and 3 expert shards (the `remote` table), and how "
-            "much longer the shards report computing than in process (`compute_scale`, which scales the shard "
-            f"utilisation the policy sees), with `--shared-cores {len(os.sched_getaffinity(0))}`: the simulator "
-            "slows each step by the replicas stepping at once and the units starting (their measured CPU) over "
-            "those cores. Not modelled: the HTTP client's own CPU on the same cores (the profile measures through "
-            "gRPC), two replicas' shard calls contending (the probe runs one replica), and the shards staging a "
-            "new placement. TTFT at the replicas: from a request reaching a replica to its first token, the p95 of "
+            "`moefleet profile --address --openai-url --admin-token --autoscaling-policy` on the same deployment: its "
+            "in-process steps (at the torch threads `moefleet serve` gives a replica under the policy), plus what a "
+            "step and a first token take through the API beyond them, measured with the deployment at 1, 2 and 3 "
+            "expert shards (the `remote` table); how much longer the shards report computing than in process "
+            "(`compute_scale`, which scales the hottest shard's share of a step and the utilisation the policy "
+            "sees); how much two replicas stepping at once slow each other (`step_cores`, with `--shared-cores "
+            f"{len(os.sched_getaffinity(0))}`: the simulator slows each step by the replicas stepping at once and "
+            "the units starting over those cores); and the spread of the inter-token gaps (`step_spread`: the "
+            "simulator draws each step's time around the modelled one); and, with `--openai-url`, what a first "
+            "token takes beyond the modelled prefill through the HTTP API with the openai client "
+            "(`request_overhead_s`). Not modelled: the shards staging a new placement, a new "
+            "replica's first steps (slower than the rest), and the scheduling stalls of a unit starting beyond its "
+            "average CPU (a starting process's first second can hold a serving step for a few hundred ms). "
+            f"Policy: replicas {pools['replicas']['min']}-{pools['replicas']['max']} (at most "
+            f"{pools['replicas']['max_step']} at a time), {pools['replicas']['targets']['running_requests']} running "
+            f"requests each; shards {pools['expert_shards']['min']}-{pools['expert_shards']['max']}. TTFT at the "
+            "client: at the "
+            "first streamed chunk, as vLLM's benchmark client times it. TTFT at the replicas: from a request "
+            "reaching a replica to its first token, the p95 of "
             "the replicas' own histograms (vllm:time_to_first_token_seconds, scraped from /metrics every second, "
             "interpolated inside its bucket), against the simulated p95 less the profile's request overhead.")
     print(table + "\n" + note)

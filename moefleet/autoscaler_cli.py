@@ -6,8 +6,10 @@ prints ValueErrors so)."""
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
+from typing import NamedTuple
 
 
 def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +28,8 @@ def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
                                        "placeholder profile, not a measurement")
     sim.add_argument("--routing-trace", help="routing trace (moefleet routing record/import): request i takes the "
                                              "expert load of the trace's sequence i mod S")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the step times drawn around the profile's (its "
+                                                          "step_spread); the same seed replays the same (default 0)")
     sim.add_argument("--plot", help="also draw load, pool sizes and latency against time into this PNG")
     sim.set_defaults(func=_simulate)
 
@@ -49,6 +53,10 @@ def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
                                         "time a step takes there beyond the in-process engine's becomes "
                                         "remote_step_s (shards in other processes, the output path, the "
                                         "deployment's other processes on the same cores)")
+    prof.add_argument("--openai-url", help="with --address: the same deployment's OpenAI-compatible API (e.g. "
+                                           "http://127.0.0.1:8000/v1): request_overhead_s is then measured there "
+                                           "with the openai client, as users time a first token (needs the openai "
+                                           "package: the bench extra)")
     prof.add_argument("--token", help="inference token for --address (default: MOEFLEET_INFERENCE_TOKEN)")
     prof.add_argument("--admin-token", help="admin token for --address (default: MOEFLEET_ADMIN_TOKEN): with it the "
                                             "start times are the deployment's own, timed by asking it for one more "
@@ -60,6 +68,9 @@ def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
                            "in its replicas is measured as it is)")
     prof.add_argument("--threads", type=int, help="torch threads of the profiled steps (default: what moefleet serve "
                                                   "gives one replica on this machine, for decode and prefill steps)")
+    prof.add_argument("--autoscaling-policy", help="the policy file the deployment is served with (moefleet serve "
+                                                   "--autoscaling-policy): the default threads are then those serve "
+                                                   "gives a replica under it")
     prof.add_argument("--shared-cores", type=float, help="the deployment's units share this many CPU cores (all on "
                                                          "one machine, as moefleet serve without --ray-address): the "
                                                          "simulator then slows steps that share them; omit when "
@@ -87,7 +98,7 @@ def _simulate(args) -> int:
     except TraceFormatError as e:
         raise ValueError(f"{args.trace}: {e}") from None
     mixes = expert_mixes_from_routing(read_trace(args.routing_trace)) if args.routing_trace else None
-    result = simulate(policy, entries, profile, time_scale=args.time_scale, expert_mixes=mixes)
+    result = simulate(policy, entries, profile, time_scale=args.time_scale, expert_mixes=mixes, seed=args.seed)
     print(json.dumps(result.summary(), indent=2))
     if args.plot:
         plot_runs({args.trace: {policy.metadata.name: result}}, args.plot)
@@ -173,12 +184,15 @@ def _profile(args) -> int:
     if args.shards < 1 or args.decode_steps < 1:
         raise ValueError(f"--shards ({args.shards}) and --decode-steps ({args.decode_steps}) must be >= 1")
 
+    if args.openai_url and not args.address:
+        raise ValueError("--openai-url measures a deployment given by --address: give both")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads ({args.threads}) must be >= 1")
     if args.threads:
         threads = {"num_threads": args.threads, "wide_step_threads": args.threads}
     else:
-        served = ServeConfig().controller_config(args.model, "profile", len(os.sched_getaffinity(0))).engine
+        served = ServeConfig(autoscaling_policy=args.autoscaling_policy).controller_config(
+            args.model, "profile", len(os.sched_getaffinity(0))).engine
         threads = {"num_threads": served.num_threads, "wide_step_threads": served.wide_step_threads}
 
     started, children = time.perf_counter(), own_cpu_s(resource.RUSAGE_CHILDREN)
@@ -394,21 +408,30 @@ def _deployment_starts(address: str, admin_token: str) -> tuple[tuple[float, flo
 
 
 STREAM_TOKENS = 48  # tokens each probe stream generates: one prefill step, then STREAM_TOKENS - 1 decode steps
+NORMAL_P90 = 1.2815515655446004  # the standard normal's 90th percentile
+
+
+class _Served(NamedTuple):
+    """What `batch` concurrent greedy streams took through a deployment."""
+
+    gap_s: float  # median seconds between tokens
+    first_s: float  # median seconds to the first token
+    shard_compute_s: float | None  # expert compute the remote shards reported meanwhile (None: no admin client)
+    cores: float | None  # cores this machine kept busy meanwhile
+    gap_spread: float  # ln(p90 / median) of the gaps over the normal's 90th percentile: a log-normal's sigma
 
 
 def _served_times(address: str, token: str | None, batch_sizes: list[int], context: int, vocab_size: int,
-                  admin=None) -> dict[int, tuple[float, float, float | None, float]]:
-    """batch -> (median seconds between tokens, median seconds to the first token, expert compute the remote
-    shards reported meanwhile or None without `admin`, a Client with the admin token, and the cores this
-    machine kept busy meanwhile) of `batch` concurrent greedy streams (prompts of `context` random tokens,
-    STREAM_TOKENS tokens each) through a deployment's gRPC API."""
+                  admin=None) -> dict[int, _Served]:
+    """batch -> _Served of `batch` concurrent greedy streams (prompts of `context` random tokens, STREAM_TOKENS
+    tokens each) through a deployment's gRPC API; `admin`: a Client with the admin token."""
     import asyncio
     import random
     import time
 
     from moefleet.client import AsyncClient
 
-    async def measure(batch: int) -> tuple[float, float]:
+    async def measure(batch: int) -> tuple[list[float], float]:
         gaps, firsts = [], []
         async with AsyncClient(address, token=token, timeout=600) as client:
             async def one(seed: int):
@@ -426,14 +449,68 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
                     last = now
 
             await asyncio.gather(*(one(batch * 1000 + i) for i in range(batch)))
-        return _median(gaps), _median(firsts)
+        return gaps, _median(firsts)
 
     served = {}
     for batch in batch_sizes:
         before = _shard_compute_s(admin) if admin is not None else None
-        (gap, first), _, cores = _timed_on_cores(lambda: asyncio.run(measure(batch)))
-        served[batch] = (gap, first, None if admin is None else _shard_compute_s(admin) - before, cores)
+        (gaps, first), _, cores = _timed_on_cores(lambda: asyncio.run(measure(batch)))
+        gap, p90 = _median(gaps), sorted(gaps)[int(0.9 * (len(gaps) - 1))]
+        served[batch] = _Served(gap, first, None if admin is None else _shard_compute_s(admin) - before, cores,
+                                math.log(p90 / gap) / NORMAL_P90 if gap > 0 else 0.0)
     return served
+
+
+def _openai_first_token_s(base_url: str, token: str | None, batch_sizes: list[int], context: int,
+                          vocab_size: int) -> dict[int, float]:
+    """batch -> median seconds to the first streamed chunk of `batch` concurrent greedy completions (prompts of
+    `context` random tokens) through an OpenAI-compatible API, with the openai client."""
+    import asyncio
+    import random
+    import time
+
+    try:
+        from openai import AsyncOpenAI
+    except ImportError:
+        raise ValueError("--openai-url needs the openai package (pip install 'moefleet[bench]')") from None
+
+    async def measure(batch: int) -> float:
+        client = AsyncOpenAI(base_url=base_url, api_key=token or "unused", max_retries=0, timeout=600)
+        model = (await client.models.list()).data[0].id
+
+        async def one(seed: int) -> float:
+            prompt = [random.Random(seed).randrange(10, vocab_size) for _ in range(context)]
+            sent = time.perf_counter()
+            stream = await client.completions.create(model=model, prompt=prompt, max_tokens=STREAM_TOKENS,
+                                                     temperature=0, stream=True)
+            first = None
+            async for chunk in stream:
+                if chunk.choices and first is None:
+                    first = time.perf_counter() - sent
+            return first
+
+        try:
+            return _median(await asyncio.gather(*(one(batch * 1000 + i) for i in range(batch))))
+        finally:
+            await client.close()
+
+    return {batch: asyncio.run(measure(batch)) for batch in batch_sizes}
+
+
+def _two_replicas_served(admin, address: str, token: str | None, batch_sizes: list[int], context: int,
+                         vocab: int) -> dict | None:
+    """_served_times of twice each batch through two serving replicas (the deployment scaled to two over the Admin
+    API when it serves one, then back); None when it serves more than one."""
+    serving = sum(r.status == "serving" for r in admin.cluster_state().replicas)
+    if serving > 2:
+        return None
+    if serving == 1:
+        admin.scale_replicas(2)
+    try:
+        return _served_times(address, token, [2 * b for b in batch_sizes], context, vocab)
+    finally:
+        if serving == 1:
+            admin.scale_replicas(1)
 
 
 def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], admin_token: str | None,
@@ -446,7 +523,7 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
     from moefleet.client import Client
 
     token = args.token or os.environ.get("MOEFLEET_INFERENCE_TOKEN")
-    by_shards, shards_at = {}, None
+    by_shards, shards_at, two_replicas = {}, None, None
     if admin_token:
         with Client(args.address, token=admin_token, timeout=600) as admin, _autoscaler_held(admin):
             shards_at = _remote_shards(admin)
@@ -459,11 +536,31 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
             finally:
                 if shards_at and _remote_shards(admin) != shards_at:
                     admin.scale_shards(shards_at)
+            if args.shared_cores:
+                two_replicas = _two_replicas_served(admin, args.address, token, batch_sizes, context, vocab)
     else:
         by_shards[None] = _served_times(args.address, token, batch_sizes, context, vocab)
 
-    def beyond(count, batch) -> float:  # a step's time there beyond the modelled step without remote overhead
-        return max(0.0, by_shards[count][batch][0] - profile.step_time(batch, context, count or 0)[0])
+    counts = sorted(by_shards)
+
+    def compute_scale(n: int) -> float | None:
+        """Median over the batches of (expert compute the shards reported over the streams) / (the shard table's
+        time for the same rows: one prefill step and STREAM_TOKENS - 1 decode steps)."""
+        ratios = []
+        for b in batch_sizes:
+            modelled = n * (profile.shard.time(b * context * profile.top_k / n)
+                            + (STREAM_TOKENS - 1) * profile.shard.time(b * profile.top_k / n))
+            if by_shards[n][b].shard_compute_s and modelled > 0:
+                ratios.append(by_shards[n][b].shard_compute_s / modelled)
+        return _median(ratios) if ratios else None
+
+    scales = [compute_scale(n) for n in counts] if shards_at else [None]
+    # The modelled step at each count, its shards' compute scaled as measured there and no remote overhead yet.
+    modelled = profile if None in scales else profile.model_copy(update={"remote": RemoteTable(
+        shards=counts, tokens=batch_sizes, seconds=[[0.0] * len(batch_sizes) for _ in counts], compute_scale=scales)})
+
+    def beyond(count, batch) -> float:  # a step's time there beyond the modelled step
+        return max(0.0, by_shards[count][batch].gap_s - modelled.step_time(batch, context, count or 0)[0])
 
     here = shards_at  # the deployment's own shard count (None: not known without the admin token)
     remote_step_s = _median([beyond(here, b) for b in batch_sizes])
@@ -474,36 +571,43 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
         f"median over batches {batch_sizes} of (median inter-token gap of that many concurrent streams through the "
         f"deployment at {args.address}, at its {here if here is not None else 'current'} expert shards, minus the "
         f"modelled step at context {context}): " + ", ".join(
-            f"{b}: {served_at[b][0] * 1e3:.1f} ms" for b in batch_sizes))
+            f"{b}: {served_at[b].gap_s * 1e3:.1f} ms" for b in batch_sizes))
     if shards_at:
-        counts = sorted(by_shards)
-
-        def compute_scale(n: int) -> float | None:
-            """Median over the batches of (expert compute the shards reported over the streams) / (the shard
-            table's time for the same rows: one prefill step and STREAM_TOKENS - 1 decode steps)."""
-            ratios = []
-            for b in batch_sizes:
-                modelled = n * (profile.shard.time(b * context * profile.top_k / n)
-                                + (STREAM_TOKENS - 1) * profile.shard.time(b * profile.top_k / n))
-                if by_shards[n][b][2] and modelled > 0:
-                    ratios.append(by_shards[n][b][2] / modelled)
-            return _median(ratios) if ratios else None
-
-        scales = [compute_scale(n) for n in counts]
         update["remote"] = RemoteTable(shards=counts, tokens=batch_sizes,
                                        seconds=[[beyond(n, b) for b in batch_sizes] for n in counts],
                                        compute_scale=scales if None not in scales else None)
         notes["remote"] = (f"the same at {counts} expert shards (the deployment scaled there over the Admin API, "
                            f"then back to {shards_at}); compute_scale: at each count, the median over the batches "
                            "of (expert compute the deployment's shards reported over the streams) / (the shard "
-                           f"table's time for the same rows: one prefill step and {STREAM_TOKENS - 1} decode steps)")
+                           f"table's time for the same rows: one prefill step and {STREAM_TOKENS - 1} decode "
+                           "steps), which scales the hottest shard's share of each modelled step")
         if shards_at in counts and scales[counts.index(shards_at)] is not None:
             update["shard_compute_scale"] = scales[counts.index(shards_at)]
             notes["shard_compute_scale"] = f"remote.compute_scale at the deployment's own {shards_at} expert shards"
-    if args.shared_cores:
+    # The spread of a step's time: of the inter-token gaps where replicas share the cores most (two at once).
+    spread_at, spread_batches = (two_replicas, [2 * b for b in batch_sizes]) if two_replicas else (served_at,
+                                                                                                    batch_sizes)
+    update["step_spread"] = _median([spread_at[b].gap_spread for b in spread_batches])
+    notes["step_spread"] = (
+        "median over batches " + str(spread_batches) + " of ln(p90 / median) of the inter-token gaps over the normal's "
+        f"90th percentile ({NORMAL_P90:.4f}), " + ("through two replicas at once" if two_replicas else
+                                                   "through the deployment") + ": " + ", ".join(
+            f"{b}: {spread_at[b].gap_spread:.2f}" for b in spread_batches))
+    if two_replicas:
+        # Two replicas stepping at once on shared cores slow each other by more than the cores they keep busy
+        # say (their shards' calls wait to be scheduled): step_cores is what reproduces the slowdown measured.
+        slowdowns = [two_replicas[2 * b].gap_s / served_at[b].gap_s for b in batch_sizes]
+        update["step_cores"] = _median(slowdowns) * args.shared_cores / 2
+        notes["step_cores"] = (
+            f"the cores one replica's steps take, such that two stepping at once on the {args.shared_cores:g} shared "
+            f"cores slow each other as measured: median over batches {batch_sizes} of (inter-token gap of twice "
+            f"that many streams through two replicas) / (that many through one), at the deployment's "
+            f"{here if here is not None else 'current'} expert shards: " + ", ".join(
+                f"{b}: {slowdown:.2f}x" for b, slowdown in zip(batch_sizes, slowdowns)))
+    elif args.shared_cores:
         # What one busy replica costs the shared cores is more than its torch threads: its shards, the gateway
         # and the client's streams too. Measured as the cores this machine kept busy while the probe ran.
-        measured = [served_at[b][3] for b in batch_sizes if served_at[b][3] is not None]
+        measured = [served_at[b].cores for b in batch_sizes if served_at[b].cores is not None]
         cores = _median(measured) if len(measured) == len(batch_sizes) else 0.0
         if cores > 0:
             update["step_cores"] = cores
@@ -511,13 +615,16 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
                 f"median over batches {batch_sizes} of the cores this machine kept busy while the deployment served "
                 f"that many streams at its {here if here is not None else 'current'} expert shards (the replica, "
                 "its shards, the gateway and the probe's own client): " + ", ".join(
-                    f"{b}: {served_at[b][3]:.2f}" for b in batch_sizes))
+                    f"{b}: {served_at[b].cores:.2f}" for b in batch_sizes))
     with_remote = profile.model_copy(update=update)
-    overheads = [max(0.0, served_at[b][1] - with_remote.step_time(b * context, context, here or 0)[0])
-                 for b in batch_sizes]
+    firsts = ({b: served.first_s for b, served in served_at.items()} if not args.openai_url else
+              _openai_first_token_s(args.openai_url, token, batch_sizes, context, vocab))
+    overheads = [max(0.0, firsts[b] - with_remote.step_time(b * context, context, here or 0)[0]) for b in batch_sizes]
     update["request_overhead_s"] = _median(overheads)
-    notes["request_overhead_s"] = (f"median over batches {batch_sizes} of (median time to first token through the "
-                                   "deployment minus the modelled prefill step): "
-                                   + ", ".join(f"{b}: {served_at[b][1] * 1e3:.1f} ms" for b in batch_sizes))
+    notes["request_overhead_s"] = (
+        f"median over batches {batch_sizes} of (median time to first token through the deployment's "
+        + (f"OpenAI-compatible API at {args.openai_url} (the openai client, first streamed chunk)" if args.openai_url
+           else "gRPC API") + " minus the modelled prefill step): "
+        + ", ".join(f"{b}: {firsts[b] * 1e3:.1f} ms" for b in batch_sizes))
     update["notes"] = notes
     return profile.model_copy(update=update)

@@ -72,8 +72,13 @@ class ServeConfig(ControllerOptions):
         # (tiny Mixtral through the output channel, benchmarks/output_channel.py's load).
         threads = max(1, (cores - self.gateway_count(cores)) // self.replicas)
         chosen = self.engine.model_dump(exclude_unset=True)
-        # Prefill-heavy steps take the gateways' cores too: few outputs then keep a gateway busy.
-        wide = chosen.get("num_threads") or max(threads, cores // self.replicas)
+        # Prefill-heavy steps take the gateways' cores too: few outputs then keep a gateway busy. Not where an
+        # autoscaling policy starts and stops units on this machine's cores: a unit starting takes a core or two
+        # at once, and a two-thread prefill then stalls on its descheduled thread (benchmarks/autoscaling_run.py on
+        # 2 cores, one run each: two-thread prefill steps of ~100 tokens took up to 200 ms while a replica started,
+        # one-thread ones at most 115 ms; p95 TTFT at the replicas 166 -> 75 ms).
+        autoscaled_here = self.autoscaling_policy is not None and self.ray_address is None
+        wide = chosen.get("num_threads") or (threads if autoscaled_here else max(threads, cores // self.replicas))
         # On the local cluster every unit shares this machine's cores: a prefill widens only onto spare ones.
         engine = EngineConfig(**{"num_threads": threads, "wide_step_threads": wide, "ray_address": self.ray_address,
                                  "wide_step_spare_only": self.ray_address is None, **chosen, "model": model})

@@ -66,8 +66,8 @@ def test_serve_scales_replicas_and_shards_up_then_down_under_a_burst(model_dir, 
 @pytest.mark.timeout(600)
 def test_profile_measures_a_running_deployment_at_each_shard_count_and_puts_it_back(model_dir, tmp_path):
     """`moefleet profile --address` with the admin token: what a step takes there beyond the modelled one at
-    1 and 2 expert shards, the compute the shards report against the shard table, and the deployment back
-    at its shard count with its autoscaler active again."""
+    1 and 2 expert shards, the compute the shards report against the shard table, how two replicas slow each
+    other, and the deployment back at its shard and replica counts with its autoscaler active again."""
     model = model_dir("mixtral")
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(POLICY % {"shard_utilization": 0.08})
@@ -81,6 +81,7 @@ def test_profile_measures_a_running_deployment_at_each_shard_count_and_puts_it_b
         with Client(grpc_address, token="bench-admin", timeout=30) as client:
             policy = yaml.safe_load(client.get_autoscaling_policy())
             shards = [s for s in client.cluster_state().replicas[0].shards if s.node_id != "local"]
+            serving = sum(r.status == "serving" for r in client.cluster_state().replicas)
     finally:
         stop_serve(proc)
     profile = load_profile(str(out))
@@ -90,6 +91,7 @@ def test_profile_measures_a_running_deployment_at_each_shard_count_and_puts_it_b
     assert len(profile.remote.compute_scale) == 2 and profile.shard_compute_scale == profile.remote.compute_scale[0]
     assert profile.shard_compute_scale != 1.0 and "reported" in profile.notes["remote"]
     assert "then back to 1" in profile.notes["remote"]
-    assert profile.step_cores > 0 and "kept busy" in profile.notes["step_cores"]  # --shared-cores: measured
+    # --shared-cores: measured with two replicas stepping at once (the deployment scaled to two, then back).
+    assert profile.step_cores > 0 and "two stepping at once" in profile.notes["step_cores"] and serving == 1
     assert policy["spec"].get("mode", "active") == "active"
     assert shards and all(s.compute_seconds >= 0 for s in shards)

@@ -114,6 +114,16 @@ def test_prefill_steps_take_the_gateways_cores_too():
     assert (shared.num_threads, shared.wide_step_threads) == (3, 4)
 
 
+def test_prefill_steps_keep_their_threads_where_an_autoscaler_starts_units_on_these_cores(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("apiVersion: moefleet.io/v1alpha1\nkind: AutoscalingPolicy\nmetadata: {name: p}\nspec: {}\n")
+    local = ServeConfig(autoscaling_policy=str(policy)).controller_config("/m", "m", cores=2).engine
+    assert (local.num_threads, local.wide_step_threads) == (1, 1)
+    # On a Ray cluster's nodes the units start on cores of their own: prefills widen as without a policy.
+    joined = ServeConfig(autoscaling_policy=str(policy), ray_address="ray://head:10001")
+    assert joined.controller_config("/m", "m", cores=2).engine.wide_step_threads == 2
+
+
 def test_the_config_tree_has_no_untyped_fields():
     """Every field of ServeConfig, ControllerConfig, EngineConfig and their sections has a type that
     pydantic checks all the way down: no bare dict or list, no Any."""

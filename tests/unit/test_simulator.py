@@ -3,6 +3,7 @@
 time scaling, clipping, batching limits, scale-from-zero, scaling with a burst, and the shard pool."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -49,6 +50,19 @@ def test_one_request_by_hand():
     assert summary["slo_attainment"] == 1.0 and summary["ttft_ms"]["p50"] == pytest.approx(10.0)
     assert summary["shard_seconds"] == 0 and summary["decisions"] == 0
     json.dumps(summary)
+
+
+def test_steps_are_drawn_around_the_modelled_time_with_the_measured_spread():
+    # One request, one prefill step: 10 ms x exp(0.5 z), z the seed's first standard normal draw.
+    z = np.random.default_rng(7).standard_normal()
+    one = simulate(STATIC_ONE, [TraceEntry(0.0, 100, 1)], flat_profile(step_spread=0.5), seed=7)
+    assert one.ttft_ms.tolist() == pytest.approx([10.0 * math.exp(0.5 * z)])
+    # 400 lone requests: their first tokens spread as a log-normal of sigma 0.5 around 10 ms; a seed replays.
+    alone = [TraceEntry(float(i), 100, 1) for i in range(400)]
+    ttft = simulate(STATIC_ONE, alone, flat_profile(step_spread=0.5), seed=1).ttft_ms
+    assert np.median(ttft) == pytest.approx(10.0, rel=0.1) and np.std(np.log(ttft)) == pytest.approx(0.5, rel=0.15)
+    assert simulate(STATIC_ONE, alone, flat_profile(step_spread=0.5), seed=1).ttft_ms.tolist() == ttft.tolist()
+    assert simulate(STATIC_ONE, alone, flat_profile(), seed=1).ttft_ms.tolist() == pytest.approx([10.0] * 400)
 
 
 def test_long_prompts_are_chunked_by_the_token_budget():
@@ -210,11 +224,12 @@ def test_a_measured_remote_table_replaces_the_constant_overhead_by_shards_and_to
         RemoteTable(shards=[1, 2], tokens=[1, 4], seconds=[[0.1, 0.2]])
 
 
-def test_the_shards_reported_compute_scales_the_utilisation_the_policy_sees():
+def test_the_shards_reported_compute_scales_the_utilisation_the_policy_sees_and_the_hottest_shard():
     assert flat_profile().step_time(100, 10, shards=2)[1] == pytest.approx(0.004)
     assert flat_profile(shard_compute_scale=3.0).step_time(100, 10, shards=2)[1] == pytest.approx(0.012)
-    # ... and the step itself is unchanged (what a step takes there is the remote table's to say).
-    assert flat_profile(shard_compute_scale=3.0).step_time(100, 10, shards=2)[0] == pytest.approx(0.010)
+    # ... and the hottest shard's share of the step: 10 ms - 4 ms in-process experts + 3 x 4 ms.
+    assert flat_profile().step_time(100, 10, shards=2)[0] == pytest.approx(0.010)
+    assert flat_profile(shard_compute_scale=3.0).step_time(100, 10, shards=2)[0] == pytest.approx(0.018)
     # Measured at each shard count: it follows the count (linear between, along the edge beyond).
     remote = RemoteTable(shards=[1, 3], tokens=[1], seconds=[[0.0], [0.0]], compute_scale=[2.0, 4.0])
     by_count = flat_profile(shard_compute_scale=3.0, remote=remote)
