@@ -49,6 +49,15 @@ steps:
    than it costs. Swaps keep every shard's count, so they regroup experts even when all slots
    are full; the search adds copies where they save sends and drops those that do not pay for
    their slot, always within the balance cap.
+   The search runs from two starts, and the plan is the better by the objective: the layout of
+   step 2, and the same first polished with pairs of experts chosen by one token-layer that share
+   a shard in place of the sends (what this planner counted before the sends). Sends alone can
+   stall where routing has strong groups: while a token's experts are spread over many shards,
+   moving one of them saves nothing until the last leaves a shard, where every pair brought
+   together already counts. On synthetic topic routing (tests' topic_routing, 12 layers x 256
+   experts top-8, 32 shards on 4 nodes, requests to nodes in turn) cross-node sends per token:
+   pairs alone 17.2, sends alone 19.9, both starts 16.9; on the offline traces of
+   benchmarks/speculative.py the sends-only start often wins (docs/benchmarks.md).
 Measured on 58 x 256 top-8, 32 shards on 4 nodes, on 2 shared cores: a plan in about 35 s
 (tests/unit/test_affinity_planner.py, the timing test).
 
@@ -248,9 +257,15 @@ class _Problem:
             if _peak(self.load[layer], held[layer]) > max(self.target[layer], _peak(self.load[layer], packed[layer])) \
                     + self.tiny:
                 held[layer] = packed[layer]
-        search = _Search(self, held, np.zeros(self.shape, dtype=bool))
-        search.descend()
-        return search.held
+        # Two starts, and the better by the objective is the plan (step 3 of the module docstring):
+        # this layout, and this layout first grouped by pairs of co-chosen experts on a shard in
+        # place of the sends.
+        by_pairs = _Search(self, held, np.zeros(self.shape, dtype=bool), pairs_weight=1.0, sends_weight=0.0)
+        by_pairs.descend()
+        searches = [_Search(self, start, np.zeros(self.shape, dtype=bool)) for start in (held, by_pairs.held)]
+        for search in searches:
+            search.descend()
+        return max(searches, key=lambda search: search.score()).held
 
     def _group_nodes(self, copies: np.ndarray) -> list[list[tuple[int, int]]]:
         """copies: int[L, E]. Per layer, (expert, node) for each copy: the balanced k-means."""
@@ -395,12 +410,17 @@ class _Search:
     change. Reference: bool[L, E, S], the copies that cost nothing to keep (the current layout;
     none for a fresh plan).
 
-    The objective is the module docstring's; every change kept gains more than `tiny`, so the
+    The objective is the module docstring's with its sends times sends_weight, plus pairs_weight
+    per pair of experts chosen by one token-layer that share a shard (both as the docstring's but
+    for fresh_plan's start grouped by pairs: 0 and 1); every change kept gains more than `tiny`, so the
     search ends, and where it ends no single change gains: a start that is already such a point
     comes back unchanged."""
 
-    def __init__(self, problem: _Problem, held: np.ndarray, reference: np.ndarray):
+    def __init__(self, problem: _Problem, held: np.ndarray, reference: np.ndarray, pairs_weight: float = 0.0,
+                 sends_weight: float = 1.0):
         self.problem = problem
+        self.pairs_weight = pairs_weight
+        self.sends_weight = sends_weight
         self.held = held.copy()
         self.costly = ~reference                      # [L, E, S]: holding it means loading it
         layers = held.shape[0]
@@ -410,6 +430,7 @@ class _Search:
         self.node_count = self.held.astype(np.int64) @ problem.node_onehot  # [L, E, M]
         self.node_sum = np.einsum("lem,led->md", self.node_count > 0, problem.factors)  # [M, D]
         self.server = problem.sends.servers(self.held)  # [L, E, M]: which copy serves a token on each node
+        self.affinity = problem.coactivation @ self.held  # [L, E, S]: co-chosen events with each shard's experts
         # Never above the target, nor above a start that could not meet it.
         self.cap = np.maximum(problem.target, self.shard_load.max(axis=1, initial=0.0)) + problem.tiny
 
@@ -423,7 +444,8 @@ class _Search:
         sends = sum(problem.sends.cost(layer, self.server[layer]) for layer in range(problem.shape[0]))
         co_use = float(np.einsum("md,md->", self.node_sum, self.node_sum))
         loads = float(np.einsum("les,l->", self.held & self.costly, problem.move_cost))
-        return -sends + problem.node_weight * co_use - loads
+        pairs = 0.5 * float(np.einsum("les,les->", self.held, self.affinity))
+        return self.pairs_weight * pairs - self.sends_weight * sends + problem.node_weight * co_use - loads
 
     def descend(self) -> None:
         """Rounds over every layer until one changes nothing (or the sweep cap): then no single
@@ -456,6 +478,7 @@ class _Search:
         load, coactivation = problem.load[layer], problem.coactivation[layer]
         factors, norms, node = problem.factors[layer], problem.norms[layer], problem.node_of_shard
         held, count, sends = self.held[layer], self.node_count[layer], problem.sends
+        affinity, pw = self.affinity[layer], self.pairs_weight
         copies, costly = self.copies[layer], self.costly[layer].astype(np.float64)
         shard_load, cap = self.shard_load[layer], self.cap[layer]
         cost, weight = problem.move_cost[layer], problem.node_weight
@@ -469,7 +492,8 @@ class _Search:
         own_costly = costly[ci, ca]
         options = []  # (gain per copy [C], what per copy)
         # Sends saved by each change of one expert's copies (sampled_sends.py), with what is left
-        # of each copy's expert without it: bool[C, S].
+        # of each copy's expert without it: bool[C, S]; and the co-chosen pairs it makes on its
+        # shard (affinity), at pairs_weight.
         tables = sends.tables(layer, self.server[layer])
         rows, shards = np.arange(len(ci)), np.eye(len(problem.slots), dtype=bool)
         without = held[ci]
@@ -478,7 +502,9 @@ class _Search:
         # Moves [C, S]: copy c to shard b.
         ok = ~held[ci] & room[None] & (shard_load[None] + per_copy[:, None] <= cap)
         node_gain = np.where(node[None] != na[:, None], join[ci] + lose[:, None], 0.0)
-        saved = sends.change_gain(tables, ci[:, None], sends.servers(without[:, None] | shards[None]))
+        sw = self.sends_weight
+        saved = sw * sends.change_gain(tables, ci[:, None], sends.servers(without[:, None] | shards[None])) \
+            + pw * (affinity[ci] - affinity[ci, ca][:, None])
         gain = saved + weight * node_gain - cost * (costly[ci] - own_costly[:, None])
         gain = np.where(ok, gain, -np.inf)
         b = np.argmax(gain, axis=1)
@@ -493,7 +519,7 @@ class _Search:
         at_a = gains_j * (2 * match[ci][:, na].T + norms[ci][None, :] - 2 * loses[:, None] * together) \
             + lose[:, None]  # [c1, c2]: node term change at a's node
         node_gain = np.where(na[:, None] != na[None, :], at_a + at_a.T, 0.0)
-        gain = toward + toward.T - 2 * sends.mean_send_cost * coactivation[ci][:, ci] + weight * node_gain \
+        gain = toward + toward.T - 2 * (sw * sends.mean_send_cost + pw) * coactivation[ci][:, ci] + weight * node_gain \
             - cost * (loading + loading.T)
         free_for_i = ~held[ci][:, ca]  # [c1, c2]: b does not hold i
         shift = per_copy[None, :] - per_copy[:, None]  # [c1, c2]: what a gains
@@ -509,14 +535,15 @@ class _Search:
         taken = load[ci] / np.maximum(copies[ci] - 1, 1) - per_copy  # [C]: what each other holder takes on
         after = np.where(others, shard_load[None] + taken[:, None], -np.inf)
         ok = (copies[ci] > 1) & (after.max(axis=1, initial=-np.inf) <= cap)
-        dropped = sends.change_gain(tables, ci, sends.servers(without))
+        dropped = sw * sends.change_gain(tables, ci, sends.servers(without)) - pw * affinity[ci, ca]
         options.append((np.where(ok, dropped + weight * lose + cost * own_costly, -np.inf),
                         [(((i, a),), ()) for i, a in zip(ci, ca)]))
 
         # Added copies [E, S], offered through each expert's first copy.
         ok = (copies < problem.max_copies)[:, None] & ~held & room[None] \
             & (shard_load[None] + (load / (copies + 1))[:, None] <= cap)
-        added = sends.change_gain(tables, np.arange(len(load))[:, None], sends.servers(held[:, None] | shards[None]))
+        with_copy = sends.servers(held[:, None] | shards[None])  # [E, S, M]: e's servers with a copy on b too
+        added = sw * sends.change_gain(tables, np.arange(len(load))[:, None], with_copy) + pw * affinity
         gain = np.where(ok, added + weight * join - cost * costly, -np.inf)
         b = np.argmax(gain, axis=1)
         first = np.r_[True, ci[1:] != ci[:-1]]
@@ -549,7 +576,9 @@ class _Search:
         if any(self.used[layer, s] + n > problem.slots[s] for s, n in filled.items()) \
                 or any(d > 0 and self.shard_load[layer, s] + d > self.cap[layer] for s, d in rise.items()):
             return -np.inf
-        # Sends, counted on the sampled tokens that chose an expert the change touches.
+        # Sends, counted on the sampled tokens that chose an expert the change touches; pairs on
+        # each shard: its copies h lose r and gain a; with C zero on the diagonal,
+        # (h - r + a)C(h - r + a)/2 - hCh/2 = aCh - rCh - aCr + rCr/2 + aCa/2.
         tokens = problem.sends.tokens_of(layer, experts)
         after_held = held.copy()
         for e, s in removes:
@@ -558,7 +587,14 @@ class _Search:
             after_held[e, s] = True
         after_server = self.server[layer].copy()
         after_server[experts] = problem.sends.servers(after_held[experts])
-        saved = problem.sends.cost(layer, self.server[layer], tokens) - problem.sends.cost(layer, after_server, tokens)
+        saved = self.sends_weight * (problem.sends.cost(layer, self.server[layer], tokens)
+                                     - problem.sends.cost(layer, after_server, tokens))
+        affinity, coactivation = self.affinity[layer], problem.coactivation[layer]
+        pairs = sum(affinity[e, s] for e, s in adds) - sum(affinity[e, s] for e, s in removes)
+        pairs -= sum(coactivation[x, y] for x, s in adds for y, t in removes if s == t)
+        pairs += sum(coactivation[x, y] for x, s in removes for y, t in removes if s == t) / 2
+        pairs += sum(coactivation[x, y] for x, s in adds for y, t in adds if s == t) / 2
+        saved += self.pairs_weight * pairs
         costly = self.costly[layer]
         loads = sum(costly[e, s] for e, s in adds) - sum(costly[e, s] for e, s in removes)
         return saved + problem.node_weight * self._node_gain(layer, removes, adds) - problem.move_cost[layer] * loads
@@ -586,8 +622,10 @@ class _Search:
         changed, joined = self._joined(layer, removes, adds)
         for e, s in removes:
             self.held[layer, e, s] = False
+            self.affinity[layer, :, s] -= problem.coactivation[layer, :, e]
         for e, s in adds:
             self.held[layer, e, s] = True
+            self.affinity[layer, :, s] += problem.coactivation[layer, :, e]
         self.copies[layer, changed] = self.held[layer, changed].sum(axis=1)
         self.server[layer, changed] = problem.sends.servers(self.held[layer, changed])
         self.used[layer] = self.held[layer].sum(axis=0)
