@@ -56,10 +56,12 @@ steps:
    moving one of them saves nothing until the last leaves a shard, where every pair brought
    together already counts. On synthetic topic routing (tests' topic_routing, 12 layers x 256
    experts top-8, 32 shards on 4 nodes, requests to nodes in turn) cross-node sends per token:
-   pairs alone 17.2, sends alone 19.9, both starts 16.9; on the offline traces of
-   benchmarks/speculative.py the sends-only start often wins (docs/benchmarks.md).
-Measured on 58 x 256 top-8, 32 shards on 4 nodes, on 2 shared cores: a plan in about 35 s
-(tests/unit/test_affinity_planner.py, the timing test).
+   pairs alone 17.2, sends alone 19.9, both starts 16.9 (the offline traces: docs/benchmarks.md,
+   benchmarks/speculative.py).
+Measured on 58 x 256 top-8, 1M token occurrences, 32 shards on 4 nodes, on 2 shared cores: a
+plan in about 83 s, from it 89 s, from a load-only placement 153 s (tests/unit/test_affinity_planner.py,
+the timing test; the pairs-only planner took 13, 12 and 23 s, for 20.3 cross-node sends per token
+where this one gives 18.1).
 
 Moves against `current`: the plan is the better, by the objective with its move cost, of two
 searches that both pay move_cost for each copy loaded, so an expert stays unless moving it
