@@ -103,8 +103,9 @@ def run_serve(config: ServeConfig) -> int:
     scheme = "https" if config.tls_cert else "http"
     threads, wide, wide_tokens, spare_only = deployment.engine_threads
     spare = " on cores left spare" if spare_only else ""
+    widened = f" ({wide} in steps prefilling {wide_tokens}+ tokens{spare})" if wide != threads else ""
     print(f"moefleet: serving model {deployment.model_id!r} with {deployment.initial_replicas} replica(s) of "
-          f"{threads} torch thread(s) ({wide} in steps prefilling {wide_tokens}+ tokens{spare}) and "
+          f"{threads} torch thread(s){widened} and "
           f"{deployment.num_gateways} "
           f"gateway(s) (for {len(os.sched_getaffinity(0))} cores; --replicas, --gateways and engine.num_threads, "
           f"engine.wide_step_threads override)\n"
