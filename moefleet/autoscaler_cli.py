@@ -88,6 +88,8 @@ def _simulate(args) -> int:
 
     if args.time_scale <= 0:
         raise ValueError(f"--time-scale must be > 0, got {args.time_scale}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     policy = load_policy(args.policy)
     profile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
     if not profile.measured:

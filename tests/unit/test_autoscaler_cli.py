@@ -88,6 +88,8 @@ def test_bad_traces_and_flags_exit_2_naming_the_problem(capsys, tmp_path):
     assert status == 2 and "unknown trace format" in err
     status, _, err = simulate(capsys, tmp_path, "--time-scale", "0")
     assert status == 2 and "--time-scale must be > 0, got 0.0" in err
+    status, _, err = simulate(capsys, tmp_path, "--seed", "-1")
+    assert status == 2 and "--seed must be >= 0, got -1" in err
     status, _, err = simulate(capsys, tmp_path, "--profile", str(tmp_path / "missing.json"))
     assert status == 2 and f"{tmp_path / 'missing.json'}: No such file or directory" in err
 
