@@ -496,16 +496,21 @@ class _Search:
         # Sends saved by each change of one expert's copies (sampled_sends.py), with what is left
         # of each copy's expert without it: bool[C, S]; and the co-chosen pairs it makes on its
         # shard (affinity), at pairs_weight.
-        tables = sends.tables(layer, self.server[layer])
+        sw = self.sends_weight
+        tables = sends.tables(layer, self.server[layer]) if sw else None
         rows, shards = np.arange(len(ci)), np.eye(len(problem.slots), dtype=bool)
         without = held[ci]
         without[rows, ca] = False
 
+        def sends_saved(experts: np.ndarray, holders: np.ndarray) -> np.ndarray | float:
+            """sends_weight x the sends saved where `experts`' copies become `holders` (bool[..., S]); 0, and
+            nothing counted, for a search without the sends (fresh_plan's start grouped by pairs)."""
+            return sw * sends.change_gain(tables, experts, sends.servers(holders)) if sw else 0.0
+
         # Moves [C, S]: copy c to shard b.
         ok = ~held[ci] & room[None] & (shard_load[None] + per_copy[:, None] <= cap)
         node_gain = np.where(node[None] != na[:, None], join[ci] + lose[:, None], 0.0)
-        sw = self.sends_weight
-        saved = sw * sends.change_gain(tables, ci[:, None], sends.servers(without[:, None] | shards[None])) \
+        saved = sends_saved(ci[:, None], without[:, None] | shards[None]) \
             + pw * (affinity[ci] - affinity[ci, ca][:, None])
         gain = saved + weight * node_gain - cost * (costly[ci] - own_costly[:, None])
         gain = np.where(ok, gain, -np.inf)
@@ -537,15 +542,14 @@ class _Search:
         taken = load[ci] / np.maximum(copies[ci] - 1, 1) - per_copy  # [C]: what each other holder takes on
         after = np.where(others, shard_load[None] + taken[:, None], -np.inf)
         ok = (copies[ci] > 1) & (after.max(axis=1, initial=-np.inf) <= cap)
-        dropped = sw * sends.change_gain(tables, ci, sends.servers(without)) - pw * affinity[ci, ca]
+        dropped = sends_saved(ci, without) - pw * affinity[ci, ca]
         options.append((np.where(ok, dropped + weight * lose + cost * own_costly, -np.inf),
                         [(((i, a),), ()) for i, a in zip(ci, ca)]))
 
         # Added copies [E, S], offered through each expert's first copy.
         ok = (copies < problem.max_copies)[:, None] & ~held & room[None] \
             & (shard_load[None] + (load / (copies + 1))[:, None] <= cap)
-        with_copy = sends.servers(held[:, None] | shards[None])  # [E, S, M]: e's servers with a copy on b too
-        added = sw * sends.change_gain(tables, np.arange(len(load))[:, None], with_copy) + pw * affinity
+        added = sends_saved(np.arange(len(load))[:, None], held[:, None] | shards[None]) + pw * affinity  # on b too
         gain = np.where(ok, added + weight * join - cost * costly, -np.inf)
         b = np.argmax(gain, axis=1)
         first = np.r_[True, ci[1:] != ci[:-1]]
@@ -581,16 +585,7 @@ class _Search:
         # Sends, counted on the sampled tokens that chose an expert the change touches; pairs on
         # each shard: its copies h lose r and gain a; with C zero on the diagonal,
         # (h - r + a)C(h - r + a)/2 - hCh/2 = aCh - rCh - aCr + rCr/2 + aCa/2.
-        tokens = problem.sends.tokens_of(layer, experts)
-        after_held = held.copy()
-        for e, s in removes:
-            after_held[e, s] = False
-        for e, s in adds:
-            after_held[e, s] = True
-        after_server = self.server[layer].copy()
-        after_server[experts] = problem.sends.servers(after_held[experts])
-        saved = self.sends_weight * (problem.sends.cost(layer, self.server[layer], tokens)
-                                     - problem.sends.cost(layer, after_server, tokens))
+        saved = self.sends_weight * self._sends_saved(layer, experts, removes, adds) if self.sends_weight else 0.0
         affinity, coactivation = self.affinity[layer], problem.coactivation[layer]
         pairs = sum(affinity[e, s] for e, s in adds) - sum(affinity[e, s] for e, s in removes)
         pairs -= sum(coactivation[x, y] for x, s in adds for y, t in removes if s == t)
@@ -600,6 +595,19 @@ class _Search:
         costly = self.costly[layer]
         loads = sum(costly[e, s] for e, s in adds) - sum(costly[e, s] for e, s in removes)
         return saved + problem.node_weight * self._node_gain(layer, removes, adds) - problem.move_cost[layer] * loads
+
+    def _sends_saved(self, layer: int, experts: list[int], removes: tuple, adds: tuple) -> float:
+        """The sends a change saves, counted on the sampled tokens that chose one of `experts` (those it touches)."""
+        sends, held = self.problem.sends, self.held[layer]
+        tokens = sends.tokens_of(layer, experts)
+        after_held = held.copy()
+        for e, s in removes:
+            after_held[e, s] = False
+        for e, s in adds:
+            after_held[e, s] = True
+        after_server = self.server[layer].copy()
+        after_server[experts] = sends.servers(after_held[experts])
+        return sends.cost(layer, self.server[layer], tokens) - sends.cost(layer, after_server, tokens)
 
     def _joined(self, layer: int, removes: tuple, adds: tuple) -> tuple[list[int], np.ndarray]:
         """The experts a change touches, and int[those, M]: +1 where one joins a node, -1 where
