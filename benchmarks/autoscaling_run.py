@@ -363,7 +363,9 @@ def main() -> None:
     table = markdown_table(["figure", "real run", "moefleet simulate", "simulator error"], rows)
     changes = [c for d in out["history"] for c in d["changes"]]
     pools = yaml.safe_load(POLICY % {"shard_utilization": 0})["spec"]["pools"]
-    note = (f"{real['requests']} requests (low 0.4/s, burst 4/s for 30 s, low 0.3/s), {real['failed']} failed, "
+    low, burst, after = PHASES
+    note = (f"{real['requests']} requests (low {low[2]:g}/s, burst {burst[2]:g}/s for {burst[1] - burst[0]} s, low "
+            f"{after[2]:g}/s), {real['failed']} failed, "
             f"{real['greedy_equal']}/{real['requests']} greedy outputs equal to the in-process engine's; replicas "
             f"1 -> {real['peak_replicas']} -> {real['final_replicas']}, expert shards 1 -> {real['peak_shards']} -> "
             f"{real['final_shards']}; {len(changes)} changes in the history, each with its reason. The profile is "

@@ -413,6 +413,14 @@ STREAM_TOKENS = 48  # tokens each probe stream generates: one prefill step, then
 NORMAL_P90 = 1.2815515655446004  # the standard normal's 90th percentile
 
 
+def _probe_prompts(batch: int, context: int, vocab_size: int) -> list[list[int]]:
+    """The `batch` prompts of `context` random token ids a probe of that batch sends (the same for each probe)."""
+    import random
+
+    return [[random.Random(batch * 1000 + i).randrange(10, vocab_size) for _ in range(context)]
+            for i in range(batch)]
+
+
 class _Served(NamedTuple):
     """What `batch` concurrent greedy streams took through a deployment."""
 
@@ -428,7 +436,6 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
     """batch -> _Served of `batch` concurrent greedy streams (prompts of `context` random tokens, STREAM_TOKENS
     tokens each) through a deployment's gRPC API; `admin`: a Client with the admin token."""
     import asyncio
-    import random
     import time
 
     from moefleet.client import AsyncClient
@@ -436,8 +443,7 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
     async def measure(batch: int) -> tuple[list[float], float]:
         gaps, firsts = [], []
         async with AsyncClient(address, token=token, timeout=600) as client:
-            async def one(seed: int):
-                prompt = [random.Random(seed).randrange(10, vocab_size) for _ in range(context)]
+            async def one(prompt: list[int]):
                 last = sent = time.perf_counter()
                 async for message in client.generate_stream(prompt, max_tokens=STREAM_TOKENS, temperature=0,
                                                             ignore_eos=True):
@@ -450,7 +456,7 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
                         gaps.extend([(now - last) / len(message.token_ids)] * len(message.token_ids))
                     last = now
 
-            await asyncio.gather(*(one(batch * 1000 + i) for i in range(batch)))
+            await asyncio.gather(*(one(prompt) for prompt in _probe_prompts(batch, context, vocab_size)))
         return gaps, _median(firsts)
 
     served = {}
@@ -468,7 +474,6 @@ def _openai_first_token_s(base_url: str, token: str | None, batch_sizes: list[in
     """batch -> median seconds to the first streamed chunk of `batch` concurrent greedy completions (prompts of
     `context` random tokens) through an OpenAI-compatible API, with the openai client."""
     import asyncio
-    import random
     import time
 
     try:
@@ -480,8 +485,7 @@ def _openai_first_token_s(base_url: str, token: str | None, batch_sizes: list[in
         client = AsyncOpenAI(base_url=base_url, api_key=token or "unused", max_retries=0, timeout=600)
         model = (await client.models.list()).data[0].id
 
-        async def one(seed: int) -> float:
-            prompt = [random.Random(seed).randrange(10, vocab_size) for _ in range(context)]
+        async def one(prompt: list[int]) -> float:
             sent = time.perf_counter()
             stream = await client.completions.create(model=model, prompt=prompt, max_tokens=STREAM_TOKENS,
                                                      temperature=0, stream=True)
@@ -492,7 +496,8 @@ def _openai_first_token_s(base_url: str, token: str | None, batch_sizes: list[in
             return first
 
         try:
-            return _median(await asyncio.gather(*(one(batch * 1000 + i) for i in range(batch))))
+            return _median(await asyncio.gather(*(one(prompt) for prompt in _probe_prompts(batch, context,
+                                                                                           vocab_size))))
         finally:
             await client.close()
 
@@ -558,11 +563,11 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
 
     scales = [compute_scale(n) for n in counts] if shards_at else [None]
     # The modelled step at each count, its shards' compute scaled as measured there and no remote overhead yet.
-    modelled = profile if None in scales else profile.model_copy(update={"remote": RemoteTable(
+    scaled = profile if None in scales else profile.model_copy(update={"remote": RemoteTable(
         shards=counts, tokens=batch_sizes, seconds=[[0.0] * len(batch_sizes) for _ in counts], compute_scale=scales)})
 
     def beyond(count, batch) -> float:  # a step's time there beyond the modelled step
-        return max(0.0, by_shards[count][batch].gap_s - modelled.step_time(batch, context, count or 0)[0])
+        return max(0.0, by_shards[count][batch].gap_s - scaled.step_time(batch, context, count or 0)[0])
 
     here = shards_at  # the deployment's own shard count (None: not known without the admin token)
     remote_step_s = _median([beyond(here, b) for b in batch_sizes])

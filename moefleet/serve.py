@@ -105,9 +105,8 @@ def run_serve(config: ServeConfig) -> int:
     spare = " on cores left spare" if spare_only else ""
     widened = f" ({wide} in steps prefilling {wide_tokens}+ tokens{spare})" if wide != threads else ""
     print(f"moefleet: serving model {deployment.model_id!r} with {deployment.initial_replicas} replica(s) of "
-          f"{threads} torch thread(s){widened} and "
-          f"{deployment.num_gateways} "
-          f"gateway(s) (for {len(os.sched_getaffinity(0))} cores; --replicas, --gateways and engine.num_threads, "
+          f"{threads} torch thread(s){widened} and {deployment.num_gateways} gateway(s) (for "
+          f"{len(os.sched_getaffinity(0))} cores; --replicas, --gateways and engine.num_threads, "
           f"engine.wide_step_threads override)\n"
           f"  gRPC:  {host}:{grpc_port}   (moefleet generate --address {host}:{grpc_port} \"Hello\")\n"
           f"  HTTP:  {scheme}://{host}:{http_port}/v1   (OpenAI-compatible; /health, /metrics)", flush=True)
