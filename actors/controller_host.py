@@ -3,6 +3,7 @@ replica groups and the configured state store."""
 
 from moefleet.actors.cluster_capacity import cluster_capacity
 from moefleet.actors.ray_groups import RayReplicaGroup, RayShardGroup
+from moefleet.actors.ray_runtime import serving_runtime_env
 from moefleet.cluster.config.controller_config import ControllerConfig
 from moefleet.cluster.control.controller import Controller
 from moefleet.cluster.control.state_store import store_from_url
@@ -26,4 +27,5 @@ def remote_controller_class():
     import ray
 
     # Restarted by Ray when it dies; the restarted one recovers from the state store.
-    return ray.remote(num_cpus=0, max_concurrency=32, max_restarts=-1)(ControllerHost)
+    return ray.remote(num_cpus=0, max_concurrency=32, max_restarts=-1,
+                      runtime_env=serving_runtime_env())(ControllerHost)

@@ -1,6 +1,7 @@
 """GatewayHost: the Ray shell of a gateway process — a Gateway (cluster/gateway) over the
 controller's replicas, started on its own event loop inside the actor."""
 
+from moefleet.actors.ray_runtime import serving_runtime_env
 from moefleet.cluster.gateway.auth import TokenAuth
 from moefleet.cluster.gateway.gateway import Gateway
 from moefleet.cluster.gateway.replica_pool import RayReplicaHandle
@@ -33,4 +34,4 @@ def remote_gateway_class():
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(GatewayHost)
+    return ray.remote(num_cpus=0, scheduling_strategy=here, runtime_env=serving_runtime_env())(GatewayHost)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from moefleet.actors.ray_runtime import serving_runtime_env
 from moefleet.actors.shard_host import start_shard_actors
 from moefleet.cluster.config.controller_config import DEFAULT_MAX_WAITING
 from moefleet.cluster.config.engine_config import EngineConfig
@@ -50,7 +51,7 @@ class Replica:
         self.replica_id = replica_id
         if experts is None and uses_remote_shards(engine):
             experts = OwnedShardActors(start_shard_actors)
-        self.engine = AsyncEngine(LLMEngine(engine, experts, on_shard_lost), max_waiting)
+        self.engine = AsyncEngine(lambda: LLMEngine(engine, experts, on_shard_lost), max_waiting)
         self.model_id = model_id or os.path.basename(os.path.normpath(engine.model))
         self.channels: dict[str, OutputChannel] = {}  # gateway channel id -> its output channel (actor calls)
         self._listener: OutputListener | None = None  # gateways' output sockets, opened on first ask
@@ -254,4 +255,4 @@ class ControllerShardReport:
 def remote_replica_class():
     import ray
 
-    return ray.remote(max_concurrency=4096)(Replica)
+    return ray.remote(max_concurrency=4096, runtime_env=serving_runtime_env())(Replica)

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from moefleet.actors.ray_runtime import ensure_ray
+from moefleet.actors.ray_runtime import ensure_ray, serving_runtime_env
 from moefleet.cluster.config.engine_config import EngineConfig
 from moefleet.cluster.experts.expert_shard import ExpertShard
 from moefleet.cluster.experts.wire import TORCH_DTYPES, ShardReply, ShardRequest, from_numpy, to_numpy
@@ -169,7 +169,7 @@ def start_shard_actors(config: EngineConfig, indices: list[int], placement: Plac
     for n, i in enumerate(indices):
         # OMP_NUM_THREADS before torch loads in the actor: its OpenMP pool is sized at import.
         options = {"num_cpus": config.shard_num_cpus, "max_restarts": 0,
-                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(config.shard_num_threads)}}}
+                   "runtime_env": serving_runtime_env({"OMP_NUM_THREADS": str(config.shard_num_threads)})}
         if config.shard_resources:
             options["resources"] = config.shard_resources[i % len(config.shard_resources)]
         if names is not None:

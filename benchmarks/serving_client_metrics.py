@@ -11,6 +11,8 @@ client saw of each request (pure functions).
          one-token request has no gap and meets the ITL limit
   output tokens/s and requests/s count completed requests over the load's whole duration (first
   send to last completion).
+A unary request (its output whole in one response) has no first chunk and no gaps: it counts in
+the throughput and E2E only, never in TTFT, ITL or goodput (whose SLO is on TTFT and ITL).
 """
 
 import statistics
@@ -30,6 +32,7 @@ class RequestRecord:
     e2e_s: float = 0.0
     output_tokens: int = 0
     error: str | None = None
+    streamed: bool = True
 
     @property
     def tpot_s(self) -> float:
@@ -69,7 +72,8 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_s: float, slo_itl_s: float) -> dict:
     """One load's metrics; latencies in seconds."""
     done = [r for r in records if r.ok]
-    good = [r for r in done if r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_itl_s]
+    streamed = [r for r in done if r.streamed]
+    good = [r for r in streamed if r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_itl_s]
     errors = [r.error for r in records if not r.ok]
     return {
         "requests": len(records),
@@ -80,13 +84,13 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_s: float
         "output_tokens": sum(r.output_tokens for r in done),
         "output_tokens_per_s": sum(r.output_tokens for r in done) / duration_s,
         # > 1 where the server writes several tokens in one chunk (each such chunk is one ITL gap)
-        "tokens_per_chunk": (sum(r.output_tokens for r in done) / sum(len(r.chunk_gaps_s) + 1 for r in done)
-                             if done else None),
+        "tokens_per_chunk": (sum(r.output_tokens for r in streamed) / sum(len(r.chunk_gaps_s) + 1 for r in streamed)
+                             if streamed else None),
         "requests_per_s": len(done) / duration_s,
-        "goodput_per_s": len(good) / duration_s,
-        "ttft_s": percentiles([r.ttft_s for r in done]),
-        "itl_s": percentiles([gap for r in done for gap in r.chunk_gaps_s]),
-        "tpot_s": percentiles([r.tpot_s for r in done if r.output_tokens > 1]),
+        "goodput_per_s": len(good) / duration_s if streamed else None,
+        "ttft_s": percentiles([r.ttft_s for r in streamed]),
+        "itl_s": percentiles([gap for r in streamed for gap in r.chunk_gaps_s]),
+        "tpot_s": percentiles([r.tpot_s for r in streamed if r.output_tokens > 1]),
         "e2e_s": percentiles([r.e2e_s for r in done]),
     }
 
@@ -102,7 +106,7 @@ def median_over_rounds(summaries: list[dict]) -> dict:
     for key, first in summaries[0].items():
         if isinstance(first, dict):
             merged[key] = {p: middle([s[key][p] for s in summaries]) for p in first}
-        elif isinstance(first, (int, float)):
+        elif first is None or isinstance(first, (int, float)):
             merged[key] = middle([s[key] for s in summaries])
     merged.update(rounds=len(summaries), errors_total=sum(s["errors"] for s in summaries),
                   requests_total=sum(s["requests"] for s in summaries),

@@ -1,7 +1,8 @@
 """The serving benchmark's loads as pure functions: which requests to send and when.
 
 Three kinds, as vLLM's `benchmark_serving` has them:
-  - fixed concurrency: a closed loop keeping C requests in flight;
+  - fixed concurrency: a closed loop keeping C requests in flight, streamed or unary (each output
+    whole in one response, as the in-process engine returns it);
   - Poisson arrivals at a request rate (exponential gaps, seeded);
   - replay of a production trace (Azure's CSV, Mooncake's JSONL: read by
     moefleet.cluster.workload.request_trace), each request a synthetic prompt of the trace's
@@ -40,6 +41,7 @@ class Load:
     requests: tuple[PlannedRequest, ...]
     max_concurrency: int | None  # the closed loop's width; None: every request goes at its arrival time
     clipped: int  # requests whose lengths were cut to the model's context
+    stream: bool = True  # False: each request's output comes back whole, in one response
 
 
 def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:
@@ -69,9 +71,10 @@ def _planned(arrivals: list[float], lengths: list[tuple[int, int]], vocab_size: 
 
 
 def concurrency_load(concurrency: int, count: int, prompt_len: int, output_len: int, vocab_size: int,
-                     max_model_len: int, seed: int) -> Load:
+                     max_model_len: int, seed: int, stream: bool = True) -> Load:
     requests, clipped = _planned([0.0] * count, [(prompt_len, output_len)] * count, vocab_size, max_model_len, seed)
-    return Load("concurrency", f"concurrency {concurrency}", concurrency, requests, concurrency, clipped)
+    label = f"concurrency {concurrency}" + ("" if stream else " unary")
+    return Load("concurrency", label, concurrency, requests, concurrency, clipped, stream)
 
 
 def poisson_load(rate: float, count: int, prompt_len: int, output_len: int, vocab_size: int, max_model_len: int,

@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,8 +68,15 @@ class _Stream:
 class AsyncEngine:
     _ids = itertools.count()
 
-    def __init__(self, engine: LLMEngine, max_waiting: int):
-        self.engine, self.max_waiting = engine, max_waiting
+    def __init__(self, build_engine: Callable[[], LLMEngine], max_waiting: int):
+        """`build_engine` runs on the engine thread, which then runs every step, so that the model is
+        loaded and stepped by one thread. torch's OpenMP keeps a pool of worker threads for each
+        thread that starts parallel work; with a second pool (the loading thread's) the workers
+        outnumber a small machine's cores, and libgomp then stops spinning between parallel regions
+        and puts its workers to sleep at each one: the tiny Mixtral loaded on one thread and stepped
+        on another decoded 64 sequences at 0.7-0.8x the speed, with 26K voluntary context switches
+        per 32K tokens against 11. Raises what `build_engine` raised."""
+        self.max_waiting = max_waiting
         self._lock = threading.Condition()
         self._adds: list[_Stream] = []
         self._aborts: list[str] = []
@@ -79,8 +87,11 @@ class AsyncEngine:
         self.arrivals = ArrivedPrompts()  # prompts since the controller last asked (proactive rebalancing)
         self.stats = ServingStats()  # serving metrics: hooks at submit, after each step, at abort and failure
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="moefleet-engine", daemon=True)
+        built: Future[LLMEngine] = Future()
+        self._thread = threading.Thread(target=self._run, args=(build_engine, built), name="moefleet-engine",
+                                        daemon=True)
         self._thread.start()
+        built.result()  # self.engine is set
 
     # ----- caller side (any thread with an event loop) -----
     def outstanding_tokens(self) -> int:
@@ -160,7 +171,16 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     # ----- engine thread -----
-    def _run(self) -> None:
+    def _run(self, build_engine: Callable[[], LLMEngine], built: Future) -> None:
+        try:
+            self.engine = build_engine()
+        except BaseException as error:  # handed to the constructor, which raises it
+            built.set_exception(error)
+            return
+        built.set_result(None)
+        self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not (self._stopped or self._adds or self._aborts or self._calls or self.engine.has_unfinished()):

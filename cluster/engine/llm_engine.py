@@ -154,7 +154,11 @@ class LLMEngine:
     # ----- placement epochs (prepare while serving, commit between steps, then retire) -----
     def prepare_epoch(self, record: EpochRecord, lost: frozenset[int] = frozenset()) -> ExpertBackend:
         """The backend of `record`'s epoch, made by the expert source while the current epoch
-        keeps serving (call from any thread, one change at a time)."""
+        keeps serving (call from any thread, one change at a time). Off the engine thread, torch
+        keeps to one thread there: a second thread's OpenMP pool beside the engine thread's
+        outnumbers the cores of a small machine, and libgomp then stops spinning between parallel
+        regions in both (see AsyncEngine); on the engine thread the next step sets its own."""
+        torch.set_num_threads(1)
         return self.source.for_epoch(self.config, self.reader, record, self.experts, lost)
 
     def commit_epoch(self, backend: ExpertBackend) -> ExpertBackend:

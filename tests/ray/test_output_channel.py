@@ -5,6 +5,7 @@ repeat, a call whose answer is lost loses no token, and a gateway whose connecti
 no request running on the replica."""
 
 import asyncio
+import os
 import time
 
 import grpc
@@ -30,6 +31,11 @@ def replica_actors(ray_cluster, model_dir):
     yield actors
     for actor in actors:
         ray.kill(actor)
+
+
+def test_replicas_run_at_the_default_niceness_not_ray_s_15(replica_actors):
+    # Ray starts workers at niceness 15; a serving replica there loses its cores to any process at 0.
+    assert ray.get([a.__ray_call__.remote(lambda self: os.nice(0)) for a in replica_actors]) == [0, 0]
 
 
 def expected_tokens(engines, prompts, max_tokens):

@@ -30,6 +30,19 @@ def test_summary_counts_completed_requests_and_goodput_uses_the_mean_gap():
     assert s["e2e_s"]["p50"] == pytest.approx(0.875)
 
 
+def test_a_unary_load_counts_in_throughput_and_e2e_only():
+    # Unary: the whole output in one response, so no first chunk, no gaps, and no SLO on them.
+    whole = [RequestRecord(ok=True, ttft_s=e2e, e2e_s=e2e, output_tokens=64, streamed=False) for e2e in (1.0, 2.0)]
+    s = summarize(whole + [RequestRecord(ok=False, error="boom", streamed=False)], duration_s=2.0, slo_ttft_s=1.0,
+                  slo_itl_s=0.1)
+    assert (s["completed"], s["errors"], s["output_tokens_per_s"], s["requests_per_s"]) == (2, 1, 64.0, 1.0)
+    assert s["e2e_s"]["p50"] == pytest.approx(1.5)
+    assert s["goodput_per_s"] is None and s["tokens_per_chunk"] is None
+    assert s["ttft_s"] == s["itl_s"] == s["tpot_s"] == {"p50": None, "p90": None, "p99": None}
+    merged = median_over_rounds([s, s])
+    assert merged["goodput_per_s"] is None and merged["output_tokens_per_s"] == 64.0
+
+
 def test_median_over_rounds_per_number_errors_summed_memory_highest():
     def round_summary(tokens_per_s, ttft_p99, errors, rss):
         return {"requests": 10, "errors": errors, "first_errors": [f"e{errors}"] if errors else [],

@@ -111,6 +111,10 @@ def test_concurrency_load_is_a_closed_loop():
     assert len(load.requests) == 40 and {r.arrival_s for r in load.requests} == {0.0}
     assert {(len(r.prompt_token_ids), r.max_tokens) for r in load.requests} == {(64, 32)}
     assert len({r.prompt_token_ids for r in load.requests}) == 40  # no two prompts share a prefix cache entry
+    assert load.stream
+    unary = concurrency_load(16, 40, prompt_len=64, output_len=32, vocab_size=1024, max_model_len=2048, seed=0,
+                             stream=False)
+    assert (unary.label, unary.stream, unary.requests) == ("concurrency 16 unary", False, load.requests)
 
 
 def test_poisson_arrivals_have_the_rate_and_exponential_gaps():
