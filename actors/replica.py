@@ -4,6 +4,7 @@ stream through it at once)."""
 
 import asyncio
 import functools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from moefleet.cluster.engine.metrics import replica_registry
 from moefleet.cluster.engine.output_channel import OutputChannel
 from moefleet.cluster.engine.output_socket import OutputListener
 from moefleet.cluster.engine.routing_recorder import RecordedTokens
-from moefleet.cluster.errors import InvalidRequestError
+from moefleet.cluster.errors import InvalidRequestError, ShardUnavailableError
 from moefleet.cluster.experts.backend import ExpertBackend, ExpertSource, uses_remote_shards
 from moefleet.cluster.experts.remote_backend import OwnedShardActors
 from moefleet.cluster.messages import (
@@ -34,6 +35,8 @@ from moefleet.cluster.messages import (
     join_deltas,
 )
 from moefleet.cluster.placement.epoch_record import EpochRecord
+
+log = logging.getLogger(__name__)
 
 
 def _prompt(request: GenerateRequest):
@@ -51,7 +54,7 @@ class Replica:
         self.replica_id = replica_id
         if experts is None and uses_remote_shards(engine):
             experts = OwnedShardActors(start_shard_actors)
-        self.engine = AsyncEngine(lambda: LLMEngine(engine, experts, on_shard_lost), max_waiting)
+        self.engine = AsyncEngine(functools.partial(_build_engine, engine, experts, on_shard_lost), max_waiting)
         self.model_id = model_id or os.path.basename(os.path.normpath(engine.model))
         self.channels: dict[str, OutputChannel] = {}  # gateway channel id -> its output channel (actor calls)
         self._listener: OutputListener | None = None  # gateways' output sockets, opened on first ask
@@ -92,18 +95,26 @@ class Replica:
             self._listener = OutputListener(_node_address(), lambda sink: self.engine.abort_sink(sink))
         return self._listener.address
 
-    async def submit(self, channel_id: str, request: GenerateRequest) -> None:
-        """Admit a request whose deltas go to the gateway's channel `channel_id`: its output socket
+    async def submit_many(self, channel_id: str, requests: list[GenerateRequest]) -> list[Exception | None]:
+        """Admit requests whose deltas go to the gateway's channel `channel_id`: its output socket
         if it connected one, else an output channel (made on first use) that it takes from with
-        `next_outputs`. Raises at once for bad input, when draining or when full."""
+        `next_outputs`. Returns, for each request in order, None or why it was refused (bad input,
+        draining, full): one refusal never refuses the others."""
         sink = self._listener.sink(channel_id) if self._listener is not None else None
         if sink is None:
             self._drop_abandoned_channels()
             sink = self.channels.get(channel_id)
             if sink is None:
                 sink = self.channels[channel_id] = OutputChannel()
-        self.engine.submit(_prompt(request), request.sampling_params, sink, request.request_id or None,
-                           list(request.resume_token_ids))
+        refusals = []
+        for request in requests:
+            try:
+                self.engine.submit(_prompt(request), request.sampling_params, sink, request.request_id or None,
+                                   list(request.resume_token_ids))
+                refusals.append(None)
+            except Exception as error:  # this request's answer; the next ones still go in
+                refusals.append(error)
+        return refusals
 
     async def next_outputs(self, channel_id: str, acked: int,
                            wait_s: float = 1.0) -> tuple[int, list[OutputDelta | RequestFailed]]:
@@ -221,6 +232,17 @@ class Replica:
         if self._listener is not None:
             self._listener.close()
         self.engine.engine.close()
+
+
+def _build_engine(config: EngineConfig, experts: ExpertSource | None,
+                  on_shard_lost: Callable[[int | None, int], EpochRecord] | None) -> LLMEngine:
+    engine = LLMEngine(config, experts, on_shard_lost)
+    if config.warm_up:
+        try:
+            log.info("engine warmed up in %.2f s", engine.warm_up())
+        except ShardUnavailableError as error:  # the first request's step will replace the shard; start cold
+            log.warning("warm-up skipped: %s", error)
+    return engine
 
 
 def _node_id() -> str:

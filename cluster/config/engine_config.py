@@ -20,6 +20,9 @@ class EngineOptions(BaseModel):
     max_num_seqs: int = Field(256, gt=0, description="Most sequences running at once.")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one step (decodes + prefill chunks).")
     enable_prefix_caching: bool = Field(True, description="Share KV blocks of identical prompt prefixes.")
+    warm_up: bool = Field(True, description="A serving replica generates once for made-up prompts before it reports "
+                                            "ready, then forgets it, so that its first requests do not pay for the "
+                                            "engine's first use.")
     engine_shards: int = Field(
         0, ge=0, description="Expert shards this engine starts for itself and spreads its routed experts over (0: one "
                              "in-process shard). Not moefleet serve's `expert_shards`: those belong to the controller and "

@@ -87,7 +87,7 @@ class AsyncEngine:
         self.arrivals = ArrivedPrompts()  # prompts since the controller last asked (proactive rebalancing)
         self.stats = ServingStats()  # serving metrics: hooks at submit, after each step, at abort and failure
         self._stopped = False
-        built: Future[LLMEngine] = Future()
+        built: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(build_engine, built), name="moefleet-engine",
                                         daemon=True)
         self._thread.start()

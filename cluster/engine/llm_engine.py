@@ -4,6 +4,7 @@ finish (which tokens come out)."""
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 
@@ -64,22 +65,46 @@ class LLMEngine:
         self.wide_step_threads = config.wide_step_threads or self.step_threads
         self.spare_cores = SpareCores(cores) if config.wide_step_spare_only else None
         torch.set_num_threads(self.step_threads)
-        self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
         self.dispatcher = Dispatcher(self.placement, self.experts.transport)
-        self.record_routing(config.routing_sample_rate)
         self.model = MoEDecoder(reader, spec, self.dispatcher)
         self.tokenizer = Tokenizer(config.model)
         cpu_ops()  # build or load the CPU kernels now, not inside the first request
         self.eos_token_ids = set(spec.eos_token_ids) | self.tokenizer.eos_token_ids
         self.max_model_len = config.max_model_len or min(spec.max_position_embeddings, 4096)
-        num_blocks = config.kv_cache_blocks or max(
-            1, int(config.kv_cache_gib * 2**30) // ModelRunner.kv_bytes_per_block(spec, config.block_size, reader.dtype))
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        kv_block_bytes = ModelRunner.kv_bytes_per_block(spec, config.block_size, reader.dtype)
+        self.num_kv_blocks = config.kv_cache_blocks or max(1, int(config.kv_cache_gib * 2**30) // kv_block_bytes)
+        self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self._overlap_for(self.experts))
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """What serving accumulates, empty: KV blocks and prefix cache, queues, the expert load
+        window, the routing sample, the sampler's seed and the step count."""
+        config, spec = self.config, self.spec
+        self.blocks = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self._overlap_for(self.experts))
+        self.load = ExpertLoadCounters(spec.moe_layer_indices, spec.moe.num_experts, config.load_window_steps)
+        self.record_routing(config.routing_sample_rate)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
+
+    def warm_up(self, sequences: int = 4, prompt_tokens: int = 64, output_tokens: int = 4) -> float:
+        """Generate once for `sequences` made-up prompts of `prompt_tokens` tokens (a prefill step,
+        then decode steps), then forget it all (`_start_afresh`): a serving replica does this before
+        it reports ready, so that its first requests do not pay for the engine's first use. Returns
+        the seconds it took; raises what a step raised (a lost shard), forgetting it all the same."""
+        started = time.perf_counter()
+        params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
+        length = max(1, min(prompt_tokens, self.max_model_len - output_tokens - 1))
+        try:
+            for i in range(sequences):  # distinct prompts: a prefix-cache hit would skip the prefill being warmed
+                ids = [(i * 7919 + j * 104729) % self.spec.vocab_size for j in range(length)]
+                self.add_request({"prompt_token_ids": ids}, params, request_id=f"warm-up-{i}")
+            while self.has_unfinished():
+                self.step()
+        finally:
+            self._start_afresh()
+        return time.perf_counter() - started
 
     # ----- requests -----
     def record_routing(self, sample_rate: float, capacity_tokens: int = 65536) -> None:

@@ -1,5 +1,7 @@
-"""This gateway's channel with one replica actor. Requests go in one actor call each (`submit`);
-what they produce comes back for all of this gateway's requests on that replica at once, one
+"""This gateway's channel with one replica actor. Requests go in by actor calls (`submit_many`), one
+at a time: those that arrive while a call is out go together in the next one, so a burst of requests
+costs the replica and this gateway a few calls, not one each, and a lone request waits for none. What
+they produce comes back for all of this gateway's requests on that replica at once, one
 message per engine step, and is handed to each request's queue here. Deltas of one request that
 arrive together leave as one (coalesced writes).
 
@@ -30,6 +32,8 @@ class ReplicaChannel:
         self.actor = actor
         self.channel_id = uuid.uuid4().hex  # one per gateway process and replica
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> its deltas (or failure)
+        self._unsent: list[tuple[GenerateRequest, asyncio.Future]] = []  # waiting for the call out to return
+        self._sending: asyncio.Task | None = None
 
     async def _open(self) -> None:
         """Ready to take outputs for a request about to be submitted."""
@@ -46,7 +50,7 @@ class ReplicaChannel:
         finished = False
         try:
             await self._open()
-            await self.actor.submit.remote(self.channel_id, request)
+            await self._submit(request)
             self._submitted()
             while not finished:
                 batch = [await queue.get()]
@@ -65,6 +69,31 @@ class ReplicaChannel:
             self._queues.pop(request.request_id, None)
             if not finished:
                 self._abort(request.request_id)
+
+    async def _submit(self, request: GenerateRequest) -> None:
+        """Admitted on the replica once this returns; raises the request's own error (bad input,
+        draining, full) or the call's (the replica is gone)."""
+        loop = asyncio.get_running_loop()
+        admitted = loop.create_future()
+        self._unsent.append((request, admitted))
+        if self._sending is None or self._sending.done() or self._sending.get_loop() is not loop:
+            self._sending = loop.create_task(self._send_unsent())
+        await admitted
+
+    async def _send_unsent(self) -> None:
+        while self._unsent:
+            batch, self._unsent = self._unsent, []
+            try:
+                errors = await self.actor.submit_many.remote(self.channel_id, [request for request, _ in batch])
+            except Exception as error:  # the call failed: every request in it did
+                errors = [error] * len(batch)
+            for (_, admitted), error in zip(batch, errors):
+                if admitted.done():  # its caller gave up (cancelled) meanwhile
+                    continue
+                if error is None:
+                    admitted.set_result(None)
+                else:
+                    admitted.set_exception(error)
 
     def _hand_out(self, items: list[OutputDelta | RequestFailed]) -> None:
         for item in items:

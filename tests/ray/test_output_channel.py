@@ -79,6 +79,39 @@ def test_concurrent_requests_equal_the_in_process_engine(replica_actors, engines
     assert asyncio.run(run()) == expected
 
 
+def test_a_burst_goes_in_few_calls_and_a_bad_request_in_it_fails_alone(replica_actors, engines):
+    from moefleet.cluster.errors import InvalidRequestError
+    from moefleet.cluster.gateway.replica_channel import CHANNELS
+
+    vocab = engines("mixtral").engine.spec.vocab_size
+    prompts = random_prompts(vocab, [6] * 12, seed=9)
+    expected = expected_tokens(engines, prompts, 8)
+    channel = CHANNELS["socket"](replica_actors[1])
+    calls, submit_many = [], channel.actor.submit_many
+
+    class CountedActor:  # the replica's handle, counting submit calls
+        def __getattr__(self, name):
+            return getattr(replica_actors[1], name)
+
+        @property
+        def submit_many(self):
+            calls.append(1)
+            return submit_many
+
+    channel.actor = CountedActor()
+
+    async def run():
+        requests = [GenerateRequest(prompt_token_ids=p, sampling_params=SamplingParams(**GREEDY, max_tokens=8))
+                    for p in prompts]
+        requests.insert(5, GenerateRequest(prompt_token_ids=[vocab + 1], sampling_params=SamplingParams(**GREEDY)))
+        return await asyncio.gather(*(collect(channel.stream(r)) for r in requests), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert isinstance(results.pop(5), InvalidRequestError)
+    assert results == expected
+    assert 1 <= len(calls) < len(prompts)  # those that came while a call was out went in the next one
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_client_that_leaves_frees_the_replica(replica_actors, engines, transport):
     from moefleet.cluster.gateway.replica_channel import CHANNELS
