@@ -389,10 +389,11 @@ def describe(args, loads: list[Load], engine_load: Load | None, plotted: bool) -
         "Every server through its OpenAI HTTP API: streaming `/v1/completions` with token-id prompts, greedy, "
         "`ignore_eos` (outputs forced to their length), from one AsyncOpenAI client in another process on the same "
         "machine; `moefleet-grpc` is the same `moefleet serve` through its gRPC API (GenerateStream, from "
-        "`moefleet.client.AsyncClient`), its ratio against moefleet over HTTP. A `unary` load sends the same kind "
-        "of requests without streaming (Generate over gRPC): each output comes back whole, as the in-process engine "
-        "returns it, so it has no TTFT, ITL or goodput of its own. "
-        f"Concurrency and Poisson loads: prompts of {args.prompt_len} tokens, {args.output_len} output "
+        "`moefleet.client.AsyncClient`), its ratio against moefleet over HTTP. "
+        + ("A `unary` load sends the same kind of requests without streaming (Generate over gRPC): each output comes "
+           "back whole, as the in-process engine returns it, so it has no TTFT, ITL or goodput of its own. "
+           if args.unary_concurrency else "")
+        + f"Concurrency and Poisson loads: prompts of {args.prompt_len} tokens, {args.output_len} output "
         f"tokens; a concurrency-C load sends max({args.min_requests}, {args.requests_per_slot}C) requests, each "
         f"Poisson rate {args.poisson_requests}."]
     if args.trace:

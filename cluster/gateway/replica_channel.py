@@ -82,7 +82,10 @@ class ReplicaChannel:
 
     async def _send_unsent(self) -> None:
         while self._unsent:
-            batch, self._unsent = self._unsent, []
+            # A request whose caller left before it was sent is not sent: its abort went out already.
+            batch, self._unsent = [(r, admitted) for r, admitted in self._unsent if not admitted.done()], []
+            if not batch:
+                continue
             try:
                 errors = await self.actor.submit_many.remote(self.channel_id, [request for request, _ in batch])
             except Exception as error:  # the call failed: every request in it did
