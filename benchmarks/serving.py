@@ -71,6 +71,11 @@ PLOT_NAME = "serving_benchmark.png"
 
 
 # ---------------------------------------------------------------- the clients
+def failed_record(error: Exception) -> RequestRecord:
+    """A failed request is a result: counted, its message kept."""
+    return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+
+
 async def send(client, model: str, request: PlannedRequest) -> RequestRecord:
     """One streamed completion, timed as vLLM's client times it: TTFT at the first chunk with a
     choice (its text may be empty), a gap per later such chunk, the end at the last one. Output
@@ -87,8 +92,8 @@ async def send(client, model: str, request: PlannedRequest) -> RequestRecord:
                 finish = chunk.choices[0].finish_reason or finish
             if chunk.usage is not None:
                 usage = chunk.usage.completion_tokens
-    except Exception as error:  # a failed request is a result: counted, its message kept
-        return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    except Exception as error:
+        return failed_record(error)
     if clock.first is None:
         return RequestRecord(ok=False, error="the stream ended without a token")
     if usage is None and finish != "length":
@@ -103,8 +108,8 @@ async def send_unary(client, model: str, request: PlannedRequest) -> RequestReco
         response = await client.completions.create(
             model=model, prompt=list(request.prompt_token_ids), max_tokens=request.max_tokens, temperature=0,
             extra_body={"ignore_eos": True})
-    except Exception as error:  # a failed request is a result: counted, its message kept
-        return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    except Exception as error:
+        return failed_record(error)
     return unary_record(start, response.usage.completion_tokens)
 
 
@@ -124,8 +129,8 @@ async def send_grpc(client, model: str, request: PlannedRequest) -> RequestRecor
                 clock.chunk()
             if message.finish_reason:
                 usage = message.usage.completion_tokens
-    except Exception as error:  # a failed request is a result: counted, its message kept
-        return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    except Exception as error:
+        return failed_record(error)
     if clock.first is None or usage is None:
         return RequestRecord(ok=False, error="the stream ended without a token or without its usage")
     return clock.record(usage)
@@ -137,8 +142,8 @@ async def send_grpc_unary(client, model: str, request: PlannedRequest) -> Reques
     try:
         response = await client.generate(list(request.prompt_token_ids), model=model, max_tokens=request.max_tokens,
                                          temperature=0, ignore_eos=True)
-    except Exception as error:  # a failed request is a result: counted, its message kept
-        return RequestRecord(ok=False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    except Exception as error:
+        return failed_record(error)
     return unary_record(start, response.usage.completion_tokens)
 
 
