@@ -170,7 +170,8 @@ class PerformanceProfile(_Section):
                                        "cores shared with other processes): scales the hottest shard's share of a "
                                        "step and the shard utilisation the simulator shows the policy.")
     request_overhead_s: float = Field(0.0, ge=0, description="Added to each request's time to first token: the "
-                                      "serving path beyond the engine (API, gateway, output channel).")
+                                      "serving path beyond the engine (API, gateway, output channel), slowed as "
+                                      "a step is where the units share cores (shared_cores).")
     shared_cores: float | None = Field(
         None, gt=0, description="CPU cores every unit of the deployment shares (all on one machine): replica steps "
                                 "and cold starts beyond them take turns, and each step slows by demand / cores. "

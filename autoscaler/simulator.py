@@ -103,6 +103,7 @@ class _Request:
     prefilled: int = 0
     generated: int = 0
     first_token_s: float | None = None
+    overhead_s: float = 0.0  # the serving path's time beyond the engine, added to the first token as the client sees it
     finish_s: float | None = None
 
     @property
@@ -269,8 +270,7 @@ class _Simulation:
             elif kind == "pool_ready":
                 self._pool_ready(now, *data)
         self._account(now)
-        overhead_ms = self.profile.request_overhead_s * 1000
-        ttft = np.array([(r.first_token_s - r.arrival_s) * 1000 + overhead_ms if r.first_token_s is not None
+        ttft = np.array([(r.first_token_s - r.arrival_s + r.overhead_s) * 1000 if r.first_token_s is not None
                          else np.nan for r in self.requests])
         itl = np.array([(r.finish_s - r.first_token_s) * 1000 / (r.output_len - 1)
                         if r.finish_s is not None and r.output_len > 1 else np.nan for r in self.requests])
@@ -358,7 +358,11 @@ class _Simulation:
             if request.prefilled == request.prompt_len:
                 request.generated = 1
                 request.first_token_s = now
-                self.ttft_samples.append((now, (now - request.arrival_s + self.profile.request_overhead_s) * 1000))
+                # The gateway and the client work on the cores the replicas share: their part of a first token
+                # slows as a step does, by the replicas stepping and the units starting now.
+                request.overhead_s = self.profile.request_overhead_s * self.profile.core_slowdown(
+                    sum(rep.busy for rep in self.replicas), self._starting_cores())
+                self.ttft_samples.append((now, (now - request.arrival_s + request.overhead_s) * 1000))
         for request in decodes:
             request.generated += steps
         for request in decodes + [r for r, _ in chunks]:

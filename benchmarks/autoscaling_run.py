@@ -294,7 +294,7 @@ def run(model: str, workdir: str, seed: int = 0, phases=PHASES, shard_utilizatio
                         "--address", grpc_address, "--batch-sizes", "1,4,8",
                         "--shared-cores", str(len(os.sched_getaffinity(0))), "--admin-token", "bench-admin",
                         "--autoscaling-policy", policy_path, "--openai-url", http_url],
-                       check=True, capture_output=True, text=True)
+                       check=True, stdout=subprocess.DEVNULL)  # its progress and errors on stderr
         time.sleep(20)  # back to the policy's floor after the profile's load
         model_id = os.path.basename(os.path.normpath(model))
         poller, server_ttft = SizePoller(grpc_address).start(), ServerTtft(http_url).start()
@@ -352,7 +352,7 @@ def main() -> None:
     real, sim = out["real"], out["simulated"]
     rows = []
     with open(os.path.join(out["workdir"], "profile.json")) as f:
-        overhead_ms = json.load(f)["request_overhead_s"] * 1e3  # the simulator adds it to every first token
+        overhead_ms = json.load(f)["request_overhead_s"] * 1e3  # the least the simulator adds to a first token
     for name, real_value, sim_value in (("replica-seconds", real["replica_seconds"], sim["replica_seconds"]),
                                         ("shard-seconds", real["shard_seconds"], sim["shard_seconds"]),
                                         ("p95 TTFT (ms)", real["ttft_p95_ms"], sim["ttft_ms"]["p95"]),
@@ -381,8 +381,9 @@ def main() -> None:
             f"{len(os.sched_getaffinity(0))}`: the simulator slows each step by the replicas stepping at once and "
             "the units starting over those cores); and the spread of the inter-token gaps (`step_spread`: the "
             "simulator draws each step's time around the modelled one); and, with `--openai-url`, what a first "
-            "token takes beyond the modelled prefill through the HTTP API with the openai client "
-            "(`request_overhead_s`). Not modelled: the shards staging a new placement, a new "
+            "token takes through the HTTP API with the openai client beyond the replicas' own count of it (their "
+            "/metrics) (`request_overhead_s`, which the simulator slows as it does a step where the units share "
+            "the cores). Not modelled: the shards staging a new placement, a new "
             "replica's first steps beyond its warm-up (one throw-away generation before it reports ready, inside the "
             "start time measured), and the scheduling stalls of a unit starting beyond its "
             "average CPU (a starting process's first second can hold a serving step for a few hundred ms). "
@@ -393,7 +394,8 @@ def main() -> None:
             "first streamed chunk, as vLLM's benchmark client times it. TTFT at the replicas: from a request "
             "reaching a replica to its first token, the p95 of "
             "the replicas' own histograms (vllm:time_to_first_token_seconds, scraped from /metrics every second, "
-            "interpolated inside its bucket), against the simulated p95 less the profile's request overhead.")
+            "interpolated inside its bucket), against the simulated p95 less the profile's request overhead (as on "
+            "unshared cores).")
     print(table + "\n" + note)
     for failure in out["status"]["failures"]:
         print(f"  acting failed: {failure}")

@@ -55,7 +55,8 @@ def add_autoscaler_parsers(sub: argparse._SubParsersAction) -> None:
                                         "deployment's other processes on the same cores)")
     prof.add_argument("--openai-url", help="with --address: the same deployment's OpenAI-compatible API (e.g. "
                                            "http://127.0.0.1:8000/v1): request_overhead_s is then measured there "
-                                           "with the openai client, as users time a first token (needs the openai "
+                                           "with the openai client, as users time a first token, less the time "
+                                           "to first token the replicas count (its /metrics) (needs the openai "
                                            "package: the bench extra)")
     prof.add_argument("--token", help="inference token for --address (default: MOEFLEET_INFERENCE_TOKEN)")
     prof.add_argument("--admin-token", help="admin token for --address (default: MOEFLEET_ADMIN_TOKEN): with it the "
@@ -469,10 +470,30 @@ def _served_times(address: str, token: str | None, batch_sizes: list[int], conte
     return served
 
 
-def _openai_first_token_s(base_url: str, token: str | None, batch_sizes: list[int], context: int,
-                          vocab_size: int) -> dict[int, float]:
-    """batch -> median seconds to the first streamed chunk of `batch` concurrent greedy completions (prompts of
-    `context` random tokens) through an OpenAI-compatible API, with the openai client."""
+def _server_first_token_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """replica -> (seconds summed, requests counted) of its time to first token so far, from a request reaching
+    it to its first token: the vllm:time_to_first_token_seconds histograms at `metrics_url`."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(urllib.request.urlopen(metrics_url, timeout=60).read().decode()):
+        if family.name == "vllm:time_to_first_token_seconds":
+            for sample in family.samples:
+                row = totals.setdefault(sample.labels.get("replica", ""), [0.0, 0.0])
+                if sample.name.endswith("_sum"):
+                    row[0] += sample.value
+                elif sample.name.endswith("_count"):
+                    row[1] += sample.value
+    return {replica: (total, count) for replica, (total, count) in totals.items()}
+
+
+def _openai_request_overhead_s(base_url: str, token: str | None, batch_sizes: list[int], context: int,
+                               vocab_size: int) -> dict[int, tuple[float, float]]:
+    """batch -> (mean seconds to the first streamed chunk of `batch` concurrent greedy completions, prompts of
+    `context` random tokens, through an OpenAI-compatible API with the openai client; the mean of the same
+    requests' time to first token at the replicas, read off the server's /metrics beside that API)."""
     import asyncio
     import time
 
@@ -480,6 +501,7 @@ def _openai_first_token_s(base_url: str, token: str | None, batch_sizes: list[in
         from openai import AsyncOpenAI
     except ImportError:
         raise ValueError("--openai-url needs the openai package (pip install 'moefleet[bench]')") from None
+    metrics_url = base_url.rstrip("/").rsplit("/v1", 1)[0] + "/metrics"
 
     async def measure(batch: int) -> float:
         client = AsyncOpenAI(base_url=base_url, api_key=token or "unused", max_retries=0, timeout=600)
@@ -496,12 +518,24 @@ def _openai_first_token_s(base_url: str, token: str | None, batch_sizes: list[in
             return first
 
         try:
-            return _median(await asyncio.gather(*(one(prompt) for prompt in _probe_prompts(batch, context,
-                                                                                           vocab_size))))
+            firsts = await asyncio.gather(*(one(prompt) for prompt in _probe_prompts(batch, context, vocab_size)))
+            return sum(firsts) / len(firsts)
         finally:
             await client.close()
 
-    return {batch: asyncio.run(measure(batch)) for batch in batch_sizes}
+    measured = {}
+    for batch in batch_sizes:
+        before = _server_first_token_totals(metrics_url)
+        client_s = asyncio.run(measure(batch))
+        # Per replica, so that one retired meanwhile (a scale-down finishing its drain) takes nothing away.
+        after = _server_first_token_totals(metrics_url)
+        total = sum(seconds - before.get(replica, (0.0, 0.0))[0] for replica, (seconds, _) in after.items())
+        count = sum(counted - before.get(replica, (0.0, 0.0))[1] for replica, (_, counted) in after.items())
+        if count <= 0:
+            raise ValueError(f"{metrics_url}: no vllm:time_to_first_token_seconds counted for the probe's requests "
+                             "(is --openai-url the API of the deployment at --address?)")
+        measured[batch] = (client_s, total / count)
+    return measured
 
 
 def _two_replicas_served(admin, address: str, token: str | None, batch_sizes: list[int], context: int,
@@ -624,14 +658,24 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
                 "its shards, the gateway and the probe's own client): " + ", ".join(
                     f"{b}: {served_at[b].cores:.2f}" for b in batch_sizes))
     with_remote = profile.model_copy(update=update)
-    firsts = ({b: served.first_s for b, served in served_at.items()} if not args.openai_url else
-              _openai_first_token_s(args.openai_url, token, batch_sizes, context, vocab))
-    overheads = [max(0.0, firsts[b] - with_remote.step_time(b * context, context, here or 0)[0]) for b in batch_sizes]
+    if args.openai_url:
+        # What the replicas count from a request's arrival to its first token is the engine's, whatever the
+        # model of it says; the rest of what the client waits (HTTP, the gateway, the output path, the client's
+        # own share of the cores) is the overhead.
+        timed = _openai_request_overhead_s(args.openai_url, token, batch_sizes, context, vocab)
+        overheads = [max(0.0, client_s - server_s) for client_s, server_s in timed.values()]
+        how = (f"median over batches {batch_sizes} of (mean time to the first streamed chunk through the "
+               f"deployment's OpenAI-compatible API at {args.openai_url}, with the openai client, minus the mean "
+               "time to first token the replicas counted for the same requests, from its /metrics): " + ", ".join(
+                   f"{b}: {client_s * 1e3:.1f} - {replica_s * 1e3:.1f} ms"
+                   for b, (client_s, replica_s) in timed.items()))
+    else:
+        overheads = [max(0.0, served_at[b].first_s - with_remote.step_time(b * context, context, here or 0)[0])
+                     for b in batch_sizes]
+        how = (f"median over batches {batch_sizes} of (median time to first token through the deployment's gRPC "
+               "API minus the modelled prefill step): " + ", ".join(
+                   f"{b}: {served_at[b].first_s * 1e3:.1f} ms" for b in batch_sizes))
     update["request_overhead_s"] = _median(overheads)
-    notes["request_overhead_s"] = (
-        f"median over batches {batch_sizes} of (median time to first token through the deployment's "
-        + (f"OpenAI-compatible API at {args.openai_url} (the openai client, first streamed chunk)" if args.openai_url
-           else "gRPC API") + " minus the modelled prefill step): "
-        + ", ".join(f"{b}: {firsts[b] * 1e3:.1f} ms" for b in batch_sizes))
+    notes["request_overhead_s"] = how
     update["notes"] = notes
     return profile.model_copy(update=update)

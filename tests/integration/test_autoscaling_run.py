@@ -67,17 +67,19 @@ def test_serve_scales_replicas_and_shards_up_then_down_under_a_burst(model_dir, 
 def test_profile_measures_a_running_deployment_at_each_shard_count_and_puts_it_back(model_dir, tmp_path):
     """`moefleet profile --address` with the admin token: what a step takes there beyond the modelled one at
     1 and 2 expert shards, the compute the shards report against the shard table, how two replicas slow each
-    other, and the deployment back at its shard and replica counts with its autoscaler active again."""
+    other, what a first token takes through the HTTP API beyond the replicas' own count of it, and the
+    deployment back at its shard and replica counts with its autoscaler active again."""
     model = model_dir("mixtral")
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(POLICY % {"shard_utilization": 0.08})
     out = tmp_path / "profile.json"
-    proc, grpc_address, _ = start_serve(model, str(policy_path), str(tmp_path / "serve.log"))
+    proc, grpc_address, http_url = start_serve(model, str(policy_path), str(tmp_path / "serve.log"))
     try:
         subprocess.run([sys.executable, "-m", "moefleet.cli", "profile", "--model", model, "--out", str(out),
                         "--address", grpc_address, "--admin-token", "bench-admin", "--batch-sizes", "1,2",
                         "--contexts", "16", "--prefill-tokens", "32", "--shard-rows", "1,8", "--decode-steps", "1",
-                        "--remote-shards", "1,2", "--shared-cores", "2"], check=True, timeout=420)
+                        "--remote-shards", "1,2", "--shared-cores", "2", "--openai-url", http_url],
+                       check=True, timeout=420)
         with Client(grpc_address, token="bench-admin", timeout=30) as client:
             policy = yaml.safe_load(client.get_autoscaling_policy())
             shards = [s for s in client.cluster_state().replicas[0].shards if s.node_id != "local"]
@@ -93,5 +95,7 @@ def test_profile_measures_a_running_deployment_at_each_shard_count_and_puts_it_b
     assert "then back to 1" in profile.notes["remote"]
     # --shared-cores: measured with two replicas stepping at once (the deployment scaled to two, then back).
     assert profile.step_cores > 0 and "two stepping at once" in profile.notes["step_cores"] and serving == 1
+    # --openai-url: the client's first token less the replicas' (from /metrics), after a replica was retired.
+    assert profile.request_overhead_s > 0 and "/metrics" in profile.notes["request_overhead_s"]
     assert policy["spec"].get("mode", "active") == "active"
     assert shards and all(s.compute_seconds >= 0 for s in shards)

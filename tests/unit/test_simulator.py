@@ -248,6 +248,20 @@ def test_replicas_sharing_cores_slow_each_other():
     assert simulate(two, requests, flat_profile(shared_cores=2.0)).ttft_ms.tolist() == pytest.approx([10.0, 10.0])
 
 
+def test_the_request_overhead_slows_with_the_replicas_sharing_the_cores():
+    # 5 ms beyond the engine. A lone request: 10 ms step + 5. Two one-token requests on two replicas sharing
+    # one core: the first's step ends while the other steps (10 ms, then 2 x 5 ms overhead); the second's step
+    # began while the first stepped (20 ms) and ends alone (+ 5).
+    two = parse_policy(HEADER + "spec: {pools: {replicas: {min: 2, max: 2}}}")
+    requests = [TraceEntry(0.0, 100, 1), TraceEntry(0.0, 100, 1)]
+    assert simulate(STATIC_ONE, requests[:1], flat_profile(request_overhead_s=0.005)).ttft_ms.tolist() == \
+        pytest.approx([15.0])
+    shared = simulate(two, requests, flat_profile(shared_cores=1.0, request_overhead_s=0.005))
+    assert shared.ttft_ms.tolist() == pytest.approx([20.0, 25.0])
+    assert simulate(two, requests, flat_profile(request_overhead_s=0.005)).ttft_ms.tolist() == \
+        pytest.approx([15.0, 15.0])
+
+
 def test_starting_units_take_their_cores_from_the_steps():
     profile = flat_profile(shared_cores=2.0, step_cores=1.0)
     assert profile.core_slowdown(1, 0.0) == 1.0
