@@ -139,6 +139,28 @@ class RemoteTable(_Section):
         return max(0.0, bilinear(shards, tokens, self.shards, self.tokens, self.seconds))
 
 
+class RequestOverheadTable(_Section):
+    """What a first token takes through the serving path beyond the engine (API, gateway, output path, the
+    client's own share of the cores) by the requests in flight: more streams, more for them to work through."""
+
+    requests: list[int] = Field(min_length=1, description="Requests in flight, ascending, each >= 1.")
+    seconds: list[float] = Field(description="Seconds added to a first token, one per requests value, each >= 0.")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        _ascending(self.requests, "requests")
+        if min(self.requests) < 1:
+            raise ValueError(f"requests must be >= 1, got {self.requests}")
+        if len(self.seconds) != len(self.requests) or any(s < 0 for s in self.seconds):
+            raise ValueError(f"seconds must be {len(self.requests)} values >= 0, got {self.seconds}")
+        return self
+
+    def time(self, requests: float) -> float:
+        """Linear between the measured counts, held at the ends (no trend is guessed beyond what was measured)."""
+        requests = min(max(requests, self.requests[0]), self.requests[-1])
+        return max(0.0, interpolate(requests, self.requests, self.seconds))
+
+
 class StartTimes(_Section):
     cold_s: float = Field(ge=0, description="Seconds from asking for a unit to its serving, from nothing.")
     standby_s: float = Field(ge=0, description="Seconds from asking to serving for a unit kept warm in standby.")
@@ -172,6 +194,9 @@ class PerformanceProfile(_Section):
     request_overhead_s: float = Field(0.0, ge=0, description="Added to each request's time to first token: the "
                                       "serving path beyond the engine (API, gateway, output channel), slowed as "
                                       "a step is where the units share cores (shared_cores).")
+    request_overhead: RequestOverheadTable | None = Field(
+        None, description="The same by the requests in flight when the first token comes, where it was measured so "
+                          "(moefleet profile --openai-url); null: request_overhead_s throughout.")
     shared_cores: float | None = Field(
         None, gt=0, description="CPU cores every unit of the deployment shares (all on one machine): replica steps "
                                 "and cold starts beyond them take turns, and each step slows by demand / cores. "
@@ -202,6 +227,12 @@ class PerformanceProfile(_Section):
         if self.shared_cores is None:
             return 1.0
         return max(1.0, (busy_replicas * self.step_cores + starting_cores) / self.shared_cores)
+
+    def request_overhead_time(self, in_flight: int) -> float:
+        """Seconds the serving path adds to a first token with `in_flight` requests in flight (cores unshared)."""
+        if self.request_overhead is None:
+            return self.request_overhead_s
+        return self.request_overhead.time(in_flight)
 
     @property
     def measured(self) -> bool:

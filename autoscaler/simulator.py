@@ -358,9 +358,10 @@ class _Simulation:
             if request.prefilled == request.prompt_len:
                 request.generated = 1
                 request.first_token_s = now
-                # The gateway and the client work on the cores the replicas share: their part of a first token
-                # slows as a step does, by the replicas stepping and the units starting now.
-                request.overhead_s = self.profile.request_overhead_s * self.profile.core_slowdown(
+                # The gateway and the client work through every stream in flight, on the cores the replicas
+                # share: their part of a first token grows with the streams and slows as a step does.
+                in_flight = self.next_arrival - self.finished
+                request.overhead_s = self.profile.request_overhead_time(in_flight) * self.profile.core_slowdown(
                     sum(rep.busy for rep in self.replicas), self._starting_cores())
                 self.ttft_samples.append((now, (now - request.arrival_s + request.overhead_s) * 1000))
         for request in decodes:

@@ -560,7 +560,7 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
     beyond the in-process model: remote_step_s and request_overhead_s; with an admin token also `remote` at
     each of --remote-shards shard counts (the deployment scaled there, then back, its autoscaler held) and
     shard_compute_scale from the compute its shards report."""
-    from moefleet.autoscaler.performance_model import RemoteTable
+    from moefleet.autoscaler.performance_model import RemoteTable, RequestOverheadTable
     from moefleet.client import Client
 
     token = args.token or os.environ.get("MOEFLEET_INFERENCE_TOKEN")
@@ -677,5 +677,11 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
                    f"{b}: {served_at[b].first_s * 1e3:.1f} ms" for b in batch_sizes))
     update["request_overhead_s"] = _median(overheads)
     notes["request_overhead_s"] = how
+    if args.openai_url:
+        # Each probe's requests are all in flight at their first tokens: the overhead by the streams in flight.
+        by_batch = sorted(zip(batch_sizes, overheads))
+        update["request_overhead"] = RequestOverheadTable(requests=[b for b, _ in by_batch],
+                                                          seconds=[o for _, o in by_batch])
+        notes["request_overhead"] = "the same batches' overheads by the requests in flight (each batch's own)"
     update["notes"] = notes
     return profile.model_copy(update=update)

@@ -97,5 +97,6 @@ def test_profile_measures_a_running_deployment_at_each_shard_count_and_puts_it_b
     assert profile.step_cores > 0 and "two stepping at once" in profile.notes["step_cores"] and serving == 1
     # --openai-url: the client's first token less the replicas' (from /metrics), after a replica was retired.
     assert profile.request_overhead_s > 0 and "/metrics" in profile.notes["request_overhead_s"]
+    assert profile.request_overhead.requests == [1, 2] and len(profile.request_overhead.seconds) == 2
     assert policy["spec"].get("mode", "active") == "active"
     assert shards and all(s.compute_seconds >= 0 for s in shards)

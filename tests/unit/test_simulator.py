@@ -12,6 +12,7 @@ from moefleet.autoscaler.performance_model import (
     DEFAULT_PROFILE,
     PerformanceProfile,
     RemoteTable,
+    RequestOverheadTable,
     ShardTable,
     StartTimes,
     StepTable,
@@ -260,6 +261,21 @@ def test_the_request_overhead_slows_with_the_replicas_sharing_the_cores():
     assert shared.ttft_ms.tolist() == pytest.approx([20.0, 25.0])
     assert simulate(two, requests, flat_profile(request_overhead_s=0.005)).ttft_ms.tolist() == \
         pytest.approx([15.0, 15.0])
+
+
+def test_a_measured_overhead_table_grows_with_the_requests_in_flight():
+    table = RequestOverheadTable(requests=[1, 4], seconds=[0.005, 0.020])
+    assert [table.time(n) for n in (0, 1, 2, 4, 9)] == pytest.approx([0.005, 0.005, 0.010, 0.020, 0.020])
+    # Three one-token requests at once on one replica: the first is stepping alone when the others arrive
+    # (first token at 10 ms, 3 in flight: 15 ms overhead), the other two share the next step (20 ms, 2 in flight:
+    # 10 ms); a lone request later: 1 in flight (5 ms).
+    requests = [TraceEntry(0.0, 100, 1)] * 3 + [TraceEntry(1.0, 100, 1)]
+    profile = flat_profile(request_overhead_s=0.5, request_overhead=table)  # the table, not the scalar
+    assert simulate(STATIC_ONE, requests, profile).ttft_ms.tolist() == pytest.approx([25.0, 30.0, 30.0, 15.0])
+    with pytest.raises(ValueError, match="seconds must be 2 values >= 0"):
+        RequestOverheadTable(requests=[1, 4], seconds=[0.005])
+    with pytest.raises(ValueError, match="requests must be >= 1"):
+        RequestOverheadTable(requests=[0, 4], seconds=[0.0, 0.01])
 
 
 def test_starting_units_take_their_cores_from_the_steps():
