@@ -669,6 +669,11 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
                "time to first token the replicas counted for the same requests, from its /metrics): " + ", ".join(
                    f"{b}: {client_s * 1e3:.1f} - {replica_s * 1e3:.1f} ms"
                    for b, (client_s, replica_s) in timed.items()))
+        # Each probe's requests are all in flight at their first tokens: the overhead by the streams in flight.
+        by_batch = sorted(zip(batch_sizes, overheads))
+        update["request_overhead"] = RequestOverheadTable(requests=[b for b, _ in by_batch],
+                                                          seconds=[o for _, o in by_batch])
+        notes["request_overhead"] = "the same batches' overheads by the requests in flight (each batch's own)"
     else:
         overheads = [max(0.0, served_at[b].first_s - with_remote.step_time(b * context, context, here or 0)[0])
                      for b in batch_sizes]
@@ -677,11 +682,5 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
                    f"{b}: {served_at[b].first_s * 1e3:.1f} ms" for b in batch_sizes))
     update["request_overhead_s"] = _median(overheads)
     notes["request_overhead_s"] = how
-    if args.openai_url:
-        # Each probe's requests are all in flight at their first tokens: the overhead by the streams in flight.
-        by_batch = sorted(zip(batch_sizes, overheads))
-        update["request_overhead"] = RequestOverheadTable(requests=[b for b, _ in by_batch],
-                                                          seconds=[o for _, o in by_batch])
-        notes["request_overhead"] = "the same batches' overheads by the requests in flight (each batch's own)"
     update["notes"] = notes
     return profile.model_copy(update=update)
