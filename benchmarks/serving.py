@@ -363,6 +363,7 @@ def plot(loads: list[Load], medians: dict[str, dict[str, dict]], path: str) -> b
     if not poisson:
         return False
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -378,7 +379,10 @@ def plot(loads: list[Load], medians: dict[str, dict[str, dict]], path: str) -> b
     left.set(xscale="log", xlabel="request rate (req/s, Poisson)", ylabel="output tokens/s", title="Throughput")
     right.set(xscale="log", yscale="log", xlabel="request rate (req/s, Poisson)", ylabel="seconds",
               title="p99 latency")
+    rates = sorted({load.point for load in poisson})
     for axes in (left, right):
+        axes.set_xticks(rates, [f"{rate:g}" for rate in rates])  # the rates run, not the log axis' own labels
+        axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes.grid(True, which="both", alpha=0.3)
         axes.legend()
     figure.tight_layout()
