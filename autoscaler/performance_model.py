@@ -28,6 +28,16 @@ def _ascending(values: list, name: str) -> None:
         raise ValueError(f"{name} must be strictly ascending, got {values}")
 
 
+def _curve(name: str, points: list[int], seconds: list[float], zero_allowed: bool) -> None:
+    """A curve's points ascending and >= 1, and `seconds` one value per point, each > 0 (>= 0 if zero_allowed)."""
+    _ascending(points, name)
+    if min(points) < 1:
+        raise ValueError(f"{name} must be >= 1, got {points}")
+    low = any(s < 0 for s in seconds) if zero_allowed else any(s <= 0 for s in seconds)
+    if len(seconds) != len(points) or low:
+        raise ValueError(f"seconds must be {len(points)} values {'>=' if zero_allowed else '>'} 0, got {seconds}")
+
+
 def _grid(row_name: str, rows: list[int], column_name: str, columns: list[int], seconds: list[list[float]]) -> None:
     """A table's axes ascending and >= 1, and `seconds` one row per rows value of one value per columns value."""
     _ascending(rows, row_name)
@@ -93,11 +103,7 @@ class ShardTable(_Section):
 
     @model_validator(mode="after")
     def _shape(self):
-        _ascending(self.rows, "rows")
-        if min(self.rows) < 1:
-            raise ValueError(f"rows must be >= 1, got {self.rows}")
-        if len(self.seconds) != len(self.rows) or any(s <= 0 for s in self.seconds):
-            raise ValueError(f"seconds must be {len(self.rows)} values > 0, got {self.seconds}")
+        _curve("rows", self.rows, self.seconds, zero_allowed=False)
         return self
 
     def time(self, rows: float) -> float:
@@ -148,11 +154,7 @@ class RequestOverheadTable(_Section):
 
     @model_validator(mode="after")
     def _shape(self):
-        _ascending(self.requests, "requests")
-        if min(self.requests) < 1:
-            raise ValueError(f"requests must be >= 1, got {self.requests}")
-        if len(self.seconds) != len(self.requests) or any(s < 0 for s in self.seconds):
-            raise ValueError(f"seconds must be {len(self.requests)} values >= 0, got {self.seconds}")
+        _curve("requests", self.requests, self.seconds, zero_allowed=True)
         return self
 
     def time(self, requests: float) -> float:
