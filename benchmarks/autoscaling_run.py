@@ -172,21 +172,13 @@ class ServerTtft:
         """replica -> cumulative count per bucket bound (in TIME_TO_FIRST_TOKEN_BUCKETS order, then +Inf)."""
         import urllib.request
 
-        from prometheus_client.parser import text_string_to_metric_families
-
         from moefleet.cluster.engine.serving_stats import TIME_TO_FIRST_TOKEN_BUCKETS
+        from moefleet.cluster.gateway.replica_metrics import replica_histograms
 
         bounds = [*TIME_TO_FIRST_TOKEN_BUCKETS, float("inf")]
         text = urllib.request.urlopen(self.url, timeout=10).read().decode()
-        counts: dict[str, list[float]] = {}
-        for family in text_string_to_metric_families(text):
-            if family.name != "vllm:time_to_first_token_seconds":
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    row = counts.setdefault(sample.labels["replica"], [0.0] * len(bounds))
-                    row[bounds.index(float(sample.labels["le"]))] += sample.value
-        return counts
+        return {replica: [buckets.get(bound, 0.0) for bound in bounds]
+                for replica, (buckets, _, _) in replica_histograms(text, "vllm:time_to_first_token_seconds").items()}
 
     def _run(self):
         while not self._stop.is_set():

@@ -475,18 +475,11 @@ def _server_first_token_totals(metrics_url: str) -> dict[str, tuple[float, float
     it to its first token: the vllm:time_to_first_token_seconds histograms at `metrics_url`."""
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
+    from moefleet.cluster.gateway.replica_metrics import replica_histograms
 
-    totals: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(urllib.request.urlopen(metrics_url, timeout=60).read().decode()):
-        if family.name == "vllm:time_to_first_token_seconds":
-            for sample in family.samples:
-                row = totals.setdefault(sample.labels.get("replica", ""), [0.0, 0.0])
-                if sample.name.endswith("_sum"):
-                    row[0] += sample.value
-                elif sample.name.endswith("_count"):
-                    row[1] += sample.value
-    return {replica: (total, count) for replica, (total, count) in totals.items()}
+    text = urllib.request.urlopen(metrics_url, timeout=60).read().decode()
+    return {replica: (total, count)
+            for replica, (_, total, count) in replica_histograms(text, "vllm:time_to_first_token_seconds").items()}
 
 
 def _openai_request_overhead_s(base_url: str, token: str | None, batch_sizes: list[int], context: int,
@@ -657,7 +650,6 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
                 f"that many streams at its {here if here is not None else 'current'} expert shards (the replica, "
                 "its shards, the gateway and the probe's own client): " + ", ".join(
                     f"{b}: {served_at[b].cores:.2f}" for b in batch_sizes))
-    with_remote = profile.model_copy(update=update)
     if args.openai_url:
         # What the replicas count from a request's arrival to its first token is the engine's, whatever the
         # model of it says; the rest of what the client waits (HTTP, the gateway, the output path, the client's
@@ -675,6 +667,7 @@ def _with_deployment_steps(profile, args, context: int, batch_sizes: list[int], 
                                                           seconds=[o for _, o in by_batch])
         notes["request_overhead"] = "the same batches' overheads by the requests in flight (each batch's own)"
     else:
+        with_remote = profile.model_copy(update=update)  # the modelled prefill, with the remote overhead measured
         overheads = [max(0.0, served_at[b].first_s - with_remote.step_time(b * context, context, here or 0)[0])
                      for b in batch_sizes]
         how = (f"median over batches {batch_sizes} of (median time to first token through the deployment's gRPC "

@@ -148,5 +148,16 @@ def test_gateway_merges_replicas_into_one_exposition(replicas):
     assert grew_everywhere("vllm:generation_tokens_total", **m) == sum(u["completion_tokens"] for u in usages)
     assert grew_everywhere("vllm:time_to_first_token_seconds_count", **m) == len(usages)
     assert grew_everywhere("vllm:e2e_request_latency_seconds_count", **m) == len(usages)
+    # Read back replica by replica (what the profile and the autoscaling run scrape): the same counts and sums.
+    from moefleet.cluster.gateway.replica_metrics import replica_histograms
+
+    read = replica_histograms(text, "vllm:time_to_first_token_seconds")
+    assert set(read) == {"r0", "r1"}
+    for r in replicas:
+        buckets, total, count = read[r.replica_id]
+        labels = {**m, "replica": r.replica_id}
+        assert count == after[("vllm:time_to_first_token_seconds_count", frozenset(labels.items()))]
+        assert total == after[("vllm:time_to_first_token_seconds_sum", frozenset(labels.items()))]
+        assert sorted(buckets) == [*TIME_TO_FIRST_TOKEN_BUCKETS, float("inf")] and buckets[float("inf")] == count
     assert all(("moefleet_expert_tokens_total", frozenset({"layer": "0", "expert": "0", "replica": r.replica_id}.items()))
                in after for r in replicas)
