@@ -2,6 +2,7 @@
 replica changes and failures while 200 requests are in flight, and control with Redis down."""
 
 import asyncio
+import itertools
 import math
 import threading
 import time
@@ -104,7 +105,7 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     controller recovers its epoch from Redis."""
     static = engines("mixtral")
     prompts = random_prompts(static.engine.spec.vocab_size, [5 + (i * 7) % 40 for i in range(200)], seed=71)
-    max_tokens = [160 + (i * 13) % 192 for i in range(200)]  # long enough to outlast every operation below
+    max_tokens = [160 + (i * 13) % 192 for i in range(200)]
     reference = [o.outputs[0] for o in static.generate(
         [{"prompt_token_ids": p} for p in prompts],
         [SamplingParams(**GREEDY, max_tokens=m, logprobs=2) for m in max_tokens])]
@@ -115,6 +116,8 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     refresh()
     produced = [0]
     log = []
+
+    operations_done = threading.Event()
 
     def operations():
         def op(name, fn):
@@ -127,36 +130,52 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
             while produced[0] < n:
                 time.sleep(0.05)
 
-        wait_tokens(500)
-        op("scale 2->4", lambda: ray.get(ctrl.scale_shards.remote(4), timeout=300))
-        op("rebalance", lambda: ray.get(ctrl.rebalance.remote(), timeout=300))
-        op("kill shard", lambda: ray.kill(ray.get_actor(ray.get(ctrl.state.remote())["shard_names"][1])))
-        wait_tokens(produced[0] + 300)
-        op("add replica", lambda: ray.get(ctrl.add_replica.remote(), timeout=300))
-        before = ray.get(ctrl.health.remote())
-        op("kill controller", lambda: ray.kill(ctrl, no_restart=False))
-        health = op("controller back", lambda: _wait_restarted(ctrl, before["incarnation"]))
-        epoch_before = before["epoch"]
-        assert health["recovered"] and health["epoch"] == epoch_before and len(health["replicas"]) == 3
-        op("scale 4->3", lambda: ray.get(ctrl.scale_shards.remote(3), timeout=300))
-        op("rebalance", lambda: ray.get(ctrl.rebalance.remote(), timeout=300))
-        replicas = ray.get(ctrl.replicas.remote())
-        op("kill replica", lambda: ray.kill(replicas[0][1]))
-        op("drain replica", lambda: ray.get(ctrl.drain_replica.remote(replicas[1][0]), timeout=60))
+        try:
+            wait_tokens(500)
+            op("scale 2->4", lambda: ray.get(ctrl.scale_shards.remote(4), timeout=300))
+            op("rebalance", lambda: ray.get(ctrl.rebalance.remote(), timeout=300))
+            op("kill shard", lambda: ray.kill(ray.get_actor(ray.get(ctrl.state.remote())["shard_names"][1])))
+            wait_tokens(produced[0] + 300)
+            op("add replica", lambda: ray.get(ctrl.add_replica.remote(), timeout=300))
+            before = ray.get(ctrl.health.remote())
+            op("kill controller", lambda: ray.kill(ctrl, no_restart=False))
+            health = op("controller back", lambda: _wait_restarted(ctrl, before["incarnation"]))
+            epoch_before = before["epoch"]
+            assert health["recovered"] and health["epoch"] == epoch_before and len(health["replicas"]) == 3
+            op("scale 4->3", lambda: ray.get(ctrl.scale_shards.remote(3), timeout=300))
+            op("rebalance", lambda: ray.get(ctrl.rebalance.remote(), timeout=300))
+            replicas = ray.get(ctrl.replicas.remote())
+            op("kill replica", lambda: ray.kill(replicas[0][1]))
+            op("drain replica", lambda: ray.get(ctrl.drain_replica.remote(replicas[1][0]), timeout=60))
+        finally:
+            operations_done.set()
+
+    request_ids = itertools.count()
 
     async def one(i):
+        """Prompt i streamed to the end: (i, the tokens it produced)."""
         tokens = []
-        request = GenerateRequest(prompt_token_ids=prompts[i], request_id=f"soak-{i}",
+        request = GenerateRequest(prompt_token_ids=prompts[i], request_id=f"soak-{next(request_ids)}",
                                   sampling_params=SamplingParams(**GREEDY, max_tokens=max_tokens[i]))
         async for delta in pool.stream(request, len(prompts[i]) + max_tokens[i]):
             tokens += delta.token_ids
             produced[0] += len(delta.token_ids)
-        return tokens
+        return [(i, tokens)]
+
+    async def keep_streaming(k):
+        """One prompt after another until the operations are over, so that every operation meets
+        requests in flight however slow the machine is (on a slow one the 200 alone ran out first)."""
+        runs = []
+        for turn in itertools.count():
+            runs += await one((k * 25 + turn) % len(prompts))
+            if operations_done.is_set():
+                return runs
 
     async def run():
         refresher = asyncio.create_task(pool.refresh_forever())
         ops = asyncio.get_running_loop().run_in_executor(None, operations)
-        results = await asyncio.gather(*(one(i) for i in range(200)), return_exceptions=True)
+        results = await asyncio.gather(*(one(i) for i in range(200)), *(keep_streaming(k) for k in range(8)),
+                                       return_exceptions=True)
         await ops
         refresher.cancel()
         return results
@@ -165,19 +184,20 @@ def test_soak_200_requests_through_scaling_rebalancing_and_failures(controller, 
     print("soak operations (name, seconds, tokens produced by then):", log)
     failures = [(i, repr(r)) for i, r in enumerate(results) if isinstance(r, BaseException)]
     assert failures == [], failures[:5]
+    runs = [one_run for client in results for one_run in client]
     # A resumed request re-prefills its tokens, and batches differ from the static run's, so float32 sums
     # round differently: where the static run's top two tokens were within rounding, the other one may be
     # picked, and the output goes on from there. Anything else (a lost, repeated or wrong token) fails.
-    differing = [(i, *_divergence(got, ref)) for i, (got, ref) in enumerate(zip(results, reference))
-                 if got != ref.token_ids]
-    print("outputs that took the other side of a float tie (request, position, logprob gap):", differing)
-    assert all(len(results[i]) == len(expected[i]) and gap < TIE_LOGPROB for i, _, gap in differing), (
-        f"outputs differ beyond a float tie (request, first differing position, logprob gap): {differing[:5]}; "
+    differing = [(i, *_divergence(got, reference[i])) for i, got in runs if got != expected[i]]
+    print(f"{len(runs)} requests; outputs that took the other side of a float tie "
+          "(prompt, position, logprob gap):", differing)
+    assert all(len(got) == len(expected[i]) for i, got in runs), "an output lost or repeated tokens"
+    assert all(gap < TIE_LOGPROB for _, _, gap in differing), (
+        f"outputs differ beyond a float tie (prompt, first differing position, logprob gap): {differing[:5]}; "
         f"ops {log}")
-    assert len(differing) <= 2, differing
-    # Every operation ran while requests were still producing tokens.
-    total = sum(map(len, expected))
-    assert all(at < total for _, _, at in log), log
+    assert len(differing) <= max(2, len(runs) // 100), differing
+    # Requests were still producing tokens when the last operation ended.
+    assert produced[0] > log[-1][2], log
     state = ray.get(ctrl.state.remote())
     # commits: start, scale, rebalance, one shard replacement (however many replicas reported it),
     # scale, rebalance — the restarted controller carried the generation on from Redis
