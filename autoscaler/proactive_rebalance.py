@@ -16,6 +16,14 @@ Where the prediction adds nothing (an imbalance already observed that the coming
 keep), the reactive rule stays the judge: this rule runs beside it, not instead of it, so a load
 that drifts without a predicted cause is not chased round after round.
 
+A proactive change is a bet on the forecast, and the forecast is only as good as the model. So
+each one is watched for `check_s` after it (proactive_change_missed): the first imbalance sample
+above the threshold in that time says the bet missed, and the controller plans again toward the
+load it observed, without waiting out the reactive rule's window and cooldown (the reactive rule
+needs the imbalance above the threshold for a whole window, so a placement that misses by a
+little, above the bar now and then, would stay for minutes). At most one such correction follows
+each proactive change, so a noisy forecast costs a bounded number of moves.
+
 Per MoE layer, with shares of the layer's activations:
 
     forecast = max(0, observed share + w x (coming share - seen share)), renormalised
@@ -43,12 +51,14 @@ class ProactiveSettings:
     """threshold: forecast imbalance (max / mean shard load, worst layer) above which to rebalance.
     min_lead: how far the forecast's imbalance must be above the observed one (the prediction's
     part). full_weight_tokens: prompt tokens of coming requests from which the predicted change
-    counts in full (fewer count proportionally less). cooldown_s: least time between two changes."""
+    counts in full (fewer count proportionally less). cooldown_s: least time between two changes.
+    check_s: how long a proactive change is watched against the observed load."""
 
     threshold: float = 1.2
     min_lead: float = 0.03
     full_weight_tokens: float = 2048.0
     cooldown_s: float = 10.0
+    check_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.threshold > 1:
@@ -59,6 +69,8 @@ class ProactiveSettings:
             raise ValueError(f"full_weight_tokens must be > 0, got {self.full_weight_tokens}")
         if not self.cooldown_s >= 0:
             raise ValueError(f"cooldown_s must be >= 0, got {self.cooldown_s}")
+        if not self.check_s > 0:
+            raise ValueError(f"check_s must be > 0, got {self.check_s}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,6 +133,19 @@ def proactive_rebalance(observed: np.ndarray, seen: np.ndarray, coming: np.ndarr
     return ProactiveDecision(True, forecast, ahead, now_seen,
                              f"forecast imbalance {ahead:.3f} above {settings.threshold} and the observed "
                              f"{now_seen:.3f}")
+
+
+def proactive_change_missed(samples: list[tuple[float, float]], now: float, changed_at: float,
+                            settings: ProactiveSettings) -> bool | None:
+    """The watch over a proactive change made at `changed_at` (module docstring). samples: (time,
+    imbalance of the observed load on the placement in force), oldest first. True as soon as a
+    sample taken in the settings.check_s after the change is above settings.threshold (the bet
+    missed: plan toward the observed load); False once check_s has passed without one (the bet
+    held: the reactive rule watches from there on); None while the watch goes on."""
+    watched = [value for t, value in samples if changed_at < t <= min(now, changed_at + settings.check_s)]
+    if any(value > settings.threshold for value in watched):
+        return True
+    return None if now - changed_at < settings.check_s else False
 
 
 def _shares(load: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from dataclasses import replace
 import numpy as np
 
 from moefleet.autoscaler.policy_file import dump_policy
-from moefleet.autoscaler.proactive_rebalance import ProactiveSettings, proactive_rebalance
+from moefleet.autoscaler.proactive_rebalance import proactive_change_missed, proactive_rebalance
 from moefleet.autoscaler.rebalance_rule import rebalance_due
 from moefleet.cluster.config.controller_config import ControllerConfig
 from moefleet.cluster.control.autoscaling_actuator import AutoscalingActuator
@@ -663,7 +663,20 @@ class Controller:
                     self._best_effort(self.store.put_rebalance_state, self.policy)
                 self._best_effort(self.store.put_load, load.astype(int).tolist())
             rule = self.config.auto_rebalance
-            if rebalance_due(list(self.policy.samples), now, rule, self.policy.last_change_at):
+            bet_at = self.policy.unchecked_proactive_at
+            missed = None if bet_at is None else proactive_change_missed(list(self.policy.samples), now, bet_at,
+                                                                         rule.proactive_settings())
+            if missed:
+                try:
+                    self._rebalance(f"the proactive rebalance {now - bet_at:.0f}s ago missed: imbalance above "
+                                    f"{rule.proactive_threshold} within {rule.proactive_check_s:g}s of it", now)
+                except ControlUnavailableError as e:
+                    log.warning("correcting a proactive rebalance waits: %s", e)
+            elif missed is False:
+                with self.lock:
+                    self.policy = self.policy.checked()
+                self._best_effort(self.store.put_rebalance_state, self.policy)
+            elif rebalance_due(list(self.policy.samples), now, rule, self.policy.last_change_at):
                 try:
                     self._rebalance(f"imbalance above {rule.threshold} for {rule.window_s}s", now)
                 except ControlUnavailableError as e:
@@ -709,15 +722,18 @@ class Controller:
         their experts turn hot (needs an affinity model that has learned enough)."""
         if not arriving.coming_tokens or not self.speculation.can_plan():
             return
-        rule = self.config.auto_rebalance
         ahead = proactive_rebalance(observed, arriving.seen, arriving.coming, arriving.coming_tokens, self.placement,
                                     self.moe_layers, now, self.policy.last_change_at,
-                                    ProactiveSettings(threshold=rule.proactive_threshold, cooldown_s=rule.cooldown_s))
+                                    self.config.auto_rebalance.proactive_settings())
         if ahead.due:
             try:
                 self._rebalance(f"proactive: {ahead.reason}", now, toward=ahead.forecast)
             except ControlUnavailableError as e:
                 log.warning("proactive rebalance waits: %s", e)
+                return
+            with self.lock:  # a bet on the forecast: checked against the observed load check_s from now
+                self.policy = self.policy.changed(now, proactive=True)
+            self._best_effort(self.store.put_rebalance_state, self.policy)
 
     # ----- the autoscaler's view and levers (cluster/control/autoscaling_actuator.py) -----
     def serving_replicas(self) -> list[str]:

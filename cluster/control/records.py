@@ -32,13 +32,15 @@ class DeploymentRecord:
 
 @dataclass(frozen=True)
 class RebalanceState:
-    """The automatic-rebalance rule's memory (autoscaler/rebalance_rule.py): imbalance samples
-    (time, value), oldest first, and when the placement last changed. Times are wall-clock
-    seconds (time.time()): they outlive the process that took them, and monotonic clocks differ
-    between processes."""
+    """The automatic-rebalance rules' memory (autoscaler/rebalance_rule.py and
+    proactive_rebalance.py): imbalance samples (time, value), oldest first, when the placement
+    last changed, and, while that change was a proactive one still to be checked against the load
+    observed since, its time. Times are wall-clock seconds (time.time()): they outlive the process
+    that took them, and monotonic clocks differ between processes."""
 
     samples: tuple[tuple[float, float], ...] = ()
     last_change_at: float | None = None
+    unchecked_proactive_at: float | None = None
 
     def sampled(self, at: float, value: float, window_s: float) -> "RebalanceState":
         """With the sample (at, value) added, and without the samples the rule can no longer
@@ -51,13 +53,20 @@ class RebalanceState:
             samples.pop(0)
         return replace(self, samples=tuple(samples))
 
-    def changed(self, at: float) -> "RebalanceState":
-        """After a placement change at `at`: load seen under the old placement no longer counts."""
-        return RebalanceState((), at)
+    def changed(self, at: float, proactive: bool = False) -> "RebalanceState":
+        """After a placement change at `at`: load seen under the old placement no longer counts; a
+        proactive change waits for its check."""
+        return RebalanceState((), at, at if proactive else None)
+
+    def checked(self) -> "RebalanceState":
+        """The proactive change has been checked, and it held."""
+        return replace(self, unchecked_proactive_at=None)
 
     def to_dict(self) -> dict:
-        return {"samples": [list(s) for s in self.samples], "last_change_at": self.last_change_at}
+        return {"samples": [list(s) for s in self.samples], "last_change_at": self.last_change_at,
+                "unchecked_proactive_at": self.unchecked_proactive_at}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RebalanceState":
-        return cls(tuple((float(t), float(v)) for t, v in data.get("samples", ())), data.get("last_change_at"))
+        return cls(tuple((float(t), float(v)) for t, v in data.get("samples", ())), data.get("last_change_at"),
+                   data.get("unchecked_proactive_at"))

@@ -73,8 +73,8 @@ def test_deployment_record_round_trips(store):
 
 
 def test_rebalance_state_outlives_the_controller_that_wrote_it(store):
-    """The rule's samples and last change, as a restarted controller reads them back (wall-clock
-    times, so they mean the same in any process)."""
+    """The rules' samples, last change and proactive change still watched, as a restarted
+    controller reads them back (wall-clock times, so they mean the same in any process)."""
     from moefleet.cluster.control.records import RebalanceState
 
     assert store.rebalance_state() == RebalanceState()
@@ -82,6 +82,12 @@ def test_rebalance_state_outlives_the_controller_that_wrote_it(store):
     store.put_rebalance_state(state)
     assert store.rebalance_state() == state
     assert store.rebalance_state().samples == ((1_700_000_001.25, 1.75),)
+    watched = RebalanceState().changed(1_700_000_002.5, proactive=True).sampled(1_700_000_003.0, 1.1, window_s=30.0)
+    store.put_rebalance_state(watched)
+    assert store.rebalance_state() == watched and store.rebalance_state().unchecked_proactive_at == 1_700_000_002.5
+    store.put_rebalance_state(watched.checked())
+    assert store.rebalance_state().unchecked_proactive_at is None
+    assert store.rebalance_state().samples == ((1_700_000_003.0, 1.1),)
 
 
 def test_the_affinity_model_outlives_the_controller_that_wrote_it(store):

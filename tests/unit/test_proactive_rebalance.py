@@ -6,13 +6,18 @@ turn hot."""
 import numpy as np
 import pytest
 
-from moefleet.autoscaler.proactive_rebalance import ProactiveSettings, forecast_load, proactive_rebalance
+from moefleet.autoscaler.proactive_rebalance import (
+    ProactiveSettings,
+    forecast_load,
+    proactive_change_missed,
+    proactive_rebalance,
+)
 from moefleet.cluster.placement.placement import Placement
 from moefleet.cluster.placement.planner import PlacementLimits, imbalance, plan_placement
 
 # One MoE layer, 4 experts; shard 0 holds experts 0 and 1, shard 1 holds 2 and 3.
 PLACEMENT = Placement(epoch=3, num_experts=4, shard_experts={7: ((0, 1), (2, 3))})
-SETTINGS = ProactiveSettings(threshold=1.2, min_lead=0.03, full_weight_tokens=2048.0, cooldown_s=10.0)
+SETTINGS = ProactiveSettings(threshold=1.2, min_lead=0.03, full_weight_tokens=2048.0, cooldown_s=10.0, check_s=30.0)
 EVEN = np.array([[10.0, 10.0, 10.0, 10.0]])  # 40 activations, a quarter each
 SEEN = np.array([[1.0, 1.0, 1.0, 1.0]])  # what ran, as predicted: a quarter each
 COMING = np.array([[4.0, 2.0, 1.0, 1.0]])  # what comes, as predicted: shares 1/2, 1/4, 1/8, 1/8
@@ -79,6 +84,19 @@ def test_planning_toward_the_forecast_copies_the_expert_before_it_turns_hot():
     assert not proactive_rebalance(EVEN, SEEN, COMING, 2048, plan, [7], 100.0, None, SETTINGS).due
 
 
+def test_a_proactive_change_is_watched_for_check_s_and_corrected_once_it_misses():
+    # A proactive change at t=100, watched until t=130 at the threshold 1.2.
+    before = [(90.0, 1.5), (100.0, 1.4)]  # taken up to the change: they judged the old placement
+    assert proactive_change_missed(before, 110.0, 100.0, SETTINGS) is None  # nothing since: still watched
+    held = before + [(110.0, 1.1), (120.0, 1.2)]  # at the threshold is not above it
+    assert proactive_change_missed(held, 125.0, 100.0, SETTINGS) is None
+    assert proactive_change_missed(held, 130.0, 100.0, SETTINGS) is False  # the watch is over: the bet held
+    # The first sample above the threshold within the watch: missed at once, not at its end.
+    assert proactive_change_missed(held + [(121.0, 1.25)], 121.0, 100.0, SETTINGS) is True
+    # One after the watch is the reactive rule's to judge, not this check's.
+    assert proactive_change_missed(held + [(131.0, 1.9)], 131.0, 100.0, SETTINGS) is False
+
+
 @pytest.mark.parametrize("args, problem", [
     ((np.ones((1, 3)), SEEN, COMING, 10), "seen has shape"),
     ((EVEN, SEEN, np.ones((2, 4)), 10), "coming has shape"),
@@ -96,6 +114,7 @@ def test_mismatched_placement_and_settings_are_refused():
         proactive_rebalance(EVEN, SEEN, COMING, 10, PLACEMENT, [7, 8], 0.0, None, SETTINGS)
     with pytest.raises(ValueError, match="the loads have 3 experts per layer, the placement 4"):
         proactive_rebalance(EVEN[:, :3], SEEN[:, :3], COMING[:, :3], 10, PLACEMENT, [7], 0.0, None, SETTINGS)
-    for field, value in (("threshold", 1.0), ("min_lead", -0.1), ("full_weight_tokens", 0.0), ("cooldown_s", -1.0)):
+    for field, value in (("threshold", 1.0), ("min_lead", -0.1), ("full_weight_tokens", 0.0), ("cooldown_s", -1.0),
+                         ("check_s", 0.0)):
         with pytest.raises(ValueError, match=field):
             ProactiveSettings(**{field: value})

@@ -3,6 +3,7 @@ the topology's node numbering, and a controller over two virtual nodes that lear
 grouping rebalance from it, and serves the same greedy tokens before and after (lossless)."""
 
 import asyncio
+import re
 import time
 
 import numpy as np
@@ -205,14 +206,18 @@ def test_proactive_rebalancing_moves_experts_before_the_predicted_load_arrives(m
     """The affinity model has learned that token 5 routes, at every MoE layer, to the two busiest
     experts of the busiest shard (round robin on 2 shards). Requests of token 5 are admitted (the
     real router sends them elsewhere: the model is random); the prediction alone puts the forecast
-    above the threshold, and the controller rebalances toward it."""
+    above the threshold, and the controller rebalances toward it. The bet missed (the real load
+    lands on other experts), and the first sample above the threshold after it plans again toward
+    the observed load, without waiting for the reactive rule's window or cooldown."""
     from moefleet.actors.local_groups import local_controller
     from moefleet.autoscaler.rebalance_config import AutoRebalance
     from moefleet.cluster.control.state_store import InMemoryStore
+    from moefleet.cluster.placement.planner import imbalance
 
-    # threshold 5: the reactive rule never fires here; only the proactive one can.
+    # threshold 5: the reactive rule never fires here; only the proactive one and its check can.
     config = controller_config(model_dir, expert_shards=2,
-                               auto_rebalance=AutoRebalance(enabled=True, threshold=5.0, cooldown_s=0.0))
+                               auto_rebalance=AutoRebalance(enabled=True, threshold=5.0, cooldown_s=0.0,
+                                                            proactive_cooldown_s=0.0))
     controller = local_controller(config, InMemoryStore())
     try:
         controller.start(1)
@@ -237,6 +242,17 @@ def test_proactive_rebalancing_moves_experts_before_the_predicted_load_arrives(m
         for row, layer in enumerate(controller.moe_layers):
             holders = {s for e in hot[row] for s in controller.placement.holders(layer, e)}
             assert holders == {0, 1}
+        assert controller.policy.unchecked_proactive_at is not None
+        # The token-5 prompts really went to other experts: on the new placement the observed load
+        # is above the proactive threshold, and the next round corrects the bet.
+        observed = imbalance(controller._collect_load(), controller.placement, controller.moe_layers)
+        assert observed > 1.2, observed
+        controller.check(time.time())
+        committed = [e for e in controller.events if e.startswith("epoch-committed")]
+        assert controller.placement.epoch == 2 and re.search(r"proactive rebalance \d+s ago missed", committed[0]), \
+            committed
+        assert controller.policy.unchecked_proactive_at is None  # one correction per bet
+        assert imbalance(controller._collect_load(), controller.placement, controller.moe_layers) < observed
     finally:
         controller.shutdown()
 
