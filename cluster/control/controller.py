@@ -498,14 +498,16 @@ class Controller:
         return self._rebalance(reason, time.time())
 
     def _rebalance(self, reason: str, now: float, toward: np.ndarray | None = None) -> dict:
-        """`toward`: plan for this load (a forecast, float64[L, E]) instead of the observed one."""
+        """`toward`: plan for this load (a forecast, float64[L, E]) instead of the observed one: a
+        proactive change, committed as a bet to watch (RebalanceState.unchecked_proactive_at)."""
         with self.lock:
             limits = scale_limits(self.num_experts, self.placement.num_shards, spare_per_shard=1)
             if toward is not None:
                 new, objective = plan_placement(toward, self.placement, self.moe_layers, limits), "forecast"
             else:
                 new, objective = self._plan_rebalance(self._collect_load(), limits)
-            finish = self._change(new, list(self.shard_names), now, reason=f"rebalance ({reason}; {objective})")
+            finish = self._change(new, list(self.shard_names), now, reason=f"rebalance ({reason}; {objective})",
+                                  proactive=toward is not None)
         return finish()
 
     def shard_lost(self, index: int | None, seen_epoch: int) -> EpochRecord:
@@ -540,7 +542,7 @@ class Controller:
         return EpochRecord(self.placement, tuple(self.shard_names))
 
     def _change(self, new: Placement, names: list[str], now: float, lost: set[int] = frozenset(),
-                reason: str = "") -> Callable[[], dict]:
+                reason: str = "", proactive: bool = False) -> Callable[[], dict]:
         """Diff, stage and commit `new` over the shards `names` (none: the replicas' own); call
         with the lock held. Returns finish(), which switches the replicas, waits for their
         acknowledgements and retires the old epoch: call it without the lock, because a replica
@@ -553,7 +555,7 @@ class Controller:
         try:
             reports = self.shard_group.stage(old_names, names, old, new, lost, self.config.engine.expert_source == "peer",
                                              self.config.stage_pace_s) if names else []
-            self._commit(new, names, now)
+            self._commit(new, names, now, proactive)
         except BaseException:
             self.shard_group.stop([name for name in names if name not in old_names])
             raise
@@ -581,8 +583,9 @@ class Controller:
 
         return finish
 
-    def _commit(self, placement: Placement, names: list[str], now: float) -> None:
-        """Persist: compare-and-set the epoch in the store, then adopt it here."""
+    def _commit(self, placement: Placement, names: list[str], now: float, proactive: bool = False) -> None:
+        """Persist: compare-and-set the epoch in the store, then adopt it here (`proactive`: a change
+        the proactive rule made, watched from now on)."""
         if not self._store(self.store.commit_epoch, self.generation, placement):
             self._reseed_lost_store()
             if not self._store(self.store.commit_epoch, self.generation, placement):
@@ -591,7 +594,7 @@ class Controller:
         if names != self.shard_names or len(self._shard_node_ids) != len(names):
             self._shard_node_ids = self._shard_nodes(names)
         self.placement, self.shard_names = placement, list(names)
-        self.policy = self.policy.changed(now)
+        self.policy = self.policy.changed(now, proactive)
         self._save_deployment()
         self._best_effort(self.store.put_rebalance_state, self.policy)
 
@@ -730,10 +733,6 @@ class Controller:
                 self._rebalance(f"proactive: {ahead.reason}", now, toward=ahead.forecast)
             except ControlUnavailableError as e:
                 log.warning("proactive rebalance waits: %s", e)
-                return
-            with self.lock:  # a bet on the forecast: checked against the observed load check_s from now
-                self.policy = self.policy.changed(now, proactive=True)
-            self._best_effort(self.store.put_rebalance_state, self.policy)
 
     # ----- the autoscaler's view and levers (cluster/control/autoscaling_actuator.py) -----
     def serving_replicas(self) -> list[str]:
