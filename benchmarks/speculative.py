@@ -252,14 +252,14 @@ def pick_weight(profile, shard_nodes, limits, prompt_tokens: int) -> float:
     return min(sends, key=sends.get) if sends else AffinityObjective().cross_node_weight
 
 
-def in_sample(trace, shard_nodes, limits, prompt_tokens: int) -> float | None:
-    """Ours / load-only cross-node sends per token with both planned on `trace` itself and measured
-    on it (the affinity model fitted on it too), the best over WEIGHTS within imbalance 1.15: what
-    the grouping planner and request shuffling reach with no prediction error at all (not a bound:
+def in_sample(fitted: Fitted, shard_nodes, limits, prompt_tokens: int) -> float | None:
+    """Ours / load-only cross-node sends per token with both planned on the trace `fitted` was
+    fitted on and measured on it (its affinity model too), the best over WEIGHTS within imbalance
+    1.15: what the grouping planner and request shuffling reach with no prediction error at all (not a bound:
     the planner is a heuristic, and may do better held out); None where no weight keeps the bar.
     Where this is no better than the held-out figure, what limits ours is the routing itself (how
     request-specific it is: structure_rows), not how well it is predicted."""
-    fitted = Fitted(trace)
+    trace = fitted.trace
     load = measure(trace, plan("load", fitted, shard_nodes, limits), shard_nodes, fitted, "round_robin",
                    prompt_tokens)["cross_node_sends_per_token"]
     ratios = []
@@ -691,7 +691,7 @@ def main() -> None:
     placements, sweep, shift, replays, structure = [], [], [], [], []
     for name, model in models.items():
         found = traces(args.cache, model, sets, args.max_tokens)
-        fitted = Fitted(found["profile"])
+        fitted, fitted_on_eval = Fitted(found["profile"]), Fitted(found["eval"])
         hidden = load_spec(model).hidden_size
         structure += structure_rows(name, found)
         for shards, nodes in args.topologies:
@@ -701,7 +701,7 @@ def main() -> None:
                 weight = pick_weight(fitted.trace, shard_nodes, limits, args.prompt_tokens)
                 rows = placement_rows(name, hidden, found, fitted, shards, nodes, spare, args.prompt_tokens, weight)
                 next(r for r in rows if r["placement"] == OURS)["in_sample"] = in_sample(
-                    found["eval"], shard_nodes, limits, args.prompt_tokens)
+                    fitted_on_eval, shard_nodes, limits, args.prompt_tokens)
                 sweep.append(rows)
                 if spare == args.spare_slots:
                     placements += rows
